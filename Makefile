@@ -1,0 +1,42 @@
+# med-idefics — `make help` lists the targets. The first two are the README's two commands.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# DVC stages call `med-idefics …`; put the project's venv first so they find it.
+export PATH := $(BIN):$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help demo test test-slow lint format venv clean-outputs
+
+demo: venv ## Run the demo profile end to end, offline on CPU: demo data, then `dvc repro`
+	med-idefics data demo
+	dvc repro
+
+test: venv ## Run the offline test-suite (no network, no GPU)
+	pytest -q
+
+test-slow: venv ## Also run the tests marked slow
+	pytest -q -m "slow or not slow"
+
+lint: venv ## ruff lint + format check
+	ruff check .
+	ruff format --check .
+
+format: venv ## ruff autofix + format
+	ruff check --fix .
+	ruff format .
+
+venv: $(VENV)/.installed ## Create .venv (CPU torch from disk first, then the package with dev extras)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+clean-outputs: ## Remove pipeline outputs (outputs/, metrics/, reports/), keeping data/ and mlflow.db
+	rm -rf outputs metrics reports
+
+help: ## This list
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-14s %s\n", $$1, $$2}'

@@ -1,0 +1,1 @@
+"""med-idefics: Med-VQA fine-tuning of Idefics2, reproducibly."""

@@ -1,0 +1,3 @@
+from med_idefics.cli.app import run_main
+
+run_main()

@@ -1,0 +1,44 @@
+"""The ``med-idefics`` click group and the options every command shares. Commands import their module lazily so
+that ``--help`` and argument errors are instant."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from med_idefics.config import PARAMS_FILE, ConfigError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main() -> None:
+    """med-idefics: two-stage LoRA fine-tuning of Idefics2 for medical VQA, tracked with DVC and MLflow."""
+
+
+def params_options(func):
+    """``--params FILE`` and repeatable ``--set section.key=value`` overrides (default: take params.yaml as is)."""
+
+    @click.option("--params", "params_file", default=PARAMS_FILE, type=click.Path(dir_okay=False),
+                  help="The params file: the single source of hyperparameters.")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override one params key for this run, e.g. --set stage2.lr=2e-4 (repeatable).")
+    @functools.wraps(func)
+    def wrapper(*args, params_file: str, overrides: tuple[str, ...], **kwargs):
+        from med_idefics.config import load_params
+
+        params = load_params(params_file, list(overrides))
+        return func(*args, params=params, **kwargs)
+
+    return wrapper
+
+
+def run_main() -> None:
+    """Entry point: turn the project's own user errors into a one-line message and exit status 2."""
+    from med_idefics.data.schema import DatasetError
+
+    try:
+        main(standalone_mode=True)
+    except (ConfigError, DatasetError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)

@@ -1,0 +1,354 @@
+"""Typed, self-checking configuration loaded from ``params.yaml`` — the only source of hyperparameters.
+
+Every section is a dataclass; :func:`load_params` turns the YAML into a :class:`Params` and raises
+:class:`ConfigError` naming the dotted key for an unknown key, a missing key or a wrong type. Command-line and
+MLproject options are *overrides* (``section.key=value``) applied with :func:`apply_overrides`, never second defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+CONFIGS_DIR = "configs"
+
+
+class ConfigError(ValueError):
+    """A params file or override is invalid; the message names the key and what to do."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Layer sizes of the offline tiny Idefics2 (multiples of 64: bitsandbytes 4-bit on CPU needs that)."""
+
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    perceiver_latents: int
+    perceiver_depth: int
+    perceiver_heads: int
+    perceiver_head_dim: int
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    vocab_size: int
+
+
+@dataclass
+class PretrainConfig:
+    """Brief full-parameter pretraining of the tiny base on demo captions (training split only)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    logging_steps: int
+
+
+@dataclass
+class ModelConfig:
+    base: str  # a hub id, a local folder, or "tiny"
+    base_dir: str  # where `med-idefics base` saves the resolved base (a DVC output)
+    do_image_splitting: bool
+    revision: str | None
+    tiny: TinyModelConfig
+    pretrain: PretrainConfig
+
+
+@dataclass
+class LoraConfig:
+    r: int
+    alpha: int
+    dropout: float
+    init: str  # peft `init_lora_weights`: "gaussian", "true", ...
+    target_modules: str  # a regex over module names; never matches the vision encoder
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool  # true = QLoRA
+    quant_type: str
+    double_quant: bool
+    compute_dtype: str
+
+
+@dataclass
+class SplitRef:
+    dataset: str
+    split: str
+
+
+@dataclass
+class TrainSource:
+    dataset: str
+    train_split: str
+    eval_split: str
+    train_size: int | None  # None = the whole split
+    eval_size: int | None
+
+
+@dataclass
+class DemoDataConfig:
+    seed: int
+    image_size: int
+    n_caption_train: int
+    n_caption_validation: int
+    n_vqa_train_images: int
+    n_vqa_test_images: int
+    n_pathology_images: int
+    n_nonsense: int
+
+
+@dataclass
+class DataConfig:
+    root: str
+    caption_prompt: str
+    captions: TrainSource
+    vqa: TrainSource
+    ood: SplitRef
+    nonsense: SplitRef
+    demo: DemoDataConfig
+
+
+@dataclass
+class StageConfig:
+    epochs: float
+    micro_batch: int
+    eval_batch: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int  # -1 = derive from epochs
+    save_steps: int
+    eval_steps: int
+    logging_steps: int
+    precision: str  # auto | fp32 | bf16 | fp16
+    gradient_checkpointing: bool
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int
+    max_new_tokens: int
+    prompt_prefix: str
+    expert_prompt: str
+    bootstrap_resamples: int
+    seed: int
+
+
+@dataclass
+class RegistryConfig:
+    model_name: str
+    alias: str
+    suite: str
+    metric: str
+    require_significance: bool
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None  # None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db at the repo root
+    experiment: str
+
+
+@dataclass
+class Params:
+    profile: str
+    seed: int
+    model: ModelConfig
+    lora: LoraConfig
+    quantization: QuantizationConfig
+    data: DataConfig
+    stage1: StageConfig
+    stage2: StageConfig
+    single_stage: StageConfig
+    eval: EvalConfig
+    registry: RegistryConfig
+    mlflow: MlflowConfig
+    sweep: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("stage1", "stage2", "single_stage"):
+            _check_stage(name, getattr(self, name))
+        if self.lora.r <= 0:
+            raise ConfigError(f"lora.r must be > 0, got {self.lora.r}")
+        if not 0 <= self.lora.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
+        if self.eval.batch_size <= 0 or self.eval.max_new_tokens <= 0:
+            raise ConfigError("eval.batch_size and eval.max_new_tokens must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted ``section.key`` → value, e.g. for logging as MLflow params."""
+        return flatten(self.to_dict())
+
+
+def _check_stage(name: str, stage: StageConfig) -> None:
+    positive = {"micro_batch": stage.micro_batch, "eval_batch": stage.eval_batch, "grad_accum": stage.grad_accum}
+    positive |= {"save_steps": stage.save_steps, "eval_steps": stage.eval_steps, "logging_steps": stage.logging_steps}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}.{key} must be > 0, got {value}")
+    if stage.lr <= 0:
+        raise ConfigError(f"{name}.lr must be > 0, got {stage.lr}")
+    if stage.epochs <= 0 and stage.max_steps <= 0:
+        raise ConfigError(f"{name}.epochs must be > 0 (or set {name}.max_steps), got {stage.epochs}")
+    if stage.weight_decay < 0 or stage.warmup_steps < 0:
+        raise ConfigError(f"{name}.weight_decay and {name}.warmup_steps must be >= 0")
+    if stage.precision not in {"auto", "fp32", "bf16", "fp16"}:
+        raise ConfigError(f"{name}.precision must be one of auto, fp32, bf16, fp16; got {stage.precision!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that name the key
+
+
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'params'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        keys = ", ".join(_join(where, k) for k in unknown)
+        raise ConfigError(f"unknown key(s) {keys}; known keys here: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing key {key}")
+            continue
+        values[name] = _coerce(hints[name], data[name], key)
+    return cls(**values)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")  # a bug in this module, not in the user's params
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading, overriding, flattening
+
+
+def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | dict[str, Any] | None = None) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found; run from the repository root or pass --params")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return build(Params, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``section.key=value`` overrides applied (values parsed as YAML scalars)."""
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            key, raw = item.split("=", 1)
+            pairs[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        overrides = pairs
+    result = _deepcopy(data)
+    for dotted, value in overrides.items():
+        node = result
+        *parents, last = dotted.split(".")
+        for i, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {dotted}: {'.'.join(parents[: i + 1])} is not a section of params.yaml")
+            node = node[part]
+        if last not in node:
+            raise ConfigError(f"override {dotted}: unknown key {dotted}")
+        node[last] = value
+    return result
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``base`` updated by ``overlay``; every overlay key must already exist in ``base``."""
+    result = _deepcopy(base)
+    for key, value in overlay.items():
+        dotted = _join(where, key)
+        if key not in result:
+            raise ConfigError(f"unknown key {dotted}")
+        if isinstance(value, dict) and isinstance(result[key], dict):
+            result[key] = deep_merge(result[key], value, dotted)
+        else:
+            result[key] = value
+    return result
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = _join(prefix, key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
