@@ -115,6 +115,7 @@ class DemoDataConfig:
 class DataConfig:
     root: str
     caption_prompt: str
+    prompt_prefix: str
     captions: TrainSource
     vqa: TrainSource
     ood: SplitRef
@@ -143,7 +144,6 @@ class StageConfig:
 class EvalConfig:
     batch_size: int
     max_new_tokens: int
-    prompt_prefix: str
     expert_prompt: str
     bootstrap_resamples: int
     seed: int
@@ -305,7 +305,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like section.key=value")
             key, raw = item.split("=", 1)
-            pairs[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            if raw.strip():  # `key=` means "no override" (MLproject parameters default to empty); use key=null for None
+                pairs[key.strip()] = yaml.safe_load(raw)
         overrides = pairs
     result = _deepcopy(data)
     for dotted, value in overrides.items():

@@ -36,9 +36,10 @@ def params_options(func):
 def run_main() -> None:
     """Entry point: turn the project's own user errors into a one-line message and exit status 2."""
     from med_idefics.data.schema import DatasetError
+    from med_idefics.predictions import PredictionsError
 
     try:
         main(standalone_mode=True)
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, PredictionsError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

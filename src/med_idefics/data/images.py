@@ -1,10 +1,44 @@
-"""Image bytes in and out of the record schema: every stored image is an RGB PNG."""
+"""Image bytes in and out of the record schema: every stored image is an RGB PNG.
+
+:func:`normalize_image` turns whatever a source holds (PIL image, encoded bytes, an HF ``{bytes, path}`` struct, a
+file path, a DICOM file) into a plain RGB image, or raises :class:`ImageRejected` with a short reason. The rules:
+
+- fewer than ``MIN_SIDE`` px on a side (1×1 placeholders, icons) → rejected;
+- more than ``MAX_PIXELS`` decoded pixels → rejected from the header alone, before decoding (decompression bombs);
+- longest edge above ``MAX_SIDE`` → downscaled to ``MAX_SIDE``, keeping the aspect ratio;
+- 16-bit / 32-bit / float grey (``I;16``, ``I``, ``F``) → min–max scaled to 8 bits (not clipped);
+- RGBA / LA / PA / P with transparency → composited on black: radiographs, CT and MR are read on black, so transparent
+  margins stay background rather than turning into bright frames;
+- L, 1, P, CMYK, YCbCr → PIL's RGB conversion;
+- DICOM (by its ``DICM`` magic or a ``.dcm`` name) → :func:`read_dicom`. Only pixels are kept: no metadata (DICOM
+  tags, EXIF, ICC profiles, text chunks) reaches the stored PNG.
+"""
 
 from __future__ import annotations
 
 import io
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MIN_SIDE = 8  # smaller is a placeholder or icon, not a picture a model can read
+MAX_SIDE = 2048  # Idefics2 works at ≤ 980 px (no image splitting); 2048 keeps headroom without storing 10k-px scans
+MAX_PIXELS = 8192 * 8192  # refuse to decode more: a few bytes of PNG can claim gigapixels
+HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+
+class ImageRejected(ValueError):
+    """An image that cannot be soundly turned into RGB; ``reason`` is a short category for import summaries."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
 def to_png_bytes(image: Image.Image) -> bytes:
@@ -18,3 +52,156 @@ def image_from_bytes(data: bytes) -> Image.Image:
     """Decode stored PNG bytes to an RGB PIL image."""
     with Image.open(io.BytesIO(data)) as image:
         return image.convert("RGB")
+
+
+def normalize_image(obj: object, base_dir: str | Path | None = None) -> Image.Image:
+    """Any supported image value → an RGB image within the size limits above, carrying no metadata.
+
+    ``obj``: a PIL image, a numpy array, encoded bytes (PNG, JPEG, TIFF, DICOM, …), a ``{"bytes", "path"}`` mapping
+    (HF parquet image struct / undecoded ``datasets.Image``), or a file path (relative paths resolve under
+    ``base_dir``). Raises :class:`ImageRejected` for anything else, and for corrupt, tiny or oversized images.
+    """
+    image = _open(obj, base_dir)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageRejected("too large", f"{width}x{height} px is over the {MAX_PIXELS:,}-pixel decoding limit")
+    try:
+        image.load()
+    except Exception as err:  # PIL's decoders raise many types on bad data (OSError, SyntaxError, struct.error, …)
+        raise ImageRejected("corrupt image", f"{type(err).__name__}: {err}") from err
+    width, height = image.size
+    if min(width, height) < MIN_SIDE:
+        raise ImageRejected("too small", f"{width}x{height} px; at least {MIN_SIDE} px per side are needed")
+    rgb = _to_rgb(image)
+    if rgb is image:
+        rgb = rgb.copy()  # never resize (or strip the metadata of) the caller's own object
+    rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    rgb.info = {}
+    return rgb
+
+
+def read_dicom(source: str | Path | bytes) -> Image.Image:
+    """A DICOM file (path or bytes) → an 8-bit RGB image of its pixels; no tag is copied anywhere.
+
+    The modality LUT (rescale slope/intercept, e.g. to Hounsfield units) is applied first; then the file's first
+    window (WindowCenter/WindowWidth) when present, else min–max to 8 bits. MONOCHROME1 (white = low) is inverted.
+    Multi-frame files give their middle frame (the first slice of a series is often blank).
+    """
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(bytes(source)) if isinstance(source, bytes | bytearray) else source)
+        pixels = ds.pixel_array
+    except Exception as err:  # not DICOM, no pixel data, or a transfer syntax without an installed decoder
+        raise ImageRejected("unreadable DICOM", f"{type(err).__name__}: {err}") from err
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        pixels = pixels[frames // 2]
+    if int(ds.get("SamplesPerPixel") or 1) == 3:  # colour; pydicom already converts YBR to RGB
+        return Image.fromarray(_scale_to_uint8(pixels) if pixels.dtype != np.uint8 else pixels, "RGB")
+    values = apply_modality_lut(pixels, ds).astype(np.float32)
+    window = _dicom_window(ds)
+    if window is None:
+        grey = _scale_to_uint8(values)
+    else:
+        low, high = window
+        grey = np.round(np.clip((values - low) / (high - low), 0.0, 1.0) * 255).astype(np.uint8)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        grey = 255 - grey
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
+def _dicom_window(ds) -> tuple[float, float] | None:
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None:
+        return None
+    center = float(np.ravel(np.asarray(center, dtype=np.float64))[0])  # multi-valued: the first is the default view
+    width = float(np.ravel(np.asarray(width, dtype=np.float64))[0])
+    if not np.isfinite(center) or not np.isfinite(width) or width <= 0:
+        return None
+    return center - width / 2, center + width / 2
+
+
+def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Min–max to 0..255 over the finite values; a constant image maps to 0, non-finite pixels to 0."""
+    values = values.astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise ImageRejected("no pixel values", "every pixel is NaN or infinite")
+    low, high = float(values[finite].min()), float(values[finite].max())
+    scaled = np.zeros(values.shape, np.float32) if high == low else (values - low) * (255.0 / (high - low))
+    return np.round(np.where(finite, scaled, 0.0)).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode in HIGH_BIT_MODES:
+        return Image.fromarray(_scale_to_uint8(np.asarray(image)), "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    if mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ImageRejected("unsupported mode", f"PIL mode {mode} has no sound RGB conversion") from err
+
+
+def _open(obj: object, base_dir: str | Path | None) -> Image.Image:
+    """A lazily decoded PIL image (header read, pixels not yet loaded) for any accepted value."""
+    if obj is None:
+        raise ImageRejected("missing image", "the image field is empty")
+    if isinstance(obj, Image.Image):
+        return obj
+    if isinstance(obj, np.ndarray):
+        try:
+            return Image.fromarray(obj)
+        except (TypeError, ValueError) as err:
+            raise ImageRejected("unsupported array", f"dtype {obj.dtype}, shape {obj.shape}") from err
+    if isinstance(obj, Mapping):  # HF image struct {bytes, path}: bytes win, path is the fallback
+        data, path = obj.get("bytes"), obj.get("path")
+        if data:
+            return _open_bytes(bytes(data), path)
+        if path:
+            return _open_path(path, base_dir)
+        raise ImageRejected("missing image", "image struct has neither bytes nor path")
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return _open_bytes(bytes(obj))
+    if isinstance(obj, str | Path):
+        return _open_path(obj, base_dir)
+    raise ImageRejected("unsupported image value", f"got {type(obj).__name__}")
+
+
+def _open_path(path: str | Path, base_dir: str | Path | None) -> Image.Image:
+    path = Path(path)
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageRejected("missing file", f"{path}: {err.strerror or err}") from err
+    return _open_bytes(data, path)
+
+
+def _open_bytes(data: bytes, name: str | Path | None = None) -> Image.Image:
+    if not data:
+        raise ImageRejected("missing image", "zero bytes")
+    if data[128:132] == b"DICM" or (name is not None and Path(name).suffix.lower() in DICOM_SUFFIXES):
+        return read_dicom(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is checked by the caller
+            image = Image.open(io.BytesIO(data))
+        image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decode at a reduced scale when that suffices
+        return image
+    except Image.DecompressionBombError as err:
+        raise ImageRejected("too large", str(err)) from err
+    except UnidentifiedImageError as err:
+        raise ImageRejected("corrupt image", f"not a known image format (starts {data[:8]!r})") from err
+    except Exception as err:  # a plugin choking on a broken header
+        raise ImageRejected("corrupt image", f"{type(err).__name__}: {err}") from err

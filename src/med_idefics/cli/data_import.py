@@ -1,0 +1,141 @@
+"""``med-idefics data vqa-rad | path-vqa | roco | med-halt``: import a real dataset (med_idefics.data.importers)."""
+
+from __future__ import annotations
+
+import click
+
+from med_idefics.cli.app import params_options
+from med_idefics.cli.data import data_group
+from med_idefics.data.sources import SOURCES
+
+
+def import_options(name: str, *, with_splits: bool = True):
+    """The options every import command shares; ``name`` is the dataset (a key of SOURCES)."""
+    spec = SOURCES[name]
+    options = [
+        click.option(
+            "--source",
+            default=None,
+            metavar="HUB_ID_OR_PATH",
+            help=f"Hub id (default {spec.hub_id}; token from $HF_TOKEN), a local folder in its layout, "
+            "or one .parquet/.json/.jsonl/.csv file holding one split.",
+        ),
+        click.option(
+            "--limit",
+            "limits",
+            multiple=True,
+            metavar="N|SPLIT=N",
+            help="Keep the first N good records of every split, or of SPLIT only (repeatable).",
+        ),
+        click.option(
+            "--root",
+            default=None,
+            type=click.Path(file_okay=False),
+            help=f"Write <root>/{name}/<split>.parquet  [default: params data.root]",
+        ),
+        click.option("--no-dvc", is_flag=True, help="Do not `dvc add` the data root afterwards."),
+    ]
+    if with_splits:
+        options.insert(
+            1,
+            click.option(
+                "--split",
+                "splits",
+                multiple=True,
+                type=click.Choice(spec.splits),
+                help=f"Split to import, repeatable  [default: {', '.join(spec.splits)}]",
+            ),
+        )
+
+    def decorate(func):
+        func = params_options(func)
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+@data_group.command("vqa-rad")
+@import_options("vqa-rad")
+def vqa_rad_command(params, **options) -> None:
+    """Import VQA-RAD (radiology VQA; closed = yes/no, or the source's own answer_type, e.g. OctoMed/VQA-RAD)."""
+    _run("vqa-rad", params, **options)
+
+
+@data_group.command("path-vqa")
+@import_options("path-vqa")
+def path_vqa_command(params, **options) -> None:
+    """Import PathVQA (pathology VQA; the out-of-distribution test set)."""
+    _run("path-vqa", params, **options)
+
+
+@data_group.command("roco")
+@import_options("roco")
+def roco_command(params, **options) -> None:
+    """Import ROCO radiology captions as records: question = params data.caption_prompt, answer = the caption.
+
+    The paper used the first 55,000 train and 5,000 validation images: --limit train=55000 --limit validation=5000.
+    """
+    _run("roco", params, **options)
+
+
+@data_group.command("med-halt")
+@import_options("med-halt", with_splits=False)
+@click.option(
+    "--config", default=SOURCES["med-halt"].config, help="Med-HALT config; stored as data/med-halt/<config>.parquet."
+)
+def med_halt_command(params, config: str, **options) -> None:
+    """Import Med-HALT's nonsense (fake) questions: text only, answer = correct_answer."""
+    _run("med-halt", params, config=config, **options)
+
+
+def _run(
+    name: str,
+    params,
+    source: str | None,
+    limits: tuple[str, ...],
+    root: str | None,
+    no_dvc: bool,
+    splits: tuple[str, ...] = (),
+    config: str | None = None,
+) -> None:
+    from med_idefics.data.importers import import_dataset
+    from med_idefics.data.versioning import dvc_track
+
+    root = root or params.data.root
+    chosen = splits or tuple(SOURCES[name].plan(config=config))
+    reports = import_dataset(
+        name,
+        root,
+        caption_prompt=params.data.caption_prompt,
+        source=source,
+        splits=splits or None,
+        config=config,
+        limits=_parse_limits(limits, chosen),
+    )
+    for report in reports.values():
+        click.echo(report.summary())
+        click.echo(f"  → {report.path}")
+    if not no_dvc:
+        md5 = dvc_track(root)
+        if md5:
+            click.echo(f"data.dvc: {md5}")
+
+
+def _parse_limits(values: tuple[str, ...], splits: tuple[str, ...]) -> dict[str, int]:
+    """``N`` (every split) and ``SPLIT=N`` → {split: N}; a SPLIT=N overrides a bare N whatever the order."""
+    everywhere, per_split = {}, {}
+    for value in values:
+        split, _, number = value.rpartition("=")
+        try:
+            n = int(number)
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise click.BadParameter(f"{value!r}: expected N or SPLIT=N, N a positive integer", param_hint="--limit")
+        if split:
+            per_split[split] = n
+        else:
+            everywhere = dict.fromkeys(splits, n)
+    return everywhere | per_split

@@ -1,0 +1,40 @@
+import json
+
+import click
+
+from med_idefics.cli.app import main, params_options
+
+SCORING_MODES = ("paper", "normalized")  # = med_idefics.metrics.MODES (kept import-free for a fast --help; tested)
+
+
+@main.command("score")
+@click.argument("predictions", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--mode",
+    type=click.Choice(SCORING_MODES),
+    default="paper",
+    help="paper: score exactly as the paper did; normalized: also drop punctuation and articles, and count "
+    "exact match on whole tokens only.",
+)
+@click.option("--seed", type=int, default=None, help="Bootstrap seed [default: params eval.seed].")
+@click.option(
+    "--resamples",
+    type=click.IntRange(min=1000),
+    default=None,
+    help="Bootstrap resamples [default: params eval.bootstrap_resamples].",
+)
+@params_options
+def score_command(predictions: str, mode: str, seed: int | None, resamples: int | None, params) -> None:
+    """Score a predictions FILE and print one JSON object: n, n_closed, n_open and exact_match, f1, bleu,
+    closed_accuracy, open_recall, each with its 95 % bootstrap interval (<metric>_ci_low, <metric>_ci_high).
+
+    FILE is JSONL rows {question, answer, prediction[, answer_type]} or the paper's JSON list of
+    {question, true_answer, predicted_answer}.
+    """
+    from med_idefics.metrics import summarize
+    from med_idefics.predictions import read_predictions
+
+    rows = read_predictions(predictions)
+    seed = params.eval.seed if seed is None else seed
+    resamples = params.eval.bootstrap_resamples if resamples is None else resamples
+    click.echo(json.dumps(summarize(rows, seed=seed, resamples=resamples, mode=mode), indent=2))

@@ -1,0 +1,167 @@
+"""Answer-level VQA metrics, their means with bootstrap intervals, and the paired comparison of two variants.
+
+Two families, both computed on already-extracted predictions (:func:`med_idefics.prompts.extract_answer`):
+
+* the paper's (csbrendan/CS231N; reproduced row for row on its published result files, see
+  ``tests/test_conformance.py``): exact match = the lowercased ground truth is a *substring* of the prediction;
+  F1 over the *sets* of nltk tokens, divided by the token *list* lengths; unigram BLEU without smoothing;
+* the literature's (LLaVA-Med): closed accuracy = exact match over closed (yes/no) questions, open recall = the share
+  of the ground truth's distinct tokens found in the prediction, over open questions.
+
+``mode="paper"`` scores exactly as the paper did. ``mode="normalized"`` first applies SQuAD-style normalization
+(lowercase; punctuation to spaces; articles a/an/the dropped; whitespace tokens) and counts exact match only for
+whole-token runs, so that ``no`` no longer matches ``normal``; the formulas are otherwise the same.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from nltk.tokenize import word_tokenize
+from nltk.translate.bleu_score import sentence_bleu
+
+from med_idefics.data.schema import CLOSED, OPEN
+from med_idefics.predictions import align_predictions, answer_type_of
+from med_idefics.stats import ALPHA, bootstrap_ci, mcnemar_p, paired_bootstrap_ci
+
+PAPER, NORMALIZED = "paper", "normalized"
+MODES = (PAPER, NORMALIZED)
+METRICS = ("exact_match", "f1", "bleu", "closed_accuracy", "open_recall")
+BINARY_METRICS = frozenset({"exact_match", "closed_accuracy"})
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+@dataclass(frozen=True)
+class RowScore:
+    answer_type: str  # closed | open
+    exact_match: float  # 1.0 or 0.0
+    f1: float
+    bleu: float
+    recall: float  # distinct ground-truth tokens found in the prediction: open recall on an open question
+
+
+def normalize(text: str) -> str:
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def tokenize(text: str, mode: str = PAPER) -> list[str]:
+    if mode == PAPER:
+        return word_tokenize(text.lower(), preserve_line=True)
+    if mode == NORMALIZED:
+        return normalize(text).split()
+    raise ValueError(f"unknown scoring mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def contains_answer(truth: str, prediction: str, mode: str = PAPER) -> bool:
+    """The paper's exact match: substring test; normalized mode: the truth's tokens as a contiguous token run."""
+    if mode == PAPER:
+        return truth.lower() in prediction.lower()
+    truth_tokens, pred_tokens = tokenize(truth, mode), tokenize(prediction, mode)
+    width = len(truth_tokens)
+    return any(pred_tokens[i : i + width] == truth_tokens for i in range(len(pred_tokens) - width + 1))
+
+
+def token_f1(truth_tokens: Sequence[str], pred_tokens: Sequence[str]) -> float:
+    """The paper's F1: the number of *distinct* common tokens over each side's token *count*."""
+    common = len(set(truth_tokens) & set(pred_tokens))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred_tokens), common / len(truth_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_recall(truth_tokens: Sequence[str], pred_tokens: Sequence[str]) -> float:
+    """LLaVA-Med's open recall of one row: distinct ground-truth tokens present in the prediction."""
+    truth = set(truth_tokens)
+    return len(truth & set(pred_tokens)) / len(truth) if truth else 0.0
+
+
+def unigram_bleu(truth_tokens: Sequence[str], pred_tokens: Sequence[str]) -> float:
+    """nltk sentence BLEU with unigram weights and no smoothing; 0 for an empty side (nltk's value, without asking)."""
+    if not truth_tokens or not pred_tokens:
+        return 0.0
+    return float(sentence_bleu([list(truth_tokens)], list(pred_tokens), weights=(1,)))
+
+
+def score_row(row: Mapping, mode: str = PAPER) -> RowScore:
+    truth, prediction = row["answer"], row["prediction"]
+    truth_tokens, pred_tokens = tokenize(truth, mode), tokenize(prediction, mode)
+    return RowScore(
+        answer_type=answer_type_of(row),
+        exact_match=float(contains_answer(truth, prediction, mode)),
+        f1=token_f1(truth_tokens, pred_tokens),
+        bleu=unigram_bleu(truth_tokens, pred_tokens),
+        recall=token_recall(truth_tokens, pred_tokens),
+    )
+
+
+def score_rows(rows: Iterable[Mapping], mode: str = PAPER) -> list[RowScore]:
+    """Per-row scores of ``{question, answer, prediction[, answer_type]}`` rows (answer_type inferred when absent)."""
+    return [score_row(row, mode) for row in rows]
+
+
+def metric_samples(scores: Sequence[RowScore]) -> dict[str, np.ndarray]:
+    """Each metric's per-question values; closed accuracy and open recall only over their own questions."""
+    closed = np.array([s.answer_type == CLOSED for s in scores], dtype=bool)
+    opened = np.array([s.answer_type == OPEN for s in scores], dtype=bool)
+    column = {name: np.array([getattr(s, name) for s in scores], dtype=float) for name in ("exact_match", "f1", "bleu")}
+    recall = np.array([s.recall for s in scores], dtype=float)
+    return {**column, "closed_accuracy": column["exact_match"][closed], "open_recall": recall[opened]}
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if values.size else None
+
+
+def summarize(rows: Sequence[Mapping], seed: int, resamples: int, mode: str = PAPER) -> dict:
+    """The score JSON: n, n_closed, n_open and every metric's mean with its 95 % bootstrap interval.
+
+    A metric with no questions (e.g. no closed ones) is None, as are its bounds.
+    """
+    samples = metric_samples(score_rows(rows, mode))
+    summary: dict = {
+        "n": len(rows),
+        "n_closed": int(samples["closed_accuracy"].size),
+        "n_open": int(samples["open_recall"].size),
+    }
+    for name in METRICS:
+        values = samples[name]
+        low, high = bootstrap_ci(values, seed, resamples) or (None, None)
+        summary.update({name: _mean(values), f"{name}_ci_low": low, f"{name}_ci_high": high})
+    return summary
+
+
+def compare(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], seed: int, resamples: int, mode: str = PAPER) -> dict:
+    """Paired comparison of variant b against variant a on the same questions (matched by id, else by position).
+
+    For each metric: both means, ``diff`` = b - a with its 95 % paired-bootstrap interval, and ``significant``
+    (at 5 %): the exact McNemar test for the 0/1 metrics (exact match, closed accuracy), otherwise an interval that
+    excludes 0. Raises :class:`~med_idefics.predictions.PredictionsError` when the questions differ.
+    """
+    rows_b = align_predictions(rows_a, rows_b)
+    samples_a, samples_b = metric_samples(score_rows(rows_a, mode)), metric_samples(score_rows(rows_b, mode))
+    result: dict = {
+        "n": len(rows_a),
+        "n_closed": int(samples_a["closed_accuracy"].size),
+        "n_open": int(samples_a["open_recall"].size),
+    }
+    for name in METRICS:
+        a, b = samples_a[name], samples_b[name]
+        low, high = paired_bootstrap_ci(a, b, seed, resamples) or (None, None)
+        entry = {"a": _mean(a), "b": _mean(b), "diff": _mean(b - a), "ci_low": low, "ci_high": high}
+        if name in BINARY_METRICS:
+            p_value = mcnemar_p(a.astype(bool), b.astype(bool))
+            entry.update(
+                test="mcnemar_exact", p_value=p_value, significant=None if p_value is None else p_value < ALPHA
+            )
+        else:
+            entry.update(test="paired_bootstrap", significant=None if low is None else bool(low > 0 or high < 0))
+        result[name] = entry
+    return result

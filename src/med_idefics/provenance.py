@@ -1,0 +1,137 @@
+"""Where a run came from: the repository root, the git commit, the data version, the DVC context, the process — and
+the rule for what never leaves the machine (secrets). Used by :mod:`med_idefics.tracking` for MLflow tags."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from med_idefics.config import PARAMS_FILE
+
+DATA_DVC_FILE = "data.dvc"
+NONE = "none"  # tag value for "not available", so that `tags.x = 'none'` is searchable in MLflow
+
+# Environment DVC gives a stage command (dvc 3.x: dvc/stage/run.py, dvc/repo/experiments/queue/base.py).
+# DVC_STAGE and DVC_ROOT are set for every stage command; the other two only under `dvc exp run`.
+DVC_ENV_TAGS = {
+    "DVC_STAGE": "dvc_stage",
+    "DVC_EXP_NAME": "dvc_exp_name",
+    "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev",
+}
+
+# A key is secret when a word in it is token/secret/password/credentials or an api/access/private key.
+# "max_new_tokens" and "tokenizer" are not: the word has to end there.
+_SECRET_KEY = re.compile(r"(token|secret|passw(or)?d|credentials?)(?![a-z])|(api|access|private)[^a-z0-9]?key(?![a-z])")
+# Values that look like credentials whatever their key: Hugging Face tokens, URLs with a password in them.
+_SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{10,}|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)")
+# Environment variables holding a secret: the name ends in one of these words (HF_TOKEN, WANDB_API_KEY; not
+# HF_TOKEN_PATH). Shorter values than _MIN_SECRET_LEN are ignored: they would match innocent text everywhere.
+_SECRET_ENV_NAME = re.compile(r"(token|secret|passw(or)?d|credentials?|key)$")
+_MIN_SECRET_LEN = 8
+REDACTED = "[redacted]"
+
+
+def find_repo_root(start: str | Path | None = None) -> Path:
+    """The nearest directory at or above ``start`` (default: the cwd) holding params.yaml or .dvc; else ``start``."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / PARAMS_FILE).is_file() or (folder / ".dvc").is_dir():
+            return folder
+    return start
+
+
+def store_root() -> Path:
+    """Where the default tracking store lives: ``$DVC_ROOT`` when DVC runs the stage (under ``dvc exp run --temp`` or
+    ``--queue`` the cwd is a throwaway copy and DVC_ROOT names the real repository), else :func:`find_repo_root`."""
+    return Path(os.environ["DVC_ROOT"]) if os.environ.get("DVC_ROOT") else find_repo_root()
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def git_commit(root: Path) -> str:
+    return _git(root, "rev-parse", "HEAD") or NONE
+
+
+def git_dirty(root: Path) -> str:
+    """ "true" when tracked files differ from HEAD (untracked files do not count), "false", or "none" outside git."""
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return NONE if status is None else str(bool(status)).lower()
+
+
+def data_md5(root: Path) -> str:
+    """The md5 DVC recorded for ``data/`` in ``<root>/data.dvc``: the version of every dataset the run could read."""
+    dvc_file = root / DATA_DVC_FILE
+    if not dvc_file.is_file():
+        return NONE
+    try:
+        return str(yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"])
+    except (yaml.YAMLError, KeyError, IndexError, TypeError):
+        return "unreadable"
+
+
+def provenance_tags(profile: str, dvc_stage: str | None = None, root: Path | None = None) -> dict[str, str]:
+    """Tags that let a run be reproduced or explained: code, data, pipeline stage, profile and process."""
+    root = root or find_repo_root()
+    tags = {
+        "git_commit": git_commit(root),
+        "git_dirty": git_dirty(root),
+        "data_md5": data_md5(root),
+        "profile": profile,
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+    }
+    tags |= {tag: os.environ[var] for var, tag in DVC_ENV_TAGS.items() if os.environ.get(var)}
+    tags["dvc_stage"] = dvc_stage or tags.get("dvc_stage", NONE)
+    return tags
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Secrets: the HF token comes from the environment only and is never logged
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(str(key).lower()))
+
+
+def _secret_env_values() -> list[str]:
+    values = {v for k, v in os.environ.items() if _SECRET_ENV_NAME.search(k.lower()) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)  # longest first, so a secret containing another is redacted whole
+
+
+def looks_secret(value: Any) -> bool:
+    text = str(value)
+    return bool(_SECRET_VALUE.search(text)) or any(secret in text for secret in _secret_env_values())
+
+
+def scrub_secrets(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``mapping`` without the entries whose key or value looks like a secret (nested mappings scrubbed
+    recursively). Entries are dropped, not masked: a masked value would still say a secret was there."""
+    clean: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if is_secret_key(key):
+            continue
+        if isinstance(value, Mapping):
+            clean[key] = scrub_secrets(value)
+        elif not looks_secret(value):
+            clean[key] = value
+    return clean
+
+
+def redact(text: str) -> str:
+    """``text`` with anything secret-looking replaced by ``[redacted]`` — for free text such as error messages."""
+    for secret in _secret_env_values():
+        text = text.replace(secret, REDACTED)
+    return _SECRET_VALUE.sub(REDACTED, text)

@@ -1,0 +1,235 @@
+"""MLflow tracking for every stage: where the store is, one run per stage invocation, honest run statuses.
+
+Tracking URI precedence: params ``mlflow.tracking_uri`` (explicit, e.g. ``--set mlflow.tracking_uri=...``) >
+``$MLFLOW_TRACKING_URI`` > ``sqlite:///<repo root>/mlflow.db``. For a sqlite store the experiment's artifacts live
+beside the database (``<db folder>/mlartifacts``); both paths are git-ignored.
+
+:func:`tracked_run` logs the resolved config (params and ``config.yaml``) and provenance tags, never secrets, and ends
+the run FINISHED, FAILED (tag ``error``) or KILLED (Ctrl-C, SIGTERM). A SIGKILLed or crashed process cannot end its
+run; the next :func:`tracked_run` on the same host finds it (RUNNING, its pid gone) and marks it KILLED. Only the main
+process (rank 0 under torchrun/accelerate) logs; other ranks get ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from med_idefics.config import ConfigError, Params
+from med_idefics.provenance import provenance_tags, redact, scrub_secrets, store_root
+
+if TYPE_CHECKING:
+    from mlflow import ActiveRun
+
+__all__ = [
+    "RunTerminated",
+    "end_stale_runs",
+    "is_main_process",
+    "log_params",
+    "resolve_tracking_uri",
+    "scrub_secrets",
+    "setup_tracking",
+    "tracked_run",
+]
+
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_TAG_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
+_TRUNCATED = "...[truncated]"
+
+
+class RunTerminated(SystemExit):
+    """Raised by the SIGTERM handler of :func:`tracked_run`; exits with the shell's status for SIGTERM (143)."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def is_main_process() -> bool:
+    """True unless torchrun/accelerate say this is another rank (``RANK``, else ``LOCAL_RANK``, is not 0)."""
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK")
+    return rank is None or int(rank) == 0
+
+
+def resolve_tracking_uri(params: Params) -> str:
+    if params.mlflow.tracking_uri:
+        return params.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{store_root() / DB_FILE}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """``<db folder>/mlartifacts`` for a file-backed sqlite store; None (the server decides) for anything else."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db_path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not db_path or db_path == ":memory:":
+        return None
+    return str(Path(db_path).resolve().parent / ARTIFACTS_DIR)
+
+
+@contextlib.contextmanager
+def _quiet_store_setup() -> Iterator[None]:
+    """Creating a sqlite store runs alembic migrations that log a dozen INFO lines; keep them out of stage output."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def setup_tracking(params: Params) -> str:
+    """Point MLflow at the store and return the id of experiment ``mlflow.experiment``, creating it if needed."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(params)
+    name = params.mlflow.experiment
+    mlflow.set_tracking_uri(uri)
+    with _quiet_store_setup():
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return mlflow.create_experiment(name, artifact_location=_artifact_location(uri))
+            except MlflowException:  # another process created it in between
+                experiment = mlflow.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+    if experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"mlflow.experiment {name!r} is deleted in {uri}; restore it "
+            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or set mlflow.experiment "
+            "to a new name"
+        )
+    return experiment.experiment_id
+
+
+def _truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def log_params(mapping: Mapping[str, Any], run_id: str | None = None) -> dict[str, str]:
+    """Log ``mapping`` as MLflow params: secrets dropped, values stringified and cut to MLflow's 6000 characters.
+    Returns what was logged."""
+    import mlflow
+
+    logged = {str(k): _truncate(str(v), MAX_PARAM_LENGTH) for k, v in scrub_secrets(mapping).items()}
+    mlflow.log_params(logged, run_id=run_id)
+    return logged
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    try:  # a dead child its parent has not reaped yet still answers signal 0
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def end_stale_runs(experiment_id: str, detected_by: str | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (SIGKILL, OOM killer, crash); return their ids.
+    Runs recorded on other hosts are left alone: their pids mean nothing here."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    query = f"attributes.status = 'RUNNING' and tags.host = '{socket.gethostname()}'"
+    reason = f"sigkill-or-crash, detected by {f'run {detected_by}' if detected_by else 'end_stale_runs'}"
+    ended = []
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=500, page_token=page_token)
+        for run in page:
+            pid = run.data.tags.get("pid", "")
+            if pid.isdigit() and not _is_alive(int(pid)):
+                client.set_tag(run.info.run_id, "killed_by", reason)
+                client.set_terminated(run.info.run_id, status="KILLED")
+                ended.append(run.info.run_id)
+        page_token = page.token
+        if not page_token:
+            return ended
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the run is active, SIGTERM (``kill``, a scheduler's preemption) raises :class:`RunTerminated`."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+
+    def handler(signum, frame):
+        raise RunTerminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    params: Params,
+    run_name: str,
+    tags: Mapping[str, Any] | None = None,
+    nested: bool = False,
+    parent_run_id: str | None = None,
+    dvc_stage: str | None = None,
+) -> Iterator[ActiveRun | None]:
+    """An MLflow run for one stage invocation, yielding the ``ActiveRun`` (``None`` on non-main ranks).
+
+    ``tags`` are added over the provenance tags (git commit, data md5, DVC stage/experiment, profile, host, pid);
+    ``dvc_stage`` defaults to ``$DVC_STAGE``, which DVC sets for every stage command.
+    """
+    if not is_main_process():
+        yield None
+        return
+    import mlflow
+
+    experiment_id = setup_tracking(params)
+    client = mlflow.MlflowClient()
+    all_tags = {**provenance_tags(params.profile, dvc_stage), **{k: str(v) for k, v in (tags or {}).items()}}
+    all_tags = {k: _truncate(v, MAX_TAG_LENGTH) for k, v in scrub_secrets(all_tags).items()}
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=all_tags
+    )
+    run_id = run.info.run_id
+    status = "FAILED"
+    try:
+        with _sigterm_raises():
+            log_params(params.flat(), run_id)
+            mlflow.log_dict(scrub_secrets(params.to_dict()), "config.yaml", run_id=run_id)
+            end_stale_runs(experiment_id, detected_by=run_id)
+            yield run
+        status = "FINISHED"
+    except (KeyboardInterrupt, RunTerminated) as err:
+        client.set_tag(run_id, "killed_by", "SIGTERM" if isinstance(err, RunTerminated) else "KeyboardInterrupt")
+        status = "KILLED"
+        raise
+    except SystemExit as err:
+        status = "FINISHED" if err.code in (None, 0) else "FAILED"
+        if status == "FAILED":
+            client.set_tag(run_id, "error", _truncate(redact(f"SystemExit: {err.code}"), MAX_TAG_LENGTH))
+        raise
+    except BaseException as err:
+        client.set_tag(run_id, "error", _truncate(redact(f"{type(err).__name__}: {err}"), MAX_TAG_LENGTH))
+        raise
+    finally:
+        mlflow.end_run(status)

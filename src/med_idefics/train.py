@@ -1,0 +1,241 @@
+"""Stage: LoRA fine-tuning as a tracked run — stage 1 (captioning), stage 2 (VQA, continuing the stage-1 adapter's
+weights) and single-stage (VQA from the bare base, the paper's baseline).
+
+One run = one MLflow run named by its variant, HF ``Trainer`` driven entirely by params, checkpoints every
+``save_steps`` that a rerun of the same command resumes from, the adapter saved in PEFT format (adapter only).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from med_idefics.config import ConfigError, Params, StageConfig
+from med_idefics.data.schema import read_records
+from med_idefics.modeling.adapters import resolve_adapter
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+SUMMARY_FILE = "train_summary.json"
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    section: str  # the params section holding the recipe
+    task: str  # "captions" or "vqa": which params.data source it trains on
+    variant: str  # the default MLflow run / output name
+    continues_adapter: bool
+
+
+STAGES = {
+    "stage1": StageSpec("stage1", "captions", "stage1", continues_adapter=False),
+    "stage2": StageSpec("stage2", "vqa", "two-stage", continues_adapter=True),
+    "single-stage": StageSpec("single_stage", "vqa", "single-stage", continues_adapter=False),
+}
+
+
+def variant_name(stage: str, train_size: int | None = None) -> str:
+    """The run/output name: stage1, two-stage, single-stage; sweep points get ``-n<train_size>``."""
+    base = STAGES[stage].variant
+    return base if train_size is None else f"{base}-n{train_size}"
+
+
+@dataclass
+class TrainRequest:
+    stage: str
+    out_dir: Path
+    init_adapter: str | None = None  # stage2 only: folder, runs:/…, models:/…
+    train_size: int | None = None  # overrides data.<task>.train_size (the sweep)
+    variant: str | None = None  # run name; default from the stage (+ "-n<size>" for sweep points)
+    dvc_stage: str | None = None
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before any training starts."""
+
+    spec: StageSpec
+    recipe: StageConfig
+    variant: str
+    train_records: list[dict]
+    eval_records: list[dict]
+    init_adapter_dir: Path | None
+
+
+def prepare(params: Params, request: TrainRequest) -> Prepared:
+    """Validate the request against params and data; raise a clear error before any model is loaded."""
+    if request.stage not in STAGES:
+        raise ConfigError(f"unknown stage {request.stage!r}; choose one of {', '.join(STAGES)}")
+    spec = STAGES[request.stage]
+    recipe: StageConfig = getattr(params, spec.section)
+    source = getattr(params.data, spec.task)
+    train_size = request.train_size if request.train_size is not None else source.train_size
+    if train_size is not None and train_size <= 0:
+        raise ConfigError(f"train size must be > 0, got {train_size}")
+    base_dir = Path(params.model.base_dir)
+    if not (base_dir / "config.json").is_file() and not (base_dir / "base.json").is_file():
+        raise ConfigError(f"no base model in {base_dir} (model.base_dir): run `med-idefics base` (or `dvc repro base`)")
+    train_records = read_records(params.data.root, source.dataset, source.train_split, limit=train_size)
+    eval_records = read_records(params.data.root, source.dataset, source.eval_split, limit=source.eval_size)
+    if not train_records:
+        raise ConfigError(f"{source.dataset}/{source.train_split} has no records")
+    init_dir = None
+    if spec.continues_adapter:
+        ref = request.init_adapter or "outputs/stage1/adapter"
+        init_dir = resolve_adapter(ref, missing_hint="Run stage 1 first: `med-idefics train stage1` (or `dvc repro stage1`).")
+    elif request.init_adapter:
+        raise ConfigError(f"--init-adapter is only for stage2; {request.stage} starts from the bare base")
+    variant = request.variant or variant_name(request.stage, request.train_size)
+    return Prepared(spec, recipe, variant, train_records, eval_records, init_dir)
+
+
+def train(params: Params, request: TrainRequest) -> dict[str, Any]:
+    """Run one training stage; returns the summary written to ``<out_dir>/train_summary.json``."""
+    prepared = prepare(params, request)
+    from med_idefics.tracking import is_main_process, tracked_run
+
+    tags = {"variant": prepared.variant, "stage": request.stage}
+    if prepared.init_adapter_dir is not None:
+        tags |= _init_adapter_tags(request.init_adapter or "outputs/stage1/adapter", prepared.init_adapter_dir)
+    with tracked_run(params, run_name=prepared.variant, tags=tags, dvc_stage=request.dvc_stage) as run:
+        summary = _train(params, request, prepared, run)
+        if is_main_process() and run is not None:
+            _log_outputs(request.out_dir, summary)
+    return summary
+
+
+def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> dict[str, Any]:
+    import torch
+    from transformers import Trainer
+
+    from med_idefics.data.collator import VqaCollator
+    from med_idefics.modeling.adapters import check_adapter_fits
+    from med_idefics.modeling.loading import load_base_model, load_processor
+    from med_idefics.modeling.lora import add_lora
+    from med_idefics.trainer_support import MlflowStepLogger, NonFiniteLossGuard, RecordDataset, training_arguments
+
+    torch.manual_seed(params.seed)
+    out_dir = request.out_dir
+    checkpoints = out_dir / CHECKPOINT_DIR
+    resume = _prepare_checkpoints(checkpoints, _fingerprint(params, request, prepared))
+
+    processor = load_processor(params.model.base_dir)
+    model = load_base_model(params.model.base_dir, params.quantization)
+    if prepared.init_adapter_dir is not None:
+        from peft import PeftModel
+
+        check_adapter_fits(prepared.init_adapter_dir, model)
+        # Continue the stage-1 adapter's weights: the same adapter, made trainable — not a second one on top.
+        model = PeftModel.from_pretrained(model, str(prepared.init_adapter_dir), is_trainable=True)
+    else:
+        model = add_lora(model, params.lora, quantized=params.quantization.load_in_4bit)
+
+    args = training_arguments(prepared.recipe, checkpoints, seed=params.seed, run_name=prepared.variant)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=VqaCollator(processor, prompt_prefix=_prefix(params, prepared.spec)),
+        train_dataset=RecordDataset(prepared.train_records),
+        eval_dataset=RecordDataset(prepared.eval_records) if prepared.eval_records else None,
+        callbacks=[NonFiniteLossGuard(), MlflowStepLogger(run)],
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    final_eval = trainer.evaluate() if prepared.eval_records else {}
+
+    if trainer.is_world_process_zero():
+        _save_adapter(model, out_dir / ADAPTER_DIR)
+        summary = _summary(prepared, trainer, result, final_eval, seconds, resumed=resume, run=run)
+        _write_json(out_dir / SUMMARY_FILE, summary)
+        (out_dir / "trainer_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        shutil.rmtree(checkpoints, ignore_errors=True)  # done: a rerun must start afresh, not resume
+        return summary
+    return {}
+
+
+def _prefix(params: Params, spec: StageSpec) -> str:
+    # Captioning records carry the caption prompt as their question; the VQA prefix applies to questions only.
+    return params.data.prompt_prefix if spec.task == "vqa" else ""
+
+
+def _fingerprint(params: Params, request: TrainRequest, prepared: Prepared) -> dict[str, Any]:
+    """What must be equal for a checkpoint to be resumed rather than discarded."""
+    return {
+        "stage": request.stage,
+        "params": {k: v for k, v in params.flat().items() if not k.startswith(("eval.", "registry.", "mlflow."))},
+        "train_size": request.train_size,
+        "init_adapter": str(prepared.init_adapter_dir) if prepared.init_adapter_dir else None,
+        "n_train": len(prepared.train_records),
+    }
+
+
+def _prepare_checkpoints(checkpoints: Path, fingerprint: dict[str, Any]) -> bool:
+    """True when ``checkpoints`` holds a resumable checkpoint of this very configuration; stale ones are removed."""
+    marker = checkpoints / FINGERPRINT_FILE
+    has_checkpoint = any(checkpoints.glob("checkpoint-*/trainer_state.json"))
+    if has_checkpoint and marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint)):
+        return True
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    return False
+
+
+def _save_adapter(model, target: Path) -> None:
+    """Adapter only, PEFT format, written next to the target then renamed: never a half-written adapter."""
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def _summary(prepared, trainer, result, final_eval, seconds, resumed, run) -> dict[str, Any]:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "variant": prepared.variant,
+        "run_id": run.info.run_id if run is not None else None,
+        "optimizer_steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "n_train": len(prepared.train_records),
+        "n_eval": len(prepared.eval_records),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss,
+        "eval_loss": final_eval.get("eval_loss"),
+        "train_seconds": round(seconds, 2),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "resumed_from_checkpoint": bool(resumed),
+    }
+
+
+def _log_outputs(out_dir: Path, summary: dict[str, Any]) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(out_dir / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
+    mlflow.log_artifact(str(out_dir / "trainer_log.json"))
+    mlflow.log_artifact(str(out_dir / SUMMARY_FILE))
+    mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
+
+
+def _init_adapter_tags(ref: str, local: Path) -> dict[str, str]:
+    tags = {"init_adapter": ref}
+    summary = local.parent / SUMMARY_FILE
+    if summary.is_file():
+        tags["stage1_run_id"] = str(json.loads(summary.read_text()).get("run_id"))
+    elif ref.startswith("runs:/"):
+        tags["stage1_run_id"] = ref.removeprefix("runs:/").split("/")[0]
+    return tags
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

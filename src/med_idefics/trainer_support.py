@@ -1,0 +1,110 @@
+"""HF ``Trainer`` plumbing shared by the training stages: arguments from params, the dataset wrapper, and callbacks
+that log step metrics to the active MLflow run and stop on a non-finite loss."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from transformers import TrainerCallback, TrainingArguments
+
+from med_idefics.config import StageConfig
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the run is stopped and marked FAILED."""
+
+
+class RecordDataset(Dataset):
+    """Schema records (dicts) as a map-style dataset; the collator does the processing."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
+
+
+def resolve_precision(precision: str) -> dict[str, bool]:
+    """``auto``: bf16 on a GPU that has it, else fp16 on GPU; fp32 on CPU."""
+    on_gpu = torch.cuda.is_available()
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "fp32"
+    if precision == "fp16" and not on_gpu:
+        raise ValueError("fp16 training needs a GPU; set the stage's precision to auto or fp32 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(recipe: StageConfig, output_dir: Path, seed: int, run_name: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        run_name=run_name,
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.micro_batch,
+        per_device_eval_batch_size=recipe.eval_batch,
+        gradient_accumulation_steps=recipe.grad_accum,
+        learning_rate=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=recipe.warmup_steps,
+        logging_steps=recipe.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=recipe.eval_steps,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=2,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        seed=seed,
+        data_seed=seed,
+        report_to=[],  # MLflow logging is ours (MlflowStepLogger): one run per stage, named by variant
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+        **resolve_precision(recipe.precision),
+    )
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stop at the first logged NaN/inf loss (the Trainer would otherwise keep stepping on garbage)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteLoss(f"{key} became {value} at step {state.global_step}; lower the learning rate")
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Step metrics to the active MLflow run: train loss, eval loss, learning rate, samples/s."""
+
+    def __init__(self, run):
+        self.run = run
+        self._last_time: float | None = None
+        self._last_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time, self._last_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.run is None or not state.is_world_process_zero:
+            return
+        import mlflow
+
+        metrics = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float) and math.isfinite(v)}
+        now = time.perf_counter()
+        if "loss" in metrics and self._last_time is not None and state.global_step > self._last_step:
+            samples = (state.global_step - self._last_step) * args.train_batch_size * args.gradient_accumulation_steps
+            samples *= args.world_size
+            metrics["samples_per_second"] = samples / max(now - self._last_time, 1e-9)
+            self._last_time, self._last_step = now, state.global_step
+        renamed = {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}
+        if renamed:
+            mlflow.log_metrics(renamed, step=state.global_step, run_id=self.run.info.run_id)

@@ -1,0 +1,181 @@
+"""Every configuration file the project ships is loaded here: pyproject.toml and conda.yaml agree, params.yaml and
+every configs/**/*.yaml build a valid Params, the two profiles are mirror images, and the paper profile holds the
+paper's numbers."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+from med_idefics.config import ConfigError, Params, build, deep_merge, flatten, load_params
+from med_idefics.profiles import switch_profile
+
+REQUIRED = ["mlflow", "transformers", "peft", "bitsandbytes", "torch", "datasets", "dvc", "click", "scikit-learn"]
+REQUIRED += ["nltk", "accelerate", "pillow"]
+
+
+@pytest.fixture
+def pyproject(repo_root) -> dict:
+    return tomllib.loads((repo_root / "pyproject.toml").read_text())
+
+
+def pins(requirements: list[str]) -> dict[str, str]:
+    """Canonical package name → its version specifier, e.g. {"ruamel-yaml": "==0.19.1"}."""
+    parsed = [Requirement(line) for line in requirements]
+    assert len({canonicalize_name(r.name) for r in parsed}) == len(parsed), f"a package is listed twice: {requirements}"
+    return {canonicalize_name(r.name): str(r.specifier) for r in parsed}
+
+
+def conda_pip_section(repo_root) -> list[str]:
+    env = yaml.safe_load((repo_root / "conda.yaml").read_text())
+    (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    return pip
+
+
+def test_conda_env_pins_exactly_the_pyproject_dependencies(pyproject, repo_root):
+    pip = conda_pip_section(repo_root)
+    packages = [line for line in pip if not line.startswith(("-e", "."))]
+    assert pins(packages) == pins(pyproject["project"]["dependencies"])
+    assert "-e ." in pip  # the project itself, so `med-idefics` exists in the MLflow environment
+
+
+def test_conda_env_python_satisfies_requires_python(pyproject, repo_root):
+    env = yaml.safe_load((repo_root / "conda.yaml").read_text())
+    assert env["name"] == "med-idefics"
+    assert "conda-forge" in env["channels"]
+    pythons = [d.split("=", 1)[1] for d in env["dependencies"] if isinstance(d, str) and d.startswith("python=")]
+    assert len(pythons) == 1
+    assert SpecifierSet(pyproject["project"]["requires-python"]).contains(pythons[0])
+    assert "pip" in env["dependencies"]
+
+
+def test_the_issue_dependencies_are_declared(pyproject):
+    declared = pins(pyproject["project"]["dependencies"])
+    assert sorted(set(REQUIRED) - set(declared)) == []
+    assert declared["torch"] == "==2.13.0"
+
+
+def test_no_dependency_is_unpinned(pyproject):
+    groups = {"dependencies": pyproject["project"]["dependencies"]}
+    groups |= {f"optional {k}": v for k, v in pyproject["project"].get("optional-dependencies", {}).items()}
+    for group, requirements in groups.items():
+        for line in requirements:
+            operators = {spec.operator for spec in Requirement(line).specifier}
+            exact = operators & {"==", "===", "~="}
+            bounded = operators & {"<", "<="} and operators & {">", ">="}
+            assert exact or bounded, f"{group}: {line!r} is not pinned (use == or a bounded range)"
+
+
+def test_console_script_resolves_to_the_cli(pyproject):
+    target = pyproject["project"]["scripts"]["med-idefics"]
+    module, _, attribute = target.partition(":")
+    assert callable(getattr(importlib.import_module(module), attribute))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# params.yaml and the profiles
+
+
+def config_files(repo_root):
+    return sorted((repo_root / "configs").glob("**/*.yaml"))
+
+
+def test_params_yaml_loads(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    assert params.profile in {p.stem for p in config_files(repo_root)}
+
+
+def test_every_config_builds_over_params(repo_root):
+    files = config_files(repo_root)
+    assert {"paper", "demo"} <= {p.stem for p in files}
+    base = yaml.safe_load((repo_root / "params.yaml").read_text())
+    for path in files:
+        params = build(Params, deep_merge(base, yaml.safe_load(path.read_text()) or {}))
+        assert params.profile == path.stem, f"{path}: profile key should name the file"
+
+
+def test_paper_and_demo_name_the_same_keys(repo_root):
+    def keys(name):
+        return set(flatten(yaml.safe_load((repo_root / "configs" / f"{name}.yaml").read_text())))
+
+    assert keys("paper") == keys("demo")
+
+
+def comments(text: str) -> list[str]:
+    """The commented lines, whitespace-normalised (ruamel keeps a comment's column after a longer value)."""
+    return [" ".join(line.split()) for line in text.splitlines() if "#" in line]
+
+
+def test_switching_profile_and_back_restores_params(repo_root, tmp_path):
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(repo_root / "params.yaml", params_file)
+    shutil.copytree(repo_root / "configs", tmp_path / "configs")
+    original = params_file.read_text()
+    current = yaml.safe_load(original)["profile"]
+    others = sorted({p.stem for p in config_files(repo_root)} - {current})
+    assert others, "only one profile"
+    for other in others:
+        assert switch_profile(other, params_file, tmp_path / "configs").profile == other
+        assert load_params(params_file).profile == other
+        switch_profile(current, params_file, tmp_path / "configs")
+        assert yaml.safe_load(params_file.read_text()) == yaml.safe_load(original)
+        assert comments(params_file.read_text()) == comments(original), "comments were lost"
+
+
+def test_paper_profile_holds_the_papers_numbers(repo_root):
+    base = yaml.safe_load((repo_root / "params.yaml").read_text())
+    paper = build(Params, deep_merge(base, yaml.safe_load((repo_root / "configs" / "paper.yaml").read_text())))
+    assert paper.model.base == "HuggingFaceM4/idefics2-8b"
+    assert paper.model.do_image_splitting is False
+    assert (paper.data.captions.train_size, paper.data.captions.eval_size) == (55_000, 5_000)
+    assert paper.stage1.epochs == 3
+    assert paper.stage1.lr == 1e-5
+    assert paper.stage2.epochs == 2
+    assert paper.stage2.lr == 1e-4
+    for stage in (paper.stage1, paper.stage2):
+        recipe = (stage.micro_batch, stage.eval_batch, stage.grad_accum, stage.weight_decay, stage.warmup_steps)
+        assert recipe == (2, 8, 8, 0.01, 50)
+    assert (paper.lora.r, paper.lora.dropout, paper.lora.init) == (8, 0.1, "gaussian")
+    assert paper.quantization.load_in_4bit is True
+    assert paper.quantization.quant_type == "nf4"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Invalid params are refused, naming the key
+
+
+def write_params(tmp_path, repo_root, edit) -> Path:
+    data = yaml.safe_load((repo_root / "params.yaml").read_text())
+    edit(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["stage1"].update(lrr=1e-5), "stage1.lrr"),
+        (lambda d: d["lora"].update(r="eight"), "lora.r"),
+        (lambda d: d["quantization"].update(load_in_4bit="yes"), "quantization.load_in_4bit"),
+        (lambda d: d["stage2"].update(lr=0.0), "stage2.lr"),
+        (lambda d: d["stage1"].update(lr=-1e-5), "stage1.lr"),
+        (lambda d: d["stage1"].update(epochs=0, max_steps=-1), "stage1.epochs"),
+        (lambda d: d["single_stage"].update(micro_batch=0), "single_stage.micro_batch"),
+        (lambda d: d["stage2"].update(eval_batch=0), "stage2.eval_batch"),
+        (lambda d: d["lora"].pop("alpha"), "lora.alpha"),
+    ],
+    ids=["unknown-key", "wrong-type", "string-for-bool", "lr-zero", "lr-negative", "epochs-zero", "micro-batch-zero",
+         "eval-batch-zero", "missing-key"],
+)  # fmt: skip
+def test_invalid_params_raise_naming_the_key(tmp_path, repo_root, edit, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_params(write_params(tmp_path, repo_root, edit))
