@@ -1,0 +1,244 @@
+"""The offline demo dataset (`med-idefics data demo`): seeded, byte-identical on every run, nothing downloaded.
+
+Splits of ``data/demo``: ``caption-train`` / ``caption-validation`` (captions for the tiny base's pretraining and
+stage 1), ``train`` / ``test`` (VQA, ~7 questions per image), ``pathology`` (out-of-distribution tissue crops) and
+``nonsense`` (Med-HALT-style questions without an image, answered by abstaining).
+
+The answers need the image: every attribute is a large visual cue (see :mod:`med_idefics.data.demo_images`), and the
+design is balanced so that a model that ignores the image gains nothing from priors — each closed template is answered
+yes exactly as often as no (±1). Yes/no checks are drawn first ("is this a ct image?" → yes or no, balanced) and the
+image's attributes are derived from them; otherwise attributes are uniform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+from med_idefics.config import DemoDataConfig
+from med_idefics.data.demo_images import MODALITIES, ORGANS, SIDES, STAINS, render_pathology, render_radiology
+from med_idefics.data.images import to_png_bytes
+from med_idefics.data.schema import DatasetError, infer_answer_type, write_splits
+
+DATASET = "demo"
+NONSENSE_ANSWER = "i do not know"  # the abstention a Med-HALT nonsense question expects
+MIN_IMAGE_SIZE = 32  # below this the lesion discs are a couple of pixels wide
+_CHUNK = 256  # images rendered at once: vectorised, in a few MB
+# One random stream per split, so a split's content does not depend on the size of the others.
+_STREAMS = {"caption-train": 0, "caption-validation": 1, "train": 2, "test": 3, "pathology": 4, "nonsense": 5}
+_COUNT_WORDS = ("zero", "one", "two", "three")
+_ARTICLE = {"ct": "a", "mri": "an", "x-ray": "an"}
+_NONSENSE_TEMPLATES = (
+    "what is the {}'s favorite color?",
+    "how many wheels does the {} have?",
+    "which song does the {} sing?",
+    "which language does the {} speak?",
+    "what is the {}'s phone number?",
+    "how many wings does the {} have?",
+    "which car does the {} drive?",
+    "in which year was the {} elected president?",
+)
+_NONSENSE_SUBJECTS = ("left ventricle", "liver", "brain", "spleen", "kidney", "lung", "stomach", "pancreas")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DemoImage:
+    """What one demo image shows (``look`` is the modality, or the stain for pathology) and what its checks ask."""
+
+    look: str
+    organ: str | None
+    count: int
+    side: str | None
+    asked_look: str | None = None  # the closed check "is this a ct image?" names this modality
+    asked_organ: str | None = None
+    asked_side: str | None = None
+
+
+def _balanced(rng: np.random.Generator, n: int, options: Sequence[T]) -> list[T]:
+    """``n`` picks in random order, every option picked as often as any other (±1)."""
+    picks = rng.permutation(np.resize(rng.permutation(len(options)), n))
+    return [options[i] for i in picks]
+
+
+def _checked(rng: np.random.Generator, options: Sequence[str], asked: str, yes: bool) -> str:
+    """The true value behind a yes/no check: the asked value if the answer is yes, another one otherwise."""
+    return asked if yes else str(rng.choice([o for o in options if o != asked]))
+
+
+def _lesions(rng: np.random.Generator, n: int) -> list[tuple[int, str | None, str | None]]:
+    """(count, side, asked side) per image: half have none; of the rest half have one, half two or three."""
+    has_lesion = _balanced(rng, n, (True, False))
+    side_checks = iter(_balanced(rng, sum(has_lesion), [(s, yes) for s in SIDES for yes in (True, False)]))
+    multiple = iter(_balanced(rng, sum(has_lesion), (True, False)))
+    out = []
+    for present in has_lesion:
+        if not present:
+            out.append((0, None, None))
+            continue
+        asked_side, yes = next(side_checks)
+        count = int(rng.choice([2, 3])) if next(multiple) else 1
+        out.append((count, _checked(rng, SIDES, asked_side, yes), asked_side))
+    return out
+
+
+def radiology_design(rng: np.random.Generator, n: int) -> list[DemoImage]:
+    looks = _balanced(rng, n, [(m, yes) for m in MODALITIES for yes in (True, False)])
+    organs = _balanced(rng, n, [(o, yes) for o in ORGANS for yes in (True, False)])
+    return [
+        DemoImage(
+            _checked(rng, MODALITIES, *look), _checked(rng, ORGANS, *organ), count, side, look[0], organ[0], asked
+        )
+        for look, organ, (count, side, asked) in zip(looks, organs, _lesions(rng, n), strict=True)
+    ]
+
+
+def pathology_design(rng: np.random.Generator, n: int) -> list[DemoImage]:
+    stains = _balanced(rng, n, STAINS)
+    return [
+        DemoImage(stain, None, count, side, asked_side=asked)
+        for stain, (count, side, asked) in zip(stains, _lesions(rng, n), strict=True)
+    ]
+
+
+def caption(image: DemoImage) -> str:
+    """e.g. ``ct of the brain with two lesions on the left side.``"""
+    if image.count == 0:
+        findings = "no lesions"
+    else:
+        findings = f"{_COUNT_WORDS[image.count]} lesion{'s' if image.count > 1 else ''} on the {image.side} side"
+    return f"{image.look} of the {image.organ} with {findings}."
+
+
+def _lesion_questions(image: DemoImage) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(closed, open) (question, answer) pairs about lesions; side and multiplicity only when there is a lesion."""
+    closed = [("is there a lesion?", _yes_no(image.count > 0))]
+    open_ = [("how many lesions are there?", _COUNT_WORDS[image.count])]
+    if image.count:
+        closed += [
+            (f"is the lesion on the {image.asked_side}?", _yes_no(image.side == image.asked_side)),
+            ("is there more than one lesion?", _yes_no(image.count > 1)),
+        ]
+        open_.append(("which side is the lesion on?", image.side))
+    return closed, open_
+
+
+def radiology_questions(image: DemoImage) -> list[tuple[str, str]]:
+    closed, open_ = _lesion_questions(image)
+    closed += [
+        (f"is this {_ARTICLE[image.asked_look]} {image.asked_look} image?", _yes_no(image.look == image.asked_look)),
+        (f"does this image show the {image.asked_organ}?", _yes_no(image.organ == image.asked_organ)),
+    ]
+    open_ += [("what modality is this?", image.look), ("which organ is shown?", image.organ)]
+    return closed + open_
+
+
+def pathology_questions(image: DemoImage) -> list[tuple[str, str]]:
+    closed, open_ = _lesion_questions(image)
+    return closed + open_ + [("what type of image is this?", "pathology"), ("what stain is used?", image.look)]
+
+
+def nonsense_questions(rng: np.random.Generator, n: int) -> list[str]:
+    pool = [t.format(s) for t in _NONSENSE_TEMPLATES for s in _NONSENSE_SUBJECTS]
+    if n > len(pool):
+        raise DatasetError(f"data.demo.n_nonsense is {n}, but only {len(pool)} distinct nonsense questions exist")
+    return [pool[i] for i in rng.permutation(len(pool))[:n]]
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _record(record_id: str, split: str, image: bytes | None, question: str, answer: str) -> dict:
+    return {
+        "id": record_id,
+        "image": image,
+        "question": question,
+        "answer": answer,
+        "answer_type": infer_answer_type(answer),
+        "dataset": DATASET,
+        "split": split,
+    }
+
+
+def _render(rng: np.random.Generator, size: int, images: list[DemoImage], pathology: bool = False) -> list[bytes]:
+    """PNG bytes of every image, rendered in vectorised chunks."""
+    pngs = []
+    for start in range(0, len(images), _CHUNK):
+        chunk = images[start : start + _CHUNK]
+        counts, sides = [i.count for i in chunk], [i.side for i in chunk]
+        if pathology:
+            pixels = render_pathology(rng, size, [i.look for i in chunk], counts, sides)
+        else:
+            pixels = render_radiology(rng, size, [i.look for i in chunk], [i.organ for i in chunk], counts, sides)
+        pngs += [to_png_bytes(Image.fromarray(p)) for p in pixels]
+    return pngs
+
+
+def caption_records(split: str, n: int, size: int, seed: int, prompt: str) -> list[dict]:
+    rng = np.random.default_rng([seed, _STREAMS[split]])
+    images = radiology_design(rng, n)
+    return [
+        _record(f"{DATASET}-{split}-{i:05d}", split, png, prompt, caption(image))
+        for i, (image, png) in enumerate(zip(images, _render(rng, size, images), strict=True))
+    ]
+
+
+def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
+    """~7 questions on each of ``n`` radiology images (``train``/``test``), or on tissue crops for ``pathology``."""
+    rng = np.random.default_rng([seed, _STREAMS[split]])
+    pathology = split == "pathology"
+    images = pathology_design(rng, n) if pathology else radiology_design(rng, n)
+    records = []
+    for i, (image, png) in enumerate(zip(images, _render(rng, size, images, pathology), strict=True)):
+        questions = pathology_questions(image) if pathology else radiology_questions(image)
+        for q, (question, answer) in enumerate(questions):
+            records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer))
+    return records
+
+
+def nonsense_records(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng([seed, _STREAMS["nonsense"]])
+    return [
+        _record(f"{DATASET}-nonsense-{i:05d}", "nonsense", None, question, NONSENSE_ANSWER)
+        for i, question in enumerate(nonsense_questions(rng, n))
+    ]
+
+
+def _check(cfg: DemoDataConfig) -> None:
+    if cfg.image_size < MIN_IMAGE_SIZE:
+        raise DatasetError(
+            f"data.demo.image_size must be >= {MIN_IMAGE_SIZE} (lesions must stay visible), got {cfg.image_size}"
+        )
+    for field in fields(cfg):
+        if field.name.startswith("n_") and getattr(cfg, field.name) < 0:
+            raise DatasetError(f"data.demo.{field.name} must be >= 0, got {getattr(cfg, field.name)}")
+
+
+def build_demo_splits(cfg: DemoDataConfig, caption_prompt: str) -> dict[str, list[dict]]:
+    """Every demo split's records, in memory; a pure function of ``cfg`` and ``caption_prompt``."""
+    _check(cfg)
+    size, seed = cfg.image_size, cfg.seed
+    return {
+        "caption-train": caption_records("caption-train", cfg.n_caption_train, size, seed, caption_prompt),
+        "caption-validation": caption_records(
+            "caption-validation", cfg.n_caption_validation, size, seed, caption_prompt
+        ),
+        "train": vqa_records("train", cfg.n_vqa_train_images, size, seed),
+        "test": vqa_records("test", cfg.n_vqa_test_images, size, seed),
+        "pathology": vqa_records("pathology", cfg.n_pathology_images, size, seed),
+        "nonsense": nonsense_records(cfg.n_nonsense, seed),
+    }
+
+
+def write_demo_dataset(root: str | Path, cfg: DemoDataConfig, caption_prompt: str) -> dict[str, tuple[Path, int]]:
+    """Write ``root/demo/<split>.parquet`` for every split at once; returns split → (path, record count)."""
+    splits = build_demo_splits(cfg, caption_prompt)
+    paths = write_splits(root, DATASET, splits)
+    return {split: (paths[split], len(records)) for split, records in splits.items()}

@@ -1,0 +1,199 @@
+"""The offline demo dataset: deterministic, schema-conform, balanced, and answerable only by looking at the image."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.linear_model import LogisticRegression
+
+from med_idefics.config import DemoDataConfig
+from med_idefics.data.demo import NONSENSE_ANSWER, build_demo_splits, write_demo_dataset
+from med_idefics.data.images import image_from_bytes
+from med_idefics.data.schema import COLUMNS, DatasetError, infer_answer_type, read_records
+
+PROMPT = "Describe this radiology image."
+SMALL = DemoDataConfig(
+    seed=7,
+    image_size=64,
+    n_caption_train=12,
+    n_caption_validation=4,
+    n_vqa_train_images=10,
+    n_vqa_test_images=6,
+    n_pathology_images=6,
+    n_nonsense=5,
+)
+# Big enough for per-template statistics; still well under a second to build.
+MEDIUM = DemoDataConfig(
+    seed=11,
+    image_size=64,
+    n_caption_train=80,
+    n_caption_validation=10,
+    n_vqa_train_images=240,
+    n_vqa_test_images=90,
+    n_pathology_images=120,
+    n_nonsense=30,
+)
+LESION_LEVEL = 240  # lesion cores are pure white; nothing else in a radiology image gets above ~215
+
+
+@pytest.fixture(scope="module")
+def medium() -> dict[str, list[dict]]:
+    return build_demo_splits(MEDIUM, PROMPT)
+
+
+def _by_image(records: list[dict]) -> dict[str, dict[str, str]]:
+    """image id → {question: answer}, from ``demo-<split>-00042-q3`` ids."""
+    grouped: dict[str, dict[str, str]] = defaultdict(dict)
+    for record in records:
+        grouped[record["id"].rsplit("-q", 1)[0]][record["question"]] = record["answer"]
+    return grouped
+
+
+def _grey(record: dict) -> np.ndarray:
+    return np.asarray(image_from_bytes(record["image"]))[..., 0].astype(np.float64)
+
+
+def test_generation_is_byte_identical_and_seeded(tmp_path):
+    first = write_demo_dataset(tmp_path / "a", SMALL, PROMPT)
+    second = write_demo_dataset(tmp_path / "b", SMALL, PROMPT)
+    other = write_demo_dataset(tmp_path / "c", replace(SMALL, seed=8), PROMPT)
+    assert set(first) == {"caption-train", "caption-validation", "train", "test", "pathology", "nonsense"}
+    for split, (path, _) in first.items():
+        assert path.read_bytes() == second[split][0].read_bytes(), split
+    assert first["train"][0].read_bytes() != other["train"][0].read_bytes()
+
+
+def test_written_splits_follow_the_schema_and_the_config(tmp_path):
+    written = write_demo_dataset(tmp_path, SMALL, PROMPT)
+    images_per_split = {
+        "caption-train": SMALL.n_caption_train,
+        "caption-validation": SMALL.n_caption_validation,
+        "train": SMALL.n_vqa_train_images,
+        "test": SMALL.n_vqa_test_images,
+        "pathology": SMALL.n_pathology_images,
+    }
+    all_ids = []
+    for split, (path, count) in written.items():
+        assert path == tmp_path / "demo" / f"{split}.parquet"
+        records = read_records(tmp_path, "demo", split)
+        assert len(records) == count
+        all_ids += [r["id"] for r in records]
+        for record in records:
+            assert tuple(record) == COLUMNS
+            assert record["dataset"] == "demo" and record["split"] == split
+            assert record["answer_type"] == infer_answer_type(record["answer"])
+            assert record["answer"] == record["answer"].lower()
+            if not split.startswith("caption"):
+                assert record["question"] == record["question"].lower()
+            if record["image"] is not None:
+                image = image_from_bytes(record["image"])
+                assert image.mode == "RGB" and image.size == (SMALL.image_size, SMALL.image_size)
+        if split in images_per_split:
+            assert len(_by_image(records)) == images_per_split[split]
+    assert len(all_ids) == len(set(all_ids))
+    assert "demo-train-00003-q2" in all_ids and "demo-caption-train-00011" in all_ids
+
+
+CAPTION = re.compile(
+    r"(?P<modality>ct|mri|x-ray) of the (?P<organ>brain|chest|abdomen) with "
+    r"(no lesions|(?P<count>one|two|three) lesions? on the (?P<side>left|right) side)\."
+)
+COUNT_WORDS = ["zero", "one", "two", "three"]
+
+
+def test_captions_describe_what_the_image_shows(medium):
+    seen = Counter()
+    for record in medium["caption-train"]:
+        assert record["question"] == PROMPT and record["answer_type"] == "open"
+        match = CAPTION.fullmatch(record["answer"])
+        assert match, record["answer"]
+        bright = _grey(record) >= LESION_LEVEL
+        assert ndimage.label(bright)[1] == COUNT_WORDS.index(match["count"] or "zero"), record["id"]
+        seen.update([match["modality"], match["organ"]])
+    assert all(seen[word] >= 10 for word in ("ct", "mri", "x-ray", "brain", "chest", "abdomen")), seen
+
+
+def test_vqa_has_about_seven_questions_per_image(medium):
+    per_image = [len(qa) for qa in _by_image(medium["train"]).values()]
+    assert min(per_image) >= 5 and 6.5 <= np.mean(per_image) <= 8.5
+
+
+def test_nonsense_is_text_only_and_answered_by_abstaining(medium):
+    records = medium["nonsense"]
+    assert len(records) == MEDIUM.n_nonsense
+    assert all(r["image"] is None and r["answer"] == NONSENSE_ANSWER and r["answer_type"] == "open" for r in records)
+    assert len({r["question"] for r in records}) == len(records)
+
+
+@pytest.mark.parametrize("split", ["train", "test", "pathology"])
+def test_closed_answers_are_balanced_per_template(medium, split):
+    answers = defaultdict(list)
+    for record in medium[split]:
+        if record["answer_type"] == "closed":
+            answers[record["question"]].append(record["answer"] == "yes")
+    assert len(answers) == (4 if split == "pathology" else 10)  # lesion, 2 sides, multiplicity (+3 modality, 3 organ)
+    for question, yes in answers.items():
+        assert 0.4 <= np.mean(yes) <= 0.6, (question, np.mean(yes), len(yes))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_no_template_can_be_answered_from_the_question_alone(medium, split):
+    answers = defaultdict(Counter)
+    for record in medium[split]:
+        answers[record["question"]][record["answer"]] += 1
+    for question, counts in answers.items():
+        assert counts.most_common(1)[0][1] / counts.total() <= 0.6, (question, counts)
+
+
+def test_lesion_pixels_match_count_and_side(medium):
+    """Lesions are bright discs: their number and half of the image are what the answers say."""
+    records = {r["id"]: r for r in medium["train"]}
+    sides_seen = Counter()
+    for image_id, qa in _by_image(medium["train"]).items():
+        pixels = _grey(records[f"{image_id}-q0"])
+        bright = pixels >= LESION_LEVEL
+        count = COUNT_WORDS.index(qa["how many lesions are there?"])
+        assert ndimage.label(bright)[1] == count, image_id
+        assert qa["is there a lesion?"] == ("yes" if count else "no")
+        if count:
+            side = qa["which side is the lesion on?"]
+            columns = np.nonzero(bright)[1]
+            half = pixels.shape[1] / 2
+            assert (columns < half).all() if side == "left" else (columns >= half).all(), image_id
+            sides_seen[side] += 1
+    assert sides_seen["left"] > 20 and sides_seen["right"] > 20
+
+
+@pytest.mark.parametrize(("question", "floor"), [("what modality is this?", 0.9), ("which organ is shown?", 0.9)])
+def test_pixels_predict_modality_and_organ(medium, question, floor):
+    """A linear model on 8x8-pooled pixels learns the attribute on train and gets test right (a blind guess: 1/3)."""
+
+    def features_and_labels(split):
+        records = {r["id"]: r for r in medium[split]}
+        grouped = _by_image(medium[split])
+        pooled = [_grey(records[f"{i}-q0"]).reshape(8, 8, 8, 8).mean(axis=(1, 3)).ravel() / 255 for i in grouped]
+        return np.array(pooled), [qa[question] for qa in grouped.values()]
+
+    model = LogisticRegression(max_iter=2000).fit(*features_and_labels("train"))
+    assert model.score(*features_and_labels("test")) >= floor
+
+
+def test_pathology_is_a_different_looking_domain(medium):
+    grouped = _by_image(medium["pathology"])
+    stains = Counter(qa["what stain is used?"] for qa in grouped.values())
+    assert stains == Counter({"immunohistochemistry": 60, "h&e": 60})
+    image = np.asarray(image_from_bytes(medium["pathology"][0]["image"])).astype(float)
+    assert np.abs(image[..., 0] - image[..., 2]).mean() > 10  # coloured tissue, unlike the grey radiology images
+
+
+def test_invalid_config_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(DatasetError, match=r"data\.demo\.image_size"):
+        write_demo_dataset(tmp_path, replace(SMALL, image_size=16), PROMPT)
+    with pytest.raises(DatasetError, match=r"data\.demo\.n_nonsense"):
+        write_demo_dataset(tmp_path, replace(SMALL, n_nonsense=10_000), PROMPT)
+    assert not (tmp_path / "demo").exists()
