@@ -259,6 +259,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         (inner,) = typing.get_args(tp)
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-5` — no dot — as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

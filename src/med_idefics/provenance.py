@@ -106,26 +106,42 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(str(key).lower()))
 
 
+def _environ_snapshot() -> dict[str, str]:
+    """A copy of the environment; mlflow's telemetry thread may delete a variable while we iterate, so retry."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    raise RuntimeError("the environment kept changing while it was read")
+
+
 def _secret_env_values() -> list[str]:
-    values = {v for k, v in os.environ.items() if _SECRET_ENV_NAME.search(k.lower()) and len(v) >= _MIN_SECRET_LEN}
+    environ = _environ_snapshot()
+    values = {v for k, v in environ.items() if _SECRET_ENV_NAME.search(k.lower()) and len(v) >= _MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)  # longest first, so a secret containing another is redacted whole
 
 
-def looks_secret(value: Any) -> bool:
+def looks_secret(value: Any, env_secrets: list[str] | None = None) -> bool:
     text = str(value)
-    return bool(_SECRET_VALUE.search(text)) or any(secret in text for secret in _secret_env_values())
+    env_secrets = _secret_env_values() if env_secrets is None else env_secrets
+    return bool(_SECRET_VALUE.search(text)) or any(secret in text for secret in env_secrets)
 
 
 def scrub_secrets(mapping: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``mapping`` without the entries whose key or value looks like a secret (nested mappings scrubbed
     recursively). Entries are dropped, not masked: a masked value would still say a secret was there."""
+    return _scrub(mapping, _secret_env_values())
+
+
+def _scrub(mapping: Mapping[str, Any], env_secrets: list[str]) -> dict[str, Any]:
     clean: dict[str, Any] = {}
     for key, value in mapping.items():
         if is_secret_key(key):
             continue
         if isinstance(value, Mapping):
-            clean[key] = scrub_secrets(value)
-        elif not looks_secret(value):
+            clean[key] = _scrub(value, env_secrets)
+        elif not looks_secret(value, env_secrets):
             clean[key] = value
     return clean
 

@@ -55,12 +55,13 @@ def training_arguments(recipe: StageConfig, output_dir: Path, seed: int, run_nam
         warmup_steps=recipe.warmup_steps,
         logging_steps=recipe.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must reach NonFiniteLossGuard, not be averaged away
         eval_strategy="steps",
         eval_steps=recipe.eval_steps,
         save_strategy="steps",
         save_steps=recipe.save_steps,
         save_total_limit=2,
-        gradient_checkpointing=recipe.gradient_checkpointing,
+        activation_checkpointing=recipe.gradient_checkpointing,
         seed=seed,
         data_seed=seed,
         report_to=[],  # MLflow logging is ours (MlflowStepLogger): one run per stage, named by variant

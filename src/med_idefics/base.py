@@ -1,0 +1,190 @@
+"""The ``base`` stage: resolve params ``model.base`` into ``model.base_dir``, which every later stage loads from.
+
+- ``tiny``: build a tiny Idefics2 offline (:mod:`med_idefics.modeling.tiny`; tokenizer trained on the training texts
+  only), pretrain it briefly — all parameters, on the caption *training* split — and ``save_pretrained`` model and
+  processor, with ``pretrain_summary.json`` (eval loss on the caption validation split before/after, train loss
+  first/last, steps, seconds, parameter count).
+- a local folder, or a hub id such as ``HuggingFaceM4/idefics2-8b``: write a pointer ``base.json`` (see
+  :mod:`med_idefics.modeling.loading`), no copy of the weights. A hub revision is resolved to its commit hash
+  (network needed, ``$HF_TOKEN`` if the model is gated) so that the stage output pins exactly one model.
+
+``base_dir`` is replaced as a whole, so no file of an earlier base survives next to a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from med_idefics.config import ConfigError, Params, PretrainConfig
+from med_idefics.data.schema import read_records
+from med_idefics.modeling.loading import hub_token, write_pointer
+
+TINY = "tiny"
+SUMMARY_FILE = "pretrain_summary.json"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+ENCODE_CHUNK = 256  # records per processor call when encoding the pretraining data once
+
+
+def build_base(params: Params, base_dir: str | Path | None = None) -> dict[str, Any]:
+    """Resolve ``params.model.base`` into ``base_dir`` (default ``params.model.base_dir``); returns what was
+    written: the pretraining summary for ``tiny``, else the pointer."""
+    out = Path(base_dir or params.model.base_dir)
+    base = params.model.base
+    with _replacing(out) as staging:
+        if base == TINY:
+            result = build_tiny_base(params, staging)
+        elif Path(base).is_dir():
+            if not (Path(base) / "config.json").is_file():
+                raise ConfigError(f"model.base={base!r} is a folder without config.json; point it at a saved model")
+            result = {"source": "local", "path": base, "do_image_splitting": params.model.do_image_splitting}
+            write_pointer(staging, result)
+        elif HUB_ID.fullmatch(base):
+            revision = resolve_hub_revision(base, params.model.revision)
+            result = {"source": "hub", "id": base, "revision": revision}
+            result["do_image_splitting"] = params.model.do_image_splitting
+            write_pointer(staging, result)
+        else:
+            raise ConfigError(
+                f"model.base={base!r} is neither `tiny`, an existing local folder, nor a hub id like owner/name"
+            )
+    return result
+
+
+@contextlib.contextmanager
+def _replacing(target: Path):
+    """A staging folder next to ``target`` that replaces ``target`` on success and vanishes on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the stage output private
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def resolve_hub_revision(repo_id: str, revision: str | None) -> str:
+    """The commit hash of ``revision`` (None: the default branch) of hub model ``repo_id``."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(repo_id, revision=revision, token=hub_token()).sha
+    except Exception as err:  # offline mode, no network, unknown repo or revision, no access: one answer to all
+        raise ConfigError(
+            f"model.base={repo_id!r} (revision {revision or 'default'}): cannot resolve it on the hub "
+            f"({type(err).__name__}: {err}). Check the id and the network, set $HF_TOKEN for a gated model, "
+            "or use model.base=tiny to work offline"
+        ) from err
+
+
+def tokenizer_corpus(records: Iterable[dict], extra: Sequence[str] = ()) -> list[str]:
+    """The texts the tiny tokenizer learns its words from: questions and answers of the given (training) records,
+    plus ``extra`` (the caption prompt and prompt prefix)."""
+    texts = [text for text in extra if text]
+    for record in records:
+        texts += [record["question"], record["answer"]]
+    return texts
+
+
+def build_tiny_base(params: Params, out_dir: Path) -> dict[str, Any]:
+    """Build, pretrain and save the tiny base into ``out_dir``; returns the pretraining summary."""
+    from med_idefics.modeling.tiny import build_tiny
+
+    data = params.data
+    # The whole caption training split: the base's pretraining does not follow the stage-1 train_size (nor its sweep).
+    captions = read_records(data.root, data.captions.dataset, data.captions.train_split)
+    validation = read_records(data.root, data.captions.dataset, data.captions.eval_split, limit=data.captions.eval_size)
+    vqa_train = read_records(data.root, data.vqa.dataset, data.vqa.train_split, limit=data.vqa.train_size)
+    texts = tokenizer_corpus(captions + vqa_train, extra=(data.caption_prompt, data.prompt_prefix))
+    model, processor = build_tiny(texts, params.model.tiny, params.seed, params.model.do_image_splitting)
+    summary = pretrain(model, processor, captions, validation, params.model.pretrain, params.seed)
+    summary["vocab_size"] = len(processor.tokenizer)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def pretrain(
+    model, processor, train_records: Sequence[dict], eval_records: Sequence[dict], cfg: PretrainConfig, seed: int
+) -> dict[str, Any]:
+    """Train every parameter of ``model`` for ``cfg.steps`` steps of captioning (loss on the caption tokens only,
+    as in the later stages) with the HF Trainer; images are processed once up front, batches only padded per step.
+    Returns losses, steps, seconds and the parameter count."""
+    from transformers import Trainer, TrainingArguments
+
+    from med_idefics.data.collator import VqaCollator
+    from med_idefics.modeling.tiny import parameter_count
+
+    if not train_records:
+        raise ConfigError("model.base=tiny needs caption training records to pretrain on; none were found")
+    started = time.perf_counter()
+    collator = VqaCollator(processor)
+    train, evals = _encode(collator, train_records), _encode(collator, eval_records)
+    with tempfile.TemporaryDirectory(prefix="med-idefics-pretrain-") as scratch, _torch_threads(1):
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=cfg.steps,
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=max(cfg.batch_size, 64),
+            learning_rate=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay,
+            logging_steps=cfg.logging_steps,
+            logging_first_step=True,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            dataloader_num_workers=0,  # batches are only padded: workers would cost more than they save
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=model, args=args, data_collator=collator.pad, train_dataset=train)
+        before = trainer.evaluate(evals)["eval_loss"] if evals else None
+        trainer.train()
+        after = trainer.evaluate(evals)["eval_loss"] if evals else None
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    model.eval()
+    return {
+        "steps": trainer.state.global_step,
+        "batch_size": cfg.batch_size,
+        "train_records": len(train_records),
+        "eval_records": len(eval_records),
+        "eval_loss_before": before,
+        "eval_loss_after": after,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "parameters": parameter_count(model),
+    }
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run with ``n`` intra-op threads. The tiny model's matrices (64-256 wide) are too small for a second thread to
+    pay reliably: on 2 cores it saved ~25% per step when the machine was idle but cost up to 10x when another
+    process held a core (threads spin-waiting on each other), so pretraining uses one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _encode(collator, records: Sequence[dict]) -> list[dict[str, torch.Tensor]]:
+    examples = []
+    for start in range(0, len(records), ENCODE_CHUNK):
+        examples += collator.encode(records[start : start + ENCODE_CHUNK])
+    return examples

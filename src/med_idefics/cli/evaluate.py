@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import click
+
+from med_idefics.cli.app import main, params_options
+
+# = med_idefics.data.suites.SUITES and ALL (kept import-free for a fast --help; tested)
+SUITE_NAMES = ("vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt")
+
+
+@main.command("evaluate")
+@click.option(
+    "--variant",
+    required=True,
+    help="base, a trained variant (single-stage, two-stage, two-stage-n500: outputs/<variant>/adapter), "
+    "or an adapter reference: a folder path containing '/', runs:/<run_id>/adapter or "
+    "models:/<name>@<alias>.",
+)
+@click.option(
+    "--suite", "suite", default="all", help=f"all, or one or more (comma-separated) of: {', '.join(SUITE_NAMES)}."
+)
+@click.option(
+    "--name",
+    default=None,
+    help="The variant's name in outputs, metrics and run names; default: the variant, or for a reference "
+    "the reference with unsafe characters replaced by '-'.",
+)
+@click.option(
+    "--predictions-dir",
+    type=click.Path(file_okay=False),
+    default="outputs/predictions",
+    help="Predictions go to <dir>/<name>/<suite>.jsonl.",
+)
+@click.option(
+    "--metrics-dir",
+    type=click.Path(file_okay=False),
+    default="metrics",
+    help="Metrics go to <dir>/<name>/<suite>.json.",
+)
+@click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the runs).")
+@params_options
+def evaluate_command(variant, suite, name, predictions_dir, metrics_dir, dvc_stage, params) -> None:
+    """Answer the evaluation suites with VARIANT (greedy, batched) and score them: one MLflow run per suite."""
+    from med_idefics.data.suites import parse_suites
+    from med_idefics.evaluate import EvalRequest, evaluate
+
+    request = EvalRequest(
+        variant=variant,
+        suites=parse_suites(suite),
+        name=name or None,  # MLproject passes "" for "not given"
+        predictions_dir=Path(predictions_dir),
+        metrics_dir=Path(metrics_dir),
+        dvc_stage=dvc_stage,
+    )
+    for suite_name, result in evaluate(params, request).items():
+        metrics = result.metrics
+        if "abstention_rate" in metrics:
+            headline = f"abstention {metrics['abstention_rate']:.3f}"
+        else:
+            headline = f"exact match {metrics['exact_match']:.3f}, F1 {metrics['f1']:.3f}"
+        click.echo(f"{metrics['variant']}/{suite_name}: n={metrics['n']}, {headline} → {result.metrics_path}")

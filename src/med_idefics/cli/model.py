@@ -1,0 +1,31 @@
+import click
+
+from med_idefics.cli.app import main, params_options
+
+
+@main.command("base")
+@params_options
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where to save the base (default: params model.base_dir).",
+)
+def base_command(params, out_dir: str | None) -> None:
+    """Resolve params `model.base` into model.base_dir: build + pretrain the tiny base offline, or point at a
+    local folder / hub model."""
+    from med_idefics.base import build_base
+
+    result = build_base(params, out_dir)
+    where = out_dir or params.model.base_dir
+    if params.model.base == "tiny":
+        click.echo(
+            f"{where}: tiny base, {result['parameters']:,} parameters, {result['steps']} steps in "
+            f"{result['seconds']} s; caption eval loss {result['eval_loss_before']} → {result['eval_loss_after']}"
+        )
+    else:
+        click.echo(
+            f"{where}: points to {result['source']} model {result.get('id') or result.get('path')}"
+            + (f" @ {result['revision']}" if result.get("revision") else "")
+        )

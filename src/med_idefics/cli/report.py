@@ -1,0 +1,90 @@
+"""``med-idefics report`` (med_idefics.report) and ``med-idefics review export | import`` (med_idefics.review)."""
+
+from __future__ import annotations
+
+import click
+
+from med_idefics.cli.app import main, params_options
+from med_idefics.cli.evaluate import SUITE_NAMES
+
+# Defaults repeat med_idefics.report's METRICS_DIR, PREDICTIONS_DIR, REPORT_FILE (kept import-free for a fast --help)
+metrics_dir_option = click.option(
+    "--metrics-dir", default="metrics", type=click.Path(file_okay=False), help="Where <variant>/<suite>.json are."
+)
+predictions_dir_option = click.option(
+    "--predictions-dir",
+    default="outputs/predictions",
+    type=click.Path(file_okay=False),
+    help="Where <variant>/<suite>.jsonl are.",
+)
+suite_option = click.option("--suite", type=click.Choice(SUITE_NAMES), default="vqa-rad", help="The evaluation suite.")
+
+
+@main.command("report")
+@metrics_dir_option
+@predictions_dir_option
+@click.option(
+    "--out",
+    default="reports/results.md",
+    type=click.Path(dir_okay=False),
+    help="The Markdown report; figure2.png and figure3.png go beside it.",
+)
+@click.option("--dvc-stage", default=None, help="The DVC stage running this command (an MLflow tag).")
+@params_options
+def report_command(metrics_dir: str, predictions_dir: str, out: str, dvc_stage: str | None, params) -> None:
+    """Write the results report: the Figure-2 table with 95 % intervals, the paired tests of the paper's claims,
+    and the Figure-2/Figure-3 plots; log them as the MLflow run `report`."""
+    from med_idefics.report import build_report
+
+    written = build_report(params, metrics_dir, predictions_dir, out, dvc_stage=dvc_stage)
+    for path in written.values():
+        click.echo(str(path))
+
+
+@main.group("review")
+def review_group() -> None:
+    """Human evaluation in the paper's format: export a grading sheet, grade it, import the grades."""
+
+
+@review_group.command("export")
+@click.option("--variant", required=True, help="The evaluated variant, e.g. two-stage.")
+@suite_option
+@click.option("--all-types", is_flag=True, help="Grade closed (yes/no) questions too, not only open ones.")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The sheet's path; the HTML page goes beside it  [default: reports/review/<variant>-<suite>.csv]",
+)
+@predictions_dir_option
+@params_options
+def review_export_command(
+    variant: str, suite: str, all_types: bool, out: str | None, predictions_dir: str, params
+) -> None:
+    """Write the grading sheet (CSV in the paper's columns) and an HTML page with the images."""
+    from med_idefics.review import export_sheet
+
+    csv_path, html_path, count = export_sheet(params, variant, suite, out, all_types, predictions_dir)
+    click.echo(f"{csv_path}: {count} questions to grade (right or wrong); images in {html_path}")
+
+
+@review_group.command("import")
+@click.argument("graded", type=click.Path(exists=True, dir_okay=False))
+@click.option("--variant", required=True, help="The variant the sheet grades.")
+@suite_option
+@click.option("--run-id", default=None, help="The evaluation's MLflow run  [default: eval_run_id of its metrics]")
+@predictions_dir_option
+@metrics_dir_option
+@params_options
+def review_import_command(
+    graded: str, variant: str, suite: str, run_id: str | None, predictions_dir: str, metrics_dir: str, params
+) -> None:
+    """Check a GRADED sheet against the predictions and log human_accuracy (95 % interval) to the evaluation run."""
+    from med_idefics.review import import_grades
+
+    summary = import_grades(params, graded, variant, suite, run_id, predictions_dir, metrics_dir)
+    click.echo(
+        f"human_accuracy {summary['human_accuracy']:.3f} [{summary['human_accuracy_ci_low']:.2f}, "
+        f"{summary['human_accuracy_ci_high']:.2f}] ({summary['n_right']}/{summary['n']} right, "
+        f"{summary['selection']} questions) → run {summary['eval_run_id']}"
+    )

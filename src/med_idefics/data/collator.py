@@ -1,0 +1,133 @@
+"""Records → model batches, with the prompt format of :mod:`med_idefics.prompts` rendered by the processor's chat
+template.
+
+Training batches (:class:`VqaCollator`) are right-padded and carry ``labels`` that are -100 everywhere except on the
+answer tokens and the ``<end_of_utterance>`` that closes them: no loss on the prompt, the image tokens, the padding or
+whatever the template writes after the answer. (The Idefics2 fine-tuning tutorial set padding labels to the image
+token id, which current transformers does train on — hence -100.)
+
+Generation batches (:func:`build_generation_batch`) are left-padded prompts ending in ``Assistant:``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
+
+from med_idefics.data.images import image_from_bytes
+from med_idefics.data.schema import DatasetError
+from med_idefics.prompts import END_OF_UTTERANCE, chat_messages
+
+IGNORE_INDEX = -100  # labels the loss skips (torch cross-entropy's ignore_index)
+
+
+def render_prompt(processor: ProcessorMixin, question: str, prefix: str = "", answer: str | None = None) -> str:
+    """The chat text of one example: with ``answer`` the full training text, without it the generation prompt
+    (ending in ``Assistant:``). The ``<image>`` placeholder is expanded by the processor."""
+    messages = chat_messages(question, answer, prefix)
+    return processor.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
+
+
+def record_image(record: Mapping) -> Image.Image:
+    if record.get("image") is None:
+        raise DatasetError(f"record {record.get('id', '?')}: no image; VQA training and generation need one")
+    return image_from_bytes(record["image"])
+
+
+class VqaCollator:
+    """``records`` (schema dicts: image PNG bytes, question, answer) → a right-padded training batch with
+    ``input_ids``, ``attention_mask``, ``pixel_values``, ``pixel_attention_mask`` and ``labels``.
+
+    Stage 1 uses the caption records as they are (their question is the caption prompt); stage 2 and single-stage
+    use VQA records with the optional ``prompt_prefix`` from params. :meth:`encode` and :meth:`pad` are the two
+    halves of ``__call__``, so a caller may encode a dataset once and only pad per step.
+    """
+
+    def __init__(self, processor: ProcessorMixin, prompt_prefix: str = "") -> None:
+        self.processor = processor
+        self.prompt_prefix = prompt_prefix
+        tokenizer = processor.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.end_of_utterance_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+        if self.pad_token_id is None:
+            raise ValueError("the processor's tokenizer has no pad token; set tokenizer.pad_token before training")
+
+    def __call__(self, records: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        return self.pad(self.encode(records))
+
+    def encode(self, records: Sequence[Mapping]) -> list[dict[str, torch.Tensor]]:
+        """One unpadded example per record: 1-D ``input_ids``/``labels``, ``pixel_values`` (images, C, H, W)."""
+        full = [render_prompt(self.processor, r["question"], self.prompt_prefix, r["answer"]) for r in records]
+        prompts = [render_prompt(self.processor, r["question"], self.prompt_prefix) for r in records]
+        images = [[record_image(r)] for r in records]
+        batch = self.processor(text=full, images=images, padding=True, padding_side="right", return_tensors="pt")
+        prompt_ids = self.processor(text=prompts)["input_ids"]
+        examples = []
+        for i, record in enumerate(records):
+            length = int(batch["attention_mask"][i].sum())  # right padding: the real tokens come first
+            input_ids = batch["input_ids"][i, :length]
+            examples.append(
+                {
+                    "input_ids": input_ids,
+                    "labels": self.answer_labels(input_ids, prompt_ids[i], record),
+                    "pixel_values": batch["pixel_values"][i],
+                    "pixel_attention_mask": batch["pixel_attention_mask"][i],
+                }
+            )
+        return examples
+
+    def answer_labels(self, input_ids: torch.Tensor, prompt_ids: Sequence[int], record: Mapping) -> torch.Tensor:
+        """``input_ids`` with every token outside the answer (+ its closing ``<end_of_utterance>``) set to -100."""
+        n_prompt = len(prompt_ids)
+        if input_ids[:n_prompt].tolist() != list(prompt_ids):
+            raise ValueError(
+                f"record {record.get('id', '?')}: the tokenized prompt is not a prefix of the tokenized training text; "
+                "the tokenizer merges tokens across the `Assistant:` boundary, so prompt masking would be wrong"
+            )
+        ends = (input_ids[n_prompt:] == self.end_of_utterance_id).nonzero()
+        if len(ends) == 0:
+            raise ValueError(f"record {record.get('id', '?')}: no {END_OF_UTTERANCE} after the answer (truncated?)")
+        end = n_prompt + int(ends[0]) + 1
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[n_prompt:end] = input_ids[n_prompt:end]
+        labels[labels == self.image_token_id] = IGNORE_INDEX
+        return labels
+
+    def pad(self, examples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad encoded examples into a batch (images zero-padded to the largest, masked out)."""
+        width = max(len(e["input_ids"]) for e in examples)
+        height = max(e["pixel_values"].shape[-2] for e in examples)
+        breadth = max(e["pixel_values"].shape[-1] for e in examples)
+
+        def right(t: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(t, (0, width - len(t)), value=value)
+
+        def image(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, breadth - t.shape[-1], 0, height - t.shape[-2]), value=0)
+
+        input_ids = torch.stack([right(e["input_ids"], self.pad_token_id) for e in examples])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.stack([right(torch.ones_like(e["input_ids"]), 0) for e in examples]),
+            "labels": torch.stack([right(e["labels"], IGNORE_INDEX) for e in examples]),
+            "pixel_values": torch.stack([image(e["pixel_values"]) for e in examples]),
+            "pixel_attention_mask": torch.stack([image(e["pixel_attention_mask"]) for e in examples]),
+        }
+
+
+def build_generation_batch(
+    processor: ProcessorMixin, images: Sequence[Image.Image], questions: Sequence[str], prefix: str = ""
+) -> BatchFeature:
+    """A left-padded batch of generation prompts (``…<end_of_utterance>\\nAssistant:``) for ``model.generate``;
+    the new tokens start at ``batch["input_ids"].shape[1]``."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images but {len(questions)} questions")
+    prompts = [render_prompt(processor, question, prefix) for question in questions]
+    return processor(
+        text=prompts, images=[[image] for image in images], padding=True, padding_side="left", return_tensors="pt"
+    )

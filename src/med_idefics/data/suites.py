@@ -1,0 +1,125 @@
+"""The evaluation suites: which records each one asks, with which image and which prompt prefix.
+
+Every suite uses a *whole* split named in params (never a sample):
+
+- ``vqa-rad``: the VQA eval split (``data.vqa.eval_split``) as it is;
+- ``path-vqa``: the out-of-distribution split (``data.ood``);
+- ``swap``: the VQA eval split, every question shown with a *different* image. The distinct images of the split
+  (compared by their bytes; several questions share one image) are permuted by a seeded derangement — a permutation
+  without fixed points — and each question gets the image its own image is mapped to. So no question keeps an
+  identical image, questions about one image stay together on another one, and the same seed gives the same pairs;
+- ``expert-prompt``: the VQA eval split with ``eval.expert_prompt`` in front of the usual prefix: the user turn reads
+  ``<expert prompt> <data.prompt_prefix> <question>`` (the paper prepended its radiologist persona to the question);
+- ``med-halt``: the nonsense questions (``data.nonsense``; they have no image), each shown with an image drawn (seeded,
+  with replacement) from the distinct images of the VQA eval split. Scored by abstention, not by answer overlap.
+
+Randomness comes from ``np.random.default_rng([eval.seed, <suite stream>])``: one stream per suite, so changing one
+suite never reshuffles another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from med_idefics.config import ConfigError, Params
+from med_idefics.data.schema import DatasetError, read_records
+
+VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT = "vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt"
+SUITES = (VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT)
+ALL = "all"
+_STREAMS = {SWAP: 0, MED_HALT: 1}
+_MAX_DERANGEMENT_TRIES = 10_000  # a uniform permutation is a derangement with probability ~1/e; never reached
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    records: list[dict]  # schema records, each with image bytes
+    prefix: str  # the prompt prefix before every question (prompts.user_text)
+
+
+def parse_suites(spec: str) -> list[str]:
+    """``all`` → every suite; otherwise a comma-separated list of suite names."""
+    if spec == ALL:
+        return list(SUITES)
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SUITES]
+    if unknown or not names:
+        raise ConfigError(f"unknown suite(s) {unknown or [spec]}; choose from {', '.join(SUITES)} or {ALL}")
+    return list(dict.fromkeys(names))
+
+
+def expert_prefix(expert_prompt: str, prompt_prefix: str) -> str:
+    """The expert persona first, then the usual prefix: ``<expert> <prefix>``."""
+    return " ".join(part.strip() for part in (expert_prompt, prompt_prefix) if part and part.strip())
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random permutation of ``range(n)`` with no fixed point (rejection sampling)."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}")
+    for _ in range(_MAX_DERANGEMENT_TRIES):
+        permutation = rng.permutation(n)
+        if not np.any(permutation == np.arange(n)):
+            return permutation
+    raise RuntimeError("no derangement found")  # probability ~(1 - 1/e)^10000: a bug, not bad luck
+
+
+def distinct_images(records: Sequence[Mapping]) -> list[bytes]:
+    """The records' images without repeats (by bytes), in order of first appearance."""
+    return list(dict.fromkeys(r["image"] for r in records if r.get("image") is not None))
+
+
+def swap_images(records: Sequence[Mapping], rng: np.random.Generator, where: str = "the split") -> list[dict]:
+    """Each record with the image of a seeded derangement over the distinct images: never its own image's bytes."""
+    missing = [r["id"] for r in records if r.get("image") is None]
+    if missing:
+        raise DatasetError(f"{where}: record(s) {missing[:5]} have no image; the swap suite needs one per question")
+    images = distinct_images(records)
+    if len(images) < 2:
+        raise DatasetError(f"{where} has {len(images)} distinct image(s); the swap suite needs at least 2")
+    target = dict(zip(images, (images[i] for i in derangement(len(images), rng)), strict=True))
+    return [{**record, "image": target[record["image"]]} for record in records]
+
+
+def attach_images(records: Sequence[Mapping], images: Sequence[bytes], rng: np.random.Generator) -> list[dict]:
+    """Each (image-less) record with an image drawn from ``images``, seeded, with replacement."""
+    if not images:
+        raise DatasetError("no images to show the nonsense questions with: the VQA eval split has none")
+    picks = rng.integers(len(images), size=len(records))
+    return [{**record, "image": images[int(i)]} for record, i in zip(records, picks, strict=True)]
+
+
+def load_suite(params: Params, name: str) -> Suite:
+    """The records and prefix of suite ``name`` from the splits params names (see the module docstring)."""
+    data = params.data
+    prefix = data.prompt_prefix
+
+    def rng() -> np.random.Generator:
+        return np.random.default_rng([params.eval.seed, _STREAMS[name]])
+
+    def vqa_eval() -> list[dict]:
+        return read_records(data.root, data.vqa.dataset, data.vqa.eval_split)
+
+    if name == VQA_RAD:
+        records = vqa_eval()
+    elif name == PATH_VQA:
+        records = read_records(data.root, data.ood.dataset, data.ood.split)
+    elif name == SWAP:
+        records = swap_images(vqa_eval(), rng(), where=f"{data.vqa.dataset}/{data.vqa.eval_split}")
+    elif name == EXPERT_PROMPT:
+        records, prefix = vqa_eval(), expert_prefix(params.eval.expert_prompt, prefix)
+    elif name == MED_HALT:
+        questions = read_records(data.root, data.nonsense.dataset, data.nonsense.split)
+        records = attach_images(questions, distinct_images(vqa_eval()), rng())
+    else:
+        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    if not records:
+        raise DatasetError(f"suite {name}: its split has no records; check data.* in params.yaml")
+    without_image = [r["id"] for r in records if r.get("image") is None]
+    if without_image:
+        raise DatasetError(f"suite {name}: record(s) {without_image[:5]} have no image; re-import the dataset")
+    return Suite(name, records, prefix)

@@ -1,0 +1,318 @@
+"""Stage: evaluate one variant — the bare base or a LoRA adapter — on the suites of :mod:`med_idefics.data.suites`.
+
+The model is loaded once per invocation and answers every requested suite by batched greedy generation (left-padded
+prompts rendered exactly as in training, stopping at ``<end_of_utterance>``). All variants are evaluated at the same
+precision: params ``quantization`` (4-bit or not) with ``quantization.compute_dtype`` as the model dtype — recorded as
+the run tag ``precision``.
+
+Per suite: predictions ``<predictions_dir>/<variant>/<suite>.jsonl`` (JSONL rows of
+:func:`med_idefics.predictions.write_predictions`), metrics ``<metrics_dir>/<variant>/<suite>.json``
+(:func:`med_idefics.metrics.summarize`, or :func:`~med_idefics.metrics.summarize_abstention` for ``med-halt``, plus
+``variant``, ``suite``, ``eval_run_id``) and one MLflow run ``eval-<variant>-<suite>``, nested under the training run
+it evaluates when that run is in the store.
+
+A variant is ``base``; a name whose adapter is ``outputs/<name>/adapter`` (``single-stage``, ``two-stage``, sweep
+points such as ``two-stage-n500``); or an adapter reference — anything containing ``/`` (a folder, ``runs:/…``,
+``models:/…``), named in outputs by ``--name`` or else by the reference with every other character than letters,
+digits, ``.``, ``_`` and ``-`` turned into ``-`` (``runs:/abc/adapter`` → ``runs-abc-adapter``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from med_idefics.config import ConfigError, Params
+from med_idefics.data.suites import MED_HALT, Suite, load_suite
+from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
+from med_idefics.modeling.adapters import AdapterError, is_remote, resolve_adapter
+from med_idefics.prompts import END_OF_UTTERANCE, extract_answer
+
+BASE = "base"
+PREDICTIONS_DIR = Path("outputs/predictions")
+METRICS_DIR = Path("metrics")
+OUTPUTS_DIR = Path("outputs")
+TRAIN_SUMMARY = "train_summary.json"  # = med_idefics.train.SUMMARY_FILE (not imported: a stage never imports a stage)
+_TRAINING_COMMANDS = {
+    "single-stage": "`dvc repro single_stage` (or `med-idefics train single-stage`)",
+    "two-stage": "`dvc repro stage2` (or `med-idefics train stage2`)",
+    "stage1": "`dvc repro stage1` (or `med-idefics train stage1`)",
+}
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What is evaluated: ``name`` in outputs and run names; ``adapter`` the reference as given (None = the base)."""
+
+    name: str
+    adapter: str | None = None
+    adapter_dir: Path | None = None
+    training_run_id: str | None = None
+
+
+@dataclass
+class EvalRequest:
+    variant: str
+    suites: list[str]
+    name: str | None = None  # overrides the output name derived from ``variant``
+    predictions_dir: Path = PREDICTIONS_DIR
+    metrics_dir: Path = METRICS_DIR
+    dvc_stage: str | None = None
+
+
+@dataclass
+class SuiteResult:
+    metrics: dict[str, Any]
+    predictions_path: Path
+    metrics_path: Path
+
+
+def is_reference(variant: str) -> bool:
+    return is_remote(variant) or "/" in variant or os.sep in variant
+
+
+def output_name(variant: str) -> str:
+    name = _UNSAFE_NAME.sub("-", variant).strip("-.")
+    if not name:
+        raise ConfigError(f"cannot derive an output name from variant {variant!r}; pass --name")
+    return name
+
+
+def resolve_target(variant: str, name: str | None = None) -> Target:
+    """The variant's adapter folder and training run; a missing adapter raises naming the command that makes it."""
+    if name is not None and output_name(name) != name:
+        raise ConfigError(f"--name {name!r}: use only letters, digits, '.', '_' and '-'")
+    if variant == BASE:
+        return Target(name or BASE)
+    if is_reference(variant):
+        adapter_dir = resolve_adapter(variant)
+        return Target(name or output_name(variant), variant, adapter_dir, training_run_of(variant, adapter_dir))
+    folder = OUTPUTS_DIR / variant / "adapter"
+    command = _TRAINING_COMMANDS.get(variant, f"the `med-idefics train` command (or `dvc repro` stage) for {variant}")
+    adapter_dir = resolve_adapter(
+        str(folder), missing_hint=f"Variant {variant!r} has not been trained: run {command} first."
+    )
+    return Target(name or output_name(variant), str(folder), adapter_dir, training_run_of(str(folder), adapter_dir))
+
+
+def training_run_of(reference: str, adapter_dir: Path) -> str | None:
+    """The MLflow run that trained the adapter: ``run_id`` of the ``train_summary.json`` beside it, else the run of a
+    ``runs:/`` URI or of a registered model version; None when nothing says."""
+    summary = adapter_dir.parent / TRAIN_SUMMARY
+    if summary.is_file():
+        return json.loads(summary.read_text()).get("run_id")
+    if reference.startswith("runs:/"):
+        return reference.removeprefix("runs:/").split("/")[0] or None
+    if reference.startswith("models:/"):
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        model = reference.removeprefix("models:/").strip("/")
+        try:
+            if "@" in model:
+                model_name, alias = model.split("@", 1)
+                return MlflowClient().get_model_version_by_alias(model_name, alias.split("/")[0]).run_id or None
+            model_name, version = [*model.split("/"), ""][:2]
+            return MlflowClient().get_model_version(model_name, version).run_id or None
+        except MlflowException:
+            return None
+    return None
+
+
+def precision_tag(params: Params) -> str:
+    quant = params.quantization
+    return f"4bit-{quant.quant_type}/{quant.compute_dtype}" if quant.load_in_4bit else quant.compute_dtype
+
+
+def load_model(params: Params, target: Target):
+    """(processor, model in eval mode): the base at the shared precision, with the target's adapter on top."""
+    import torch
+
+    from med_idefics.modeling.adapters import check_adapter_fits
+    from med_idefics.modeling.loading import load_base_model, load_processor
+
+    processor = load_processor(params.model.base_dir)
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    model = load_base_model(
+        params.model.base_dir, params.quantization, dtype=params.quantization.compute_dtype, device_map=device_map
+    )
+    if target.adapter_dir is not None:
+        from peft import PeftModel
+
+        check_adapter_fits(target.adapter_dir, model)
+        model = PeftModel.from_pretrained(model, str(target.adapter_dir))
+    return processor, model.eval()
+
+
+def stop_token_ids(processor) -> list[int]:
+    """``<end_of_utterance>`` (the chat turn's end: what fine-tuned answers stop at) and the tokenizer's eos."""
+    tokenizer = processor.tokenizer
+    ids = [tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
+
+
+def generate_answers(
+    model,
+    processor,
+    records: Sequence[Mapping],
+    prefix: str,
+    batch_size: int,
+    max_new_tokens: int,
+    description: str = "answering",
+    **generate_kwargs: Any,
+) -> list[str]:
+    """The raw generation for each record (up to its stop token, special tokens dropped): greedy, in left-padded
+    batches of ``batch_size``, with a progress bar. Extra keyword arguments go to ``model.generate``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from med_idefics.data.collator import build_generation_batch, record_image
+
+    stops = stop_token_ids(processor)
+    tokenizer = processor.tokenizer
+    raws: list[str] = []
+    with tqdm(total=len(records), desc=description, unit="answer") as progress, torch.inference_mode():
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            batch = build_generation_batch(
+                processor, [record_image(r) for r in chunk], [r["question"] for r in chunk], prefix
+            ).to(model.device)
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            output = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
+            for tokens in output[:, batch["input_ids"].shape[1] :].tolist():
+                end = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
+                raws.append(tokenizer.decode(tokens[:end], skip_special_tokens=True))
+            progress.update(len(chunk))
+    return raws
+
+
+def prediction_rows(suite: Suite, raws: Sequence[str]) -> list[dict]:
+    return [
+        {
+            "id": record["id"],
+            "question": record["question"],
+            "answer": record["answer"],
+            "answer_type": record["answer_type"],
+            "prediction": extract_answer(raw),
+            "raw_generation": raw,
+        }
+        for record, raw in zip(suite.records, raws, strict=True)
+    ]
+
+
+def suite_metrics(suite_name: str, rows: Sequence[Mapping], params: Params) -> dict[str, Any]:
+    seed, resamples = params.eval.seed, params.eval.bootstrap_resamples
+    if suite_name == MED_HALT:
+        return summarize_abstention(rows, seed=seed, resamples=resamples)
+    return summarize(rows, seed=seed, resamples=resamples, mode=PAPER)
+
+
+def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
+    """Evaluate ``request.variant`` on ``request.suites``; checks data and adapter before loading the model."""
+    from med_idefics.tracking import setup_tracking
+
+    suites = [load_suite(params, name) for name in request.suites]
+    experiment_id = setup_tracking(params)  # also points MLflow at the store that runs:/ and models:/ refer to
+    try:
+        target = resolve_target(request.variant, request.name)
+    except AdapterError as err:
+        raise ConfigError(str(err)) from err
+    processor, model = load_model(params, target)
+    parent = _parent_run(target.training_run_id, experiment_id)
+    return {suite.name: evaluate_suite(params, request, target, suite, model, processor, parent) for suite in suites}
+
+
+def evaluate_suite(params, request, target: Target, suite: Suite, model, processor, parent: str | None) -> SuiteResult:
+    """One suite as one tracked run: generate, score, write the two files, log them."""
+    from med_idefics.predictions import write_predictions
+    from med_idefics.tracking import tracked_run
+
+    tags = {
+        "variant": target.name,
+        "suite": suite.name,
+        "adapter": target.adapter or "none",
+        "training_run_id": target.training_run_id or "none",
+        "precision": precision_tag(params),
+    }
+    run_name = f"eval-{target.name}-{suite.name}"
+    with tracked_run(params, run_name, tags=tags, parent_run_id=parent, dvc_stage=request.dvc_stage) as run:
+        raws = generate_answers(
+            model,
+            processor,
+            suite.records,
+            suite.prefix,
+            params.eval.batch_size,
+            params.eval.max_new_tokens,
+            description=f"{target.name}/{suite.name}",
+        )
+        rows = prediction_rows(suite, raws)
+        metrics = {
+            "variant": target.name,
+            "suite": suite.name,
+            "eval_run_id": run.info.run_id if run is not None else None,
+            **suite_metrics(suite.name, rows, params),
+        }
+        predictions_path = write_predictions(request.predictions_dir / target.name / f"{suite.name}.jsonl", rows)
+        metrics_path = write_json(request.metrics_dir / target.name / f"{suite.name}.json", metrics)
+        if run is not None:
+            _log_results(suite.name, rows, metrics, predictions_path, metrics_path)
+    return SuiteResult(metrics, predictions_path, metrics_path)
+
+
+def _parent_run(training_run_id: str | None, experiment_id: str) -> str | None:
+    """The training run to nest under: only when it is in this store's experiment (and not deleted)."""
+    if not training_run_id:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient().get_run(training_run_id)
+    except MlflowException:
+        return None
+    ok = run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+    return training_run_id if ok else None
+
+
+def _log_results(suite_name: str, rows, metrics: Mapping, predictions_path: Path, metrics_path: Path) -> None:
+    import mlflow
+
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    mlflow.log_metrics(numbers)
+    mlflow.log_artifact(str(predictions_path), artifact_path="predictions")
+    mlflow.log_artifact(str(metrics_path), artifact_path="metrics")
+    table = {name: [row[name] for row in rows] for name in ("id", "question", "answer", "prediction", "raw_generation")}
+    if suite_name == MED_HALT:
+        table["abstained"] = [is_abstention(row["prediction"]) for row in rows]
+    else:
+        table["exact_match"] = [contains_answer(row["answer"], row["prediction"], PAPER) for row in rows]
+    mlflow.log_table(data=table, artifact_file="predictions.json")
+
+
+def write_json(path: Path, data: Mapping) -> Path:
+    """Atomically: a temp file in the same folder, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(data, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,120 @@
+"""Load the resolved base (``model.base_dir``, written by ``med-idefics base``): processor and model, optionally 4-bit.
+
+``base_dir`` holds either a full ``save_pretrained`` model + processor (the tiny base) or a pointer file
+``base.json`` naming where the weights live: ``{"source": "hub", "id", "revision"}`` for a hub model (not copied: the
+8B checkpoint is 16 GB) or ``{"source": "local", "path"}`` for a local folder (also not copied, for the same reason).
+Both also record ``do_image_splitting`` from params. A hub token is read from ``$HF_TOKEN`` only and never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoProcessor, BitsAndBytesConfig, Idefics2ForConditionalGeneration, ProcessorMixin
+
+from med_idefics.config import ConfigError, QuantizationConfig
+
+POINTER_FILE = "base.json"
+#: Kept out of 4-bit quantization: the SigLIP vision encoder (the paper's QLoRA quantized only the language side)
+#: and the output head. Module paths of transformers' ``Idefics2ForConditionalGeneration``.
+VISION_MODULE = "model.vision_model"
+QUANTIZATION_SKIP_MODULES = (VISION_MODULE, "lm_head")
+
+
+def write_pointer(base_dir: str | Path, pointer: dict[str, Any]) -> Path:
+    path = Path(base_dir) / POINTER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(pointer, indent=2) + "\n")
+    return path
+
+
+def read_pointer(base_dir: str | Path) -> dict[str, Any] | None:
+    """The pointer in ``base_dir``, or None when ``base_dir`` holds the model itself."""
+    path = Path(base_dir) / POINTER_FILE
+    if not path.is_file():
+        return None
+    pointer = json.loads(path.read_text())
+    if pointer.get("source") not in ("hub", "local"):
+        raise ConfigError(
+            f"{path}: source must be hub or local, got {pointer.get('source')!r}; rerun `med-idefics base`"
+        )
+    return pointer
+
+
+def base_source(base_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """(name or path for ``from_pretrained``, extra ``from_pretrained`` kwargs) for the base in ``base_dir``."""
+    base_dir = Path(base_dir)
+    pointer = read_pointer(base_dir)
+    if pointer is None:
+        if not (base_dir / "config.json").is_file():
+            raise ConfigError(
+                f"no base model in {base_dir} (model.base_dir): run `med-idefics base` (or `dvc repro base`) first"
+            )
+        return str(base_dir), {}
+    if pointer["source"] == "local":
+        path = Path(pointer["path"])
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{base_dir / POINTER_FILE} points to {path}, which holds no model (no config.json)")
+        return str(path), {}
+    return pointer["id"], {"revision": pointer.get("revision"), "token": hub_token()}
+
+
+def hub_token() -> str | bool:
+    """``$HF_TOKEN``, or False: never a token cached on disk by ``huggingface-cli login``."""
+    return os.environ.get("HF_TOKEN") or False
+
+
+def load_processor(base_dir: str | Path) -> ProcessorMixin:
+    """The base's processor; for a pointer, with ``do_image_splitting`` as recorded from params."""
+    source, kwargs = base_source(base_dir)
+    processor = AutoProcessor.from_pretrained(source, **kwargs)
+    pointer = read_pointer(base_dir)
+    if pointer is not None and "do_image_splitting" in pointer:
+        processor.image_processor.do_image_splitting = pointer["do_image_splitting"]
+    return processor
+
+
+def quantization_config(quantization: QuantizationConfig) -> BitsAndBytesConfig | None:
+    """bitsandbytes 4-bit settings from params (None when ``load_in_4bit`` is false); the vision encoder and
+    ``lm_head`` stay in full precision."""
+    if not quantization.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quantization.compute_dtype, "quantization.compute_dtype"),
+        llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES),
+    )
+
+
+def load_base_model(
+    base_dir: str | Path,
+    quantization: QuantizationConfig,
+    dtype: torch.dtype | str = torch.float32,
+    device_map: str | dict | None = None,
+) -> Idefics2ForConditionalGeneration:
+    """The base model from ``base_dir`` (or what its pointer names), in ``dtype``; 4-bit nf4 when
+    ``quantization.load_in_4bit`` (weights then land on the GPU if there is one, else the CPU, unless
+    ``device_map`` says otherwise)."""
+    source, kwargs = base_source(base_dir)
+    bnb = quantization_config(quantization)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+        kwargs["device_map"] = device_map or {"": 0 if torch.cuda.is_available() else "cpu"}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    dtype = torch_dtype(dtype, "dtype") if isinstance(dtype, str) else dtype
+    model = Idefics2ForConditionalGeneration.from_pretrained(source, dtype=dtype, **kwargs)
+    return model
+
+
+def torch_dtype(name: str, key: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"{key}: {name!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return dtype

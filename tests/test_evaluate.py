@@ -1,0 +1,179 @@
+"""The evaluate stage on a tiny random Idefics2 and a small demo dataset: batched greedy answers, files, MLflow runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from med_idefics.cli import main
+from med_idefics.cli.evaluate import evaluate_command  # registers `evaluate` on main (also imported by cli/__init__)
+from med_idefics.config import ConfigError, DemoDataConfig, load_params
+from med_idefics.data.collator import build_generation_batch, record_image
+from med_idefics.data.demo import write_demo_dataset
+from med_idefics.data.suites import SUITES, load_suite
+from med_idefics.evaluate import (
+    Target,
+    generate_answers,
+    load_model,
+    output_name,
+    resolve_target,
+    training_run_of,
+)
+from med_idefics.metrics import METRICS, summarize
+from med_idefics.predictions import WRITTEN_FIELDS, read_predictions
+
+SMALL = DemoDataConfig(
+    seed=3,
+    image_size=64,
+    n_caption_train=4,
+    n_caption_validation=1,
+    n_vqa_train_images=2,
+    n_vqa_test_images=2,
+    n_pathology_images=1,
+    n_nonsense=2,
+)
+CI = ("_ci_low", "_ci_high")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, repo_root_module) -> Path:
+    """tmp/data/demo (small demo splits), tmp/base (a tiny random Idefics2 + processor, saved like `med-idefics base`)
+    and tmp/outputs/two-stage/adapter (a LoRA adapter with non-zero weights)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from med_idefics.data.schema import read_records
+    from med_idefics.modeling.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("eval")
+    params = load_params(repo_root_module / "params.yaml")
+    write_demo_dataset(root / "data", SMALL, params.data.caption_prompt)
+    texts = [f"{r['question']} {r['answer']}" for split in ("train", "test", "pathology", "nonsense")
+             for r in read_records(root / "data", "demo", split)]  # fmt: skip
+    model, processor = build_tiny(texts, params.model.tiny, seed=0)
+    model.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=params.lora.target_modules, init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(root / "outputs" / "two-stage" / "adapter")
+    return root
+
+
+@pytest.fixture(scope="module")
+def repo_root_module() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def _overrides(root: Path) -> dict:
+    return {"data.root": str(root / "data"), "model.base_dir": str(root / "base"), "eval.batch_size": 4,
+            "eval.max_new_tokens": 3, "eval.bootstrap_resamples": 1000, "data.prompt_prefix": "",
+            "quantization.load_in_4bit": False, "quantization.compute_dtype": "float32",
+            "data.vqa.dataset": "demo", "data.vqa.eval_split": "test", "data.ood.dataset": "demo",
+            "data.ood.split": "pathology", "data.nonsense.dataset": "demo",
+            "data.nonsense.split": "nonsense"}  # fmt: skip
+
+
+@pytest.fixture
+def params(workspace, repo_root, monkeypatch):
+    monkeypatch.chdir(workspace)  # outputs/<variant>/adapter, outputs/predictions and metrics/ are relative
+    return load_params(repo_root / "params.yaml", _overrides(workspace))
+
+
+def test_left_padding_gives_the_same_greedy_answer_alone_and_in_a_batch(params):
+    processor, model = load_model(params, Target("base"))
+    records = sorted(load_suite(params, "vqa-rad").records, key=lambda r: len(r["question"]))
+    batch = [records[0], records[-1], records[len(records) // 2]]  # the shortest question is padded in the batch
+    padded = build_generation_batch(processor, [record_image(r) for r in batch], [r["question"] for r in batch])
+    assert padded["attention_mask"][0, 0] == 0 and padded["attention_mask"][0, -1] == 1  # padded on the left
+    # min_new_tokens: a random model must not stop early, so every position of the answer is compared
+    together = generate_answers(model, processor, batch, "", batch_size=3, max_new_tokens=6, min_new_tokens=6)
+    alone = [generate_answers(model, processor, [r], "", batch_size=1, max_new_tokens=6, min_new_tokens=6)[0]
+             for r in batch]  # fmt: skip
+    assert together == alone
+    assert all(answer.strip() for answer in alone)
+
+
+def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params, workspace, repo_root):
+    from med_idefics.tracking import setup_tracking
+
+    experiment_id = setup_tracking(params)
+    client = MlflowClient()
+    training_run = client.create_run(experiment_id, run_name="two-stage").info.run_id
+    client.set_terminated(training_run)
+    summary = workspace / "outputs" / "two-stage" / "train_summary.json"
+    summary.write_text(json.dumps({"run_id": training_run}))
+
+    args = ["evaluate", "--variant", "two-stage", "--suite", "all", "--params", str(repo_root / "params.yaml")]
+    for key, value in _overrides(workspace).items():
+        args += ["--set", f"{key}={value}"]
+    assert main.get_command(None, "evaluate") is evaluate_command
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    runs = {r.data.tags["suite"]: r for r in client.search_runs([experiment_id], "tags.variant = 'two-stage'")}
+    assert sorted(runs) == sorted(SUITES)
+    for suite in SUITES:
+        records = load_suite(params, suite).records
+        lines = (workspace / "outputs" / "predictions" / "two-stage" / f"{suite}.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        assert all(list(row) == list(WRITTEN_FIELDS) for row in rows)
+        assert [row["id"] for row in rows] == [r["id"] for r in records]
+        assert [row["answer"] for row in rows] == [r["answer"] for r in records]
+
+        metrics = json.loads((workspace / "metrics" / "two-stage" / f"{suite}.json").read_text())
+        run = runs[suite]
+        assert metrics["variant"] == "two-stage" and metrics["suite"] == suite
+        assert metrics["eval_run_id"] == run.info.run_id and metrics["n"] == len(records)
+        names = ("abstention_rate", "hallucination_rate") if suite == "med-halt" else METRICS
+        assert {name + end for name in names for end in ("", *CI)} <= set(metrics)
+        if suite != "med-halt":  # the metrics are those of the predictions file
+            rows = read_predictions(workspace / "outputs" / "predictions" / "two-stage" / f"{suite}.jsonl")
+            assert summarize(rows, seed=0, resamples=1000) == {k: metrics[k] for k in summarize(rows, 0, 1000)}
+
+        assert run.info.status == "FINISHED" and run.info.run_name == f"eval-two-stage-{suite}"
+        tags = run.data.tags
+        assert tags["training_run_id"] == training_run == tags["mlflow.parentRunId"]
+        assert tags["precision"] == "float32" and tags["profile"] == params.profile
+        assert tags["adapter"] == "outputs/two-stage/adapter"
+        logged = {name: metrics[name] for name in names if metrics[name] is not None}
+        assert {k: run.data.metrics[k] for k in logged} == pytest.approx(logged)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"predictions", "metrics", "predictions.json"} <= artifacts
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == [f"predictions/{suite}.jsonl"]
+        table = json.loads(Path(client.download_artifacts(run.info.run_id, "predictions.json")).read_text())
+        assert len(table["data"]) == len(records)
+
+
+def test_the_adapter_changes_the_answers(params):
+    records = load_suite(params, "vqa-rad").records[:4]
+
+    def answers(target: Target) -> list[str]:
+        processor, model = load_model(params, target)
+        return generate_answers(model, processor, records, "", 4, 4, min_new_tokens=4)
+
+    adapter = resolve_target("two-stage")
+    assert adapter.adapter_dir == Path("outputs/two-stage/adapter")
+    assert answers(adapter) != answers(Target("base"))
+
+
+def test_missing_adapter_names_the_command_that_makes_it(params):
+    with pytest.raises(ValueError, match=r"dvc repro single_stage.*med-idefics train single-stage"):
+        resolve_target("single-stage")
+    with pytest.raises(ValueError, match=r"two-stage-n500.*med-idefics train"):
+        resolve_target("two-stage-n500")
+    with pytest.raises(ValueError, match="not found"):
+        resolve_target("./nowhere/adapter")
+    with pytest.raises(ConfigError, match="--name"):
+        resolve_target("base", name="my name")
+
+
+def test_reference_names_and_training_runs(tmp_path):
+    assert output_name("runs:/0123abc/adapter") == "runs-0123abc-adapter"
+    assert output_name("models:/med-idefics-vqa@champion") == "models-med-idefics-vqa-champion"
+    assert training_run_of("runs:/0123abc/adapter", tmp_path / "adapter") == "0123abc"
+    (tmp_path / "train_summary.json").write_text(json.dumps({"run_id": "feed"}))
+    assert training_run_of("somewhere/adapter", tmp_path / "adapter") == "feed"

@@ -1,0 +1,223 @@
+"""The training stages on the tiny base: tracked runs, PEFT adapters, continuation, bad input, NaN, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from med_idefics.config import ConfigError, load_params
+from med_idefics.data.schema import DatasetError, write_splits
+from med_idefics.modeling.adapters import AdapterError
+from med_idefics.train import TrainRequest, train
+
+CAPTIONS = [("Describe this radiology image.", "x-ray of the chest with one lesion on the right side.")] * 2
+QA = [("Is there a lesion?", "yes"), ("Is the lesion on the left?", "no"), ("Which organ is shown?", "chest")]
+
+
+@pytest.fixture
+def project(tmp_path, repo_root, tiny_base_dir, make_vqa_records, monkeypatch):
+    """A tmp project: params.yaml (tiny recipes), synthetic data in the record schema, and the tiny base."""
+    data = tmp_path / "data"
+    write_splits(data, "syn-captions", {
+        "train": make_vqa_records(CAPTIONS * 8, split="train", seed=1),
+        "val": make_vqa_records(CAPTIONS, split="val", seed=2),
+    })
+    write_splits(data, "syn-vqa", {
+        "train": make_vqa_records(QA * 8, split="train", seed=3),
+        "test": make_vqa_records(QA, split="test", seed=4),
+    })
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["model"]["base_dir"] = str(tiny_base_dir)
+    params["data"]["root"] = str(data)
+    params["data"]["captions"] |= {"dataset": "syn-captions", "train_split": "train", "eval_split": "val"}
+    params["data"]["vqa"] |= {"dataset": "syn-vqa", "train_split": "train", "eval_split": "test"}
+    for stage in ("stage1", "stage2", "single_stage"):
+        params[stage] |= {"epochs": 2.0, "micro_batch": 4, "eval_batch": 4, "save_steps": 4, "eval_steps": 4,
+                          "logging_steps": 1, "warmup_steps": 0, "lr": 5e-3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _runs(name: str | None = None):
+    experiment = mlflow.get_experiment_by_name("med-idefics")
+    if experiment is None:
+        return []
+    runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    return [r for r in runs if name is None or r.info.run_name == name]
+
+
+def _lora_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_stage1_saves_a_peft_adapter_equal_to_the_trained_weights_and_tracks_the_run(project, monkeypatch):
+    from peft import PeftModel
+
+    import med_idefics.train as train_module
+    from med_idefics.modeling.loading import load_base_model
+
+    captured = {}
+    real_save = train_module._save_adapter
+
+    def capture(model, target):
+        captured.update(_lora_state(model))
+        real_save(model, target)
+
+    monkeypatch.setattr(train_module, "_save_adapter", capture)
+    params = load_params("params.yaml")
+    summary = train(params, TrainRequest(stage="stage1", out_dir=Path("outputs/stage1")))
+
+    adapter = project / "outputs/stage1/adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    loaded = PeftModel.from_pretrained(load_base_model(params.model.base_dir, params.quantization), str(adapter))
+    reloaded = _lora_state(loaded)
+    assert captured and set(captured) == set(reloaded)
+    for key, value in captured.items():
+        assert torch.equal(value, reloaded[key]), key
+
+    assert summary["optimizer_steps"] == 8  # 16 records / micro-batch 4 × 2 epochs
+    assert summary["last_loss"] < summary["first_loss"]
+    assert not (project / "outputs/stage1/checkpoints").exists()  # finished: nothing left to resume
+
+    (run,) = _runs("stage1")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["stage1.lr"] == "0.005" and run.data.params["lora.r"] == "8"
+    assert run.data.tags["profile"] == "demo" and "git_commit" in run.data.tags
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert len(history) >= 8
+    assert {"eval_loss", "learning_rate", "samples_per_second"} <= set(run.data.metrics)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in artifacts
+    all_files = mlflow.artifacts.download_artifacts(run_id=run.info.run_id)
+    assert not list(Path(all_files).rglob("model.safetensors"))  # adapter only, never the base weights
+
+
+def test_stage2_continues_the_stage1_adapter_weights(project):
+    params = load_params("params.yaml")
+    train(params, TrainRequest(stage="stage1", out_dir=Path("outputs/stage1")))
+    stage1 = load_file(project / "outputs/stage1/adapter/adapter_model.safetensors")
+
+    # A vanishing learning rate: if stage 2 continued stage 1, its adapter is stage 1's; a fresh one would not be.
+    still = load_params("params.yaml", ["stage2.lr=1e-12", "stage2.warmup_steps=0"])
+    train(still, TrainRequest(stage="stage2", out_dir=Path("outputs/two-stage")))
+    stage2 = load_file(project / "outputs/two-stage/adapter/adapter_model.safetensors")
+    assert set(stage1) == set(stage2)
+    for key in stage1:
+        torch.testing.assert_close(stage2[key], stage1[key], atol=1e-6, rtol=0)
+
+    (stage1_run,) = _runs("stage1")
+    (stage2_run,) = _runs("two-stage")
+    assert stage2_run.data.tags["stage1_run_id"] == stage1_run.info.run_id
+    assert stage2_run.data.tags["init_adapter"] == "outputs/stage1/adapter"
+
+
+def test_single_stage_learns_from_the_bare_base(project):
+    summary = train(load_params("params.yaml"), TrainRequest(stage="single-stage", out_dir=Path("outputs/ss")))
+    assert summary["last_loss"] < summary["first_loss"]
+    (run,) = _runs("single-stage")
+    assert run.info.status == "FINISHED" and "stage1_run_id" not in run.data.tags
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("stage1.lr=0", "stage1.lr"), ("stage1.epochs=0", "stage1.epochs"), ("stage1.micro_batch=0", "stage1.micro_batch")],
+)
+def test_invalid_params_fail_before_training(project, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params("params.yaml", [override])
+
+
+def test_unknown_params_key_fails(project):
+    with pytest.raises(ConfigError, match="stage1.learning_rate"):
+        load_params("params.yaml", ["stage1.learning_rate=1"])
+
+
+def test_missing_dataset_fails_before_any_run(project):
+    params = load_params("params.yaml", ["data.vqa.dataset=nope"])
+    with pytest.raises(DatasetError, match="nope"):
+        train(params, TrainRequest(stage="single-stage", out_dir=Path("outputs/x")))
+    assert _runs() == []
+
+
+def test_stage2_without_stage1_says_to_run_stage1(project):
+    with pytest.raises(AdapterError, match="stage 1 first"):
+        train(load_params("params.yaml"), TrainRequest(stage="stage2", out_dir=Path("outputs/two-stage")))
+    assert _runs() == []
+
+
+def test_adapter_for_a_different_base_is_rejected_before_training(project, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    other = get_peft_model(
+        AutoModelForCausalLM.from_config(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=99)),
+        LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    )
+    other.save_pretrained(tmp_path / "foreign")
+    with pytest.raises(AdapterError, match="different base"):
+        train(load_params("params.yaml"),
+              TrainRequest(stage="stage2", out_dir=Path("outputs/two-stage"), init_adapter=str(tmp_path / "foreign")))
+
+
+def test_nan_loss_stops_the_run_and_marks_it_failed(project, monkeypatch):
+    from transformers import Idefics2ForConditionalGeneration
+
+    from med_idefics.trainer_support import NonFiniteLoss
+
+    real_forward = Idefics2ForConditionalGeneration.forward
+
+    def nan_forward(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Idefics2ForConditionalGeneration, "forward", nan_forward)
+    with pytest.raises(NonFiniteLoss):
+        train(load_params("params.yaml"), TrainRequest(stage="single-stage", out_dir=Path("outputs/ss")))
+    (run,) = _runs("single-stage")
+    assert run.info.status == "FAILED" and "NonFiniteLoss" in run.data.tags["error"]
+    assert not (project / "outputs/ss/adapter").exists()
+
+
+def test_sigkilled_training_resumes_from_its_checkpoint(project):
+    """Kill -9 mid-training, rerun the same command: it resumes and ends with the uninterrupted step count."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["single_stage"] |= {"epochs": 10.0, "save_steps": 5}  # 6 steps/epoch → 60 optimizer steps
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    command = [sys.executable, "-m", "med_idefics.cli", "train", "single-stage", "--out", "outputs/ss"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(Path("outputs/ss/checkpoints").glob("checkpoint-*/trainer_state.json")):
+        assert first.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not Path("outputs/ss/adapter").exists()
+    (killed,) = _runs("single-stage")
+    assert killed.info.status == "RUNNING"  # nobody could clean up after SIGKILL …
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(Path("outputs/ss/train_summary.json").read_text())
+    assert summary["resumed_from_checkpoint"] is True
+    assert summary["optimizer_steps"] == 60
+    statuses = {r.info.run_id: r.info.status for r in _runs("single-stage")}
+    assert statuses[killed.info.run_id] == "KILLED"  # … so the next run marks it
+    assert sorted(statuses.values()) == ["FINISHED", "KILLED"]
