@@ -23,6 +23,10 @@ def test_demo_data_matches_committed_data_dvc(repo_root, tmp_path, monkeypatch):
     with Repo(str(tmp_path)) as repo:
         assert repo.status(targets=["data.dvc"]) == {}
     assert sorted(p.name for p in (tmp_path / "data" / "demo").iterdir()) == [
-        "caption-train.parquet", "caption-validation.parquet", "nonsense.parquet",
-        "pathology.parquet", "test.parquet", "train.parquet",
+        "caption-train.parquet",
+        "caption-validation.parquet",
+        "nonsense.parquet",
+        "pathology.parquet",
+        "test.parquet",
+        "train.parquet",
     ]

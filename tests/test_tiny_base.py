@@ -152,6 +152,7 @@ def test_tiny_base_is_deterministic(repo_root, demo_like_data, tmp_path):
         states.append(load_base_model(tmp_path / name, FULL_PRECISION).state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
 
 
 def test_hub_id_writes_a_pointer_without_weights(repo_root, tmp_path, monkeypatch):

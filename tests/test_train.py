@@ -29,22 +29,38 @@ QA = [("Is there a lesion?", "yes"), ("Is the lesion on the left?", "no"), ("Whi
 def project(tmp_path, repo_root, tiny_base_dir, make_vqa_records, monkeypatch):
     """A tmp project: params.yaml (tiny recipes), synthetic data in the record schema, and the tiny base."""
     data = tmp_path / "data"
-    write_splits(data, "syn-captions", {
-        "train": make_vqa_records(CAPTIONS * 8, split="train", seed=1),
-        "val": make_vqa_records(CAPTIONS, split="val", seed=2),
-    })
-    write_splits(data, "syn-vqa", {
-        "train": make_vqa_records(QA * 8, split="train", seed=3),
-        "test": make_vqa_records(QA, split="test", seed=4),
-    })
+    write_splits(
+        data,
+        "syn-captions",
+        {
+            "train": make_vqa_records(CAPTIONS * 8, split="train", seed=1),
+            "val": make_vqa_records(CAPTIONS, split="val", seed=2),
+        },
+    )
+    write_splits(
+        data,
+        "syn-vqa",
+        {
+            "train": make_vqa_records(QA * 8, split="train", seed=3),
+            "test": make_vqa_records(QA, split="test", seed=4),
+        },
+    )
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["model"]["base_dir"] = str(tiny_base_dir)
     params["data"]["root"] = str(data)
     params["data"]["captions"] |= {"dataset": "syn-captions", "train_split": "train", "eval_split": "val"}
     params["data"]["vqa"] |= {"dataset": "syn-vqa", "train_split": "train", "eval_split": "test"}
     for stage in ("stage1", "stage2", "single_stage"):
-        params[stage] |= {"epochs": 2.0, "micro_batch": 4, "eval_batch": 4, "save_steps": 4, "eval_steps": 4,
-                          "logging_steps": 1, "warmup_steps": 0, "lr": 5e-3}
+        params[stage] |= {
+            "epochs": 2.0,
+            "micro_batch": 4,
+            "eval_batch": 4,
+            "save_steps": 4,
+            "eval_steps": 4,
+            "logging_steps": 1,
+            "warmup_steps": 0,
+            "lr": 5e-3,
+        }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -132,7 +148,11 @@ def test_single_stage_learns_from_the_bare_base(project):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("stage1.lr=0", "stage1.lr"), ("stage1.epochs=0", "stage1.epochs"), ("stage1.micro_batch=0", "stage1.micro_batch")],
+    [
+        ("stage1.lr=0", "stage1.lr"),
+        ("stage1.epochs=0", "stage1.epochs"),
+        ("stage1.micro_batch=0", "stage1.micro_batch"),
+    ],
 )
 def test_invalid_params_fail_before_training(project, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -140,7 +160,7 @@ def test_invalid_params_fail_before_training(project, override, message):
 
 
 def test_unknown_params_key_fails(project):
-    with pytest.raises(ConfigError, match="stage1.learning_rate"):
+    with pytest.raises(ConfigError, match=r"stage1\.learning_rate"):
         load_params("params.yaml", ["stage1.learning_rate=1"])
 
 
@@ -162,14 +182,24 @@ def test_adapter_for_a_different_base_is_rejected_before_training(project, tmp_p
     from transformers import AutoModelForCausalLM, MistralConfig
 
     other = get_peft_model(
-        AutoModelForCausalLM.from_config(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=99)),
+        AutoModelForCausalLM.from_config(
+            MistralConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                vocab_size=99,
+            )
+        ),
         LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
     )
     other.save_pretrained(tmp_path / "foreign")
     with pytest.raises(AdapterError, match="different base"):
-        train(load_params("params.yaml"),
-              TrainRequest(stage="stage2", out_dir=Path("outputs/two-stage"), init_adapter=str(tmp_path / "foreign")))
+        train(
+            load_params("params.yaml"),
+            TrainRequest(stage="stage2", out_dir=Path("outputs/two-stage"), init_adapter=str(tmp_path / "foreign")),
+        )
 
 
 def test_nan_loss_stops_the_run_and_marks_it_failed(project, monkeypatch):

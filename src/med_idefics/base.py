@@ -122,7 +122,9 @@ def pretrain(
 ) -> dict[str, Any]:
     """Train every parameter of ``model`` for ``cfg.steps`` steps of captioning (loss on the caption tokens only,
     as in the later stages) with the HF Trainer; images are processed once up front, batches only padded per step.
-    Returns losses, steps, seconds and the parameter count."""
+    Returns losses, steps, seconds and the parameter count.
+
+    Runs with one torch thread (see :func:`_torch_threads`)."""
     from transformers import Trainer, TrainingArguments
 
     from med_idefics.data.collator import VqaCollator
@@ -172,9 +174,9 @@ def pretrain(
 
 @contextlib.contextmanager
 def _torch_threads(n: int):
-    """Run with ``n`` intra-op threads. The tiny model's matrices (64-256 wide) are too small for a second thread to
-    pay reliably: on 2 cores it saved ~25% per step when the machine was idle but cost up to 10x when another
-    process held a core (threads spin-waiting on each other), so pretraining uses one."""
+    """Run with ``n`` intra-op threads, then restore the previous setting. The tiny model's matrices (64-256 wide)
+    are too small for a second thread to pay on 2 cores: the full default pretraining took 250 s with one thread and
+    338 s with two (the threads wait on each other, and far longer whenever another process holds a core)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

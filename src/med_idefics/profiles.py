@@ -21,7 +21,8 @@ def switch_profile(name: str, params_file: str | Path = PARAMS_FILE, configs_dir
     """Rewrite the keys that ``configs/<name>.yaml`` names in ``params_file``; validate before writing anything."""
     overlay_file = Path(configs_dir) / f"{name}.yaml"
     if not overlay_file.is_file():
-        raise ConfigError(f"no profile {name!r}: {overlay_file} not found; available: {available_profiles(configs_dir)}")
+        available = ", ".join(available_profiles(configs_dir))
+        raise ConfigError(f"no profile {name!r}: {overlay_file} not found; available: {available}")
     params_file = Path(params_file)
     overlay = yaml.safe_load(overlay_file.read_text()) or {}
     merged = deep_merge(yaml.safe_load(params_file.read_text()), overlay)

@@ -87,7 +87,8 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     init_dir = None
     if spec.continues_adapter:
         ref = request.init_adapter or "outputs/stage1/adapter"
-        init_dir = resolve_adapter(ref, missing_hint="Run stage 1 first: `med-idefics train stage1` (or `dvc repro stage1`).")
+        hint = "Run stage 1 first: `med-idefics train stage1` (or `dvc repro stage1`)."
+        init_dir = resolve_adapter(ref, missing_hint=hint)
     elif request.init_adapter:
         raise ConfigError(f"--init-adapter is only for stage2; {request.stage} starts from the bare base")
     variant = request.variant or variant_name(request.stage, request.train_size)
@@ -153,7 +154,10 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
         _save_adapter(model, out_dir / ADAPTER_DIR)
         summary = _summary(prepared, trainer, result, final_eval, seconds, resumed=resume, run=run)
         _write_json(out_dir / SUMMARY_FILE, summary)
-        (out_dir / "trainer_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        if run is not None:
+            import mlflow
+
+            mlflow.log_dict({"log_history": trainer.state.log_history}, "trainer_log.json", run_id=run.info.run_id)
         shutil.rmtree(checkpoints, ignore_errors=True)  # done: a rerun must start afresh, not resume
         return summary
     return {}
@@ -219,7 +223,6 @@ def _log_outputs(out_dir: Path, summary: dict[str, Any]) -> None:
     import mlflow
 
     mlflow.log_artifacts(str(out_dir / ADAPTER_DIR), artifact_path=ADAPTER_DIR)
-    mlflow.log_artifact(str(out_dir / "trainer_log.json"))
     mlflow.log_artifact(str(out_dir / SUMMARY_FILE))
     mlflow.log_metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, int | float) and v is not None})
 

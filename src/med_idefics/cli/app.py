@@ -19,10 +19,20 @@ def main() -> None:
 def params_options(func):
     """``--params FILE`` and repeatable ``--set section.key=value`` overrides (default: take params.yaml as is)."""
 
-    @click.option("--params", "params_file", default=PARAMS_FILE, type=click.Path(dir_okay=False),
-                  help="The params file: the single source of hyperparameters.")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override one params key for this run, e.g. --set stage2.lr=2e-4 (repeatable).")
+    @click.option(
+        "--params",
+        "params_file",
+        default=PARAMS_FILE,
+        type=click.Path(dir_okay=False),
+        help="The params file: the single source of hyperparameters.",
+    )
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one params key for this run, e.g. --set stage2.lr=2e-4 (repeatable).",
+    )
     @functools.wraps(func)
     def wrapper(*args, params_file: str, overrides: tuple[str, ...], **kwargs):
         from med_idefics.config import load_params

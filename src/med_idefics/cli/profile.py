@@ -12,5 +12,7 @@ def profile_command(name: str, params_file: str) -> None:
     from med_idefics.profiles import switch_profile
 
     params = switch_profile(name, params_file)
-    click.echo(f"{params_file}: profile {params.profile} (base {params.model.base}, "
-               f"stage-1 data {params.data.captions.dataset}, 4-bit {params.quantization.load_in_4bit})")
+    click.echo(
+        f"{params_file}: profile {params.profile} (base {params.model.base}, "
+        f"stage-1 data {params.data.captions.dataset}, 4-bit {params.quantization.load_in_4bit})"
+    )

@@ -8,13 +8,25 @@ from med_idefics.cli.app import main, params_options
 @main.command("train")
 @click.argument("stage", type=click.Choice(["stage1", "stage2", "single-stage"]))
 @params_options
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (adapter/, train_summary.json); default outputs/<variant>.")
-@click.option("--init-adapter", default=None,
-              help="stage2: the stage-1 adapter to continue — a folder, runs:/<run_id>/adapter or "
-                   "models:/<name>@<alias>. Default: outputs/stage1/adapter.")
-@click.option("--train-size", type=int, default=None,
-              help="Train on the first N records (the sweep); default: params data.<source>.train_size.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder (adapter/, train_summary.json); default outputs/<variant>.",
+)
+@click.option(
+    "--init-adapter",
+    default=None,
+    help="stage2: the stage-1 adapter to continue — a folder, runs:/<run_id>/adapter or "
+    "models:/<name>@<alias>. Default: outputs/stage1/adapter.",
+)
+@click.option(
+    "--train-size",
+    type=int,
+    default=None,
+    help="Train on the first N records (the sweep); default: params data.<source>.train_size.",
+)
 @click.option("--variant", default=None, help="MLflow run name; default: stage1 / two-stage / single-stage (-n<N>).")
 @click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the run).")
 def train_command(stage, params, out_dir, init_adapter, train_size, variant, dvc_stage) -> None:
@@ -31,6 +43,8 @@ def train_command(stage, params, out_dir, init_adapter, train_size, variant, dvc
     )
     summary = train(params, request)
     if summary:
-        click.echo(f"{summary['variant']}: {summary['optimizer_steps']} steps, loss {summary['first_loss']:.4f} → "
-                   f"{summary['last_loss']:.4f}, eval loss {summary['eval_loss']}, {summary['train_seconds']} s "
-                   f"→ {request.out_dir / 'adapter'}")
+        click.echo(
+            f"{summary['variant']}: {summary['optimizer_steps']} steps, loss {summary['first_loss']:.4f} → "
+            f"{summary['last_loss']:.4f}, eval loss {summary['eval_loss']}, {summary['train_seconds']} s "
+            f"→ {request.out_dir / 'adapter'}"
+        )

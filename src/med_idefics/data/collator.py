@@ -11,6 +11,8 @@ Generation batches (:func:`build_generation_batch`) are left-padded prompts endi
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,6 +25,7 @@ from med_idefics.data.schema import DatasetError
 from med_idefics.prompts import END_OF_UTTERANCE, chat_messages
 
 IGNORE_INDEX = -100  # labels the loss skips (torch cross-entropy's ignore_index)
+CACHE_BYTES = 512 * 2**20  # processed images kept per collator (64x64 demo images: all of them; 980px: ~45)
 
 
 def render_prompt(processor: ProcessorMixin, question: str, prefix: str = "", answer: str | None = None) -> str:
@@ -56,6 +59,8 @@ class VqaCollator:
         self.end_of_utterance_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
         if self.pad_token_id is None:
             raise ValueError("the processor's tokenizer has no pad token; set tokenizer.pad_token before training")
+        self._image_cache: OrderedDict[bytes | None, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache_bytes = 0
 
     def __call__(self, records: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         return self.pad(self.encode(records))
@@ -64,22 +69,39 @@ class VqaCollator:
         """One unpadded example per record: 1-D ``input_ids``/``labels``, ``pixel_values`` (images, C, H, W)."""
         full = [render_prompt(self.processor, r["question"], self.prompt_prefix, r["answer"]) for r in records]
         prompts = [render_prompt(self.processor, r["question"], self.prompt_prefix) for r in records]
-        images = [[record_image(r)] for r in records]
-        batch = self.processor(text=full, images=images, padding=True, padding_side="right", return_tensors="pt")
+        batch = self.processor(text=full, padding=True, padding_side="right", return_tensors="pt")
         prompt_ids = self.processor(text=prompts)["input_ids"]
         examples = []
         for i, record in enumerate(records):
             length = int(batch["attention_mask"][i].sum())  # right padding: the real tokens come first
             input_ids = batch["input_ids"][i, :length]
+            pixel_values, pixel_attention_mask = self.image_features(record)
             examples.append(
                 {
                     "input_ids": input_ids,
                     "labels": self.answer_labels(input_ids, prompt_ids[i], record),
-                    "pixel_values": batch["pixel_values"][i],
-                    "pixel_attention_mask": batch["pixel_attention_mask"][i],
+                    "pixel_values": pixel_values,
+                    "pixel_attention_mask": pixel_attention_mask,
                 }
             )
         return examples
+
+    def image_features(self, record: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processed image of a record, cached by its bytes: VQA datasets ask several questions per image, and
+        the image processor costs more than the model's step on small bases. The cache holds at most
+        ``CACHE_BYTES`` of tensors (least recently used first out)."""
+        key = hashlib.blake2b(record["image"], digest_size=16).digest() if record.get("image") else None
+        if key is not None and key in self._image_cache:
+            self._image_cache.move_to_end(key)
+            return self._image_cache[key]
+        features = self.processor(images=[[record_image(record)]], return_tensors="pt")
+        value = (features["pixel_values"][0], features["pixel_attention_mask"][0])
+        self._image_cache[key] = value
+        self._cache_bytes += sum(t.numel() * t.element_size() for t in value)
+        while self._cache_bytes > CACHE_BYTES and self._image_cache:
+            _, evicted = self._image_cache.popitem(last=False)
+            self._cache_bytes -= sum(t.numel() * t.element_size() for t in evicted)
+        return value
 
     def answer_labels(self, input_ids: torch.Tensor, prompt_ids: Sequence[int], record: Mapping) -> torch.Tensor:
         """``input_ids`` with every token outside the answer (+ its closing ``<end_of_utterance>``) set to -100."""

@@ -1,4 +1,5 @@
-"""Where a LoRA adapter lives: a folder, ``runs:/<run_id>/<path>`` or ``models:/<name>/<version>`` / ``models:/<name>@<alias>``.
+"""Where a LoRA adapter lives: a folder, ``runs:/<run_id>/<path>``, ``models:/<name>/<version>`` or
+``models:/<name>@<alias>``.
 
 Every reference resolves to a local folder in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``).
 """
