@@ -5,19 +5,22 @@ BIN := $(CURDIR)/$(VENV)/bin
 # DVC stages call `med-idefics …`; put the project's venv first so they find it.
 export PATH := $(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
+# The tiny demo model's matrices are too small to gain from threads; two threads per process only contend.
+export OMP_NUM_THREADS ?= 1
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test test-slow lint format venv clean-outputs
 
-demo: venv ## Run the demo profile end to end, offline on CPU: demo data, then `dvc repro`
+demo: venv ## Run the demo profile end to end, offline on CPU: demo data, `dvc repro`, then check the results
 	med-idefics data demo
 	dvc repro
+	pytest -q -p no:cacheprovider -m demo tests/test_demo_results.py
 
-test: venv ## Run the offline test-suite (no network, no GPU)
-	pytest -q
+test: venv ## Run the offline test-suite (no network, no GPU), two workers
+	pytest -q -n 2 -m "not demo and not slow"
 
 test-slow: venv ## Also run the tests marked slow
-	pytest -q -m "slow or not slow"
+	pytest -q -n 2 -m "not demo"
 
 lint: venv ## ruff lint + format check
 	ruff check .

@@ -17,53 +17,9 @@ import yaml
 from safetensors.torch import load_file
 
 from med_idefics.config import ConfigError, load_params
-from med_idefics.data.schema import DatasetError, write_splits
+from med_idefics.data.schema import DatasetError
 from med_idefics.modeling.adapters import AdapterError
 from med_idefics.train import TrainRequest, train
-
-CAPTIONS = [("Describe this radiology image.", "x-ray of the chest with one lesion on the right side.")] * 2
-QA = [("Is there a lesion?", "yes"), ("Is the lesion on the left?", "no"), ("Which organ is shown?", "chest")]
-
-
-@pytest.fixture
-def project(tmp_path, repo_root, tiny_base_dir, make_vqa_records, monkeypatch):
-    """A tmp project: params.yaml (tiny recipes), synthetic data in the record schema, and the tiny base."""
-    data = tmp_path / "data"
-    write_splits(
-        data,
-        "syn-captions",
-        {
-            "train": make_vqa_records(CAPTIONS * 8, split="train", seed=1),
-            "val": make_vqa_records(CAPTIONS, split="val", seed=2),
-        },
-    )
-    write_splits(
-        data,
-        "syn-vqa",
-        {
-            "train": make_vqa_records(QA * 8, split="train", seed=3),
-            "test": make_vqa_records(QA, split="test", seed=4),
-        },
-    )
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    params["model"]["base_dir"] = str(tiny_base_dir)
-    params["data"]["root"] = str(data)
-    params["data"]["captions"] |= {"dataset": "syn-captions", "train_split": "train", "eval_split": "val"}
-    params["data"]["vqa"] |= {"dataset": "syn-vqa", "train_split": "train", "eval_split": "test"}
-    for stage in ("stage1", "stage2", "single_stage"):
-        params[stage] |= {
-            "epochs": 2.0,
-            "micro_batch": 4,
-            "eval_batch": 4,
-            "save_steps": 4,
-            "eval_steps": 4,
-            "logging_steps": 1,
-            "warmup_steps": 0,
-            "lr": 5e-3,
-        }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def _runs(name: str | None = None):

@@ -107,7 +107,9 @@ def build_tiny_base(params: Params, out_dir: Path) -> dict[str, Any]:
     captions = read_records(data.root, data.captions.dataset, data.captions.train_split)
     validation = read_records(data.root, data.captions.dataset, data.captions.eval_split, limit=data.captions.eval_size)
     vqa_train = read_records(data.root, data.vqa.dataset, data.vqa.train_split, limit=data.vqa.train_size)
-    texts = tokenizer_corpus(captions + vqa_train, extra=(data.caption_prompt, data.prompt_prefix))
+    # The prompts the stages will use, so that none of their words is <unk> for the tiny base.
+    prompts = (data.caption_prompt, data.prompt_prefix, params.eval.expert_prompt)
+    texts = tokenizer_corpus(captions + vqa_train, extra=prompts)
     model, processor = build_tiny(texts, params.model.tiny, params.seed, params.model.do_image_splitting)
     summary = pretrain(model, processor, captions, validation, params.model.pretrain, params.seed)
     summary["vocab_size"] = len(processor.tokenizer)

@@ -32,7 +32,8 @@ from med_idefics.config import ConfigError, Params
 from med_idefics.data.suites import MED_HALT, Suite, load_suite
 from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
 from med_idefics.modeling.adapters import AdapterError, is_remote, resolve_adapter
-from med_idefics.prompts import END_OF_UTTERANCE, extract_answer
+from med_idefics.modeling.generation import generate_answers, load_adapted_model
+from med_idefics.prompts import extract_answer
 
 BASE = "base"
 PREDICTIONS_DIR = Path("outputs/predictions")
@@ -133,71 +134,10 @@ def precision_tag(params: Params) -> str:
 
 def load_model(params: Params, target: Target):
     """(processor, model in eval mode): the base at the shared precision, with the target's adapter on top."""
-    import torch
-
-    from med_idefics.modeling.adapters import check_adapter_fits
-    from med_idefics.modeling.loading import load_base_model, load_processor
+    from med_idefics.modeling.loading import load_processor
 
     processor = load_processor(params.model.base_dir)
-    device_map = {"": 0} if torch.cuda.is_available() else None
-    model = load_base_model(
-        params.model.base_dir, params.quantization, dtype=params.quantization.compute_dtype, device_map=device_map
-    )
-    if target.adapter_dir is not None:
-        from peft import PeftModel
-
-        check_adapter_fits(target.adapter_dir, model)
-        model = PeftModel.from_pretrained(model, str(target.adapter_dir))
-    return processor, model.eval()
-
-
-def stop_token_ids(processor) -> list[int]:
-    """``<end_of_utterance>`` (the chat turn's end: what fine-tuned answers stop at) and the tokenizer's eos."""
-    tokenizer = processor.tokenizer
-    ids = [tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
-
-
-def generate_answers(
-    model,
-    processor,
-    records: Sequence[Mapping],
-    prefix: str,
-    batch_size: int,
-    max_new_tokens: int,
-    description: str = "answering",
-    **generate_kwargs: Any,
-) -> list[str]:
-    """The raw generation for each record (up to its stop token, special tokens dropped): greedy, in left-padded
-    batches of ``batch_size``, with a progress bar. Extra keyword arguments go to ``model.generate``."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from med_idefics.data.collator import build_generation_batch, record_image
-
-    stops = stop_token_ids(processor)
-    tokenizer = processor.tokenizer
-    raws: list[str] = []
-    with tqdm(total=len(records), desc=description, unit="answer") as progress, torch.inference_mode():
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            batch = build_generation_batch(
-                processor, [record_image(r) for r in chunk], [r["question"] for r in chunk], prefix
-            ).to(model.device)
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            output = model.generate(
-                **batch,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
-                **generate_kwargs,
-            )
-            for tokens in output[:, batch["input_ids"].shape[1] :].tolist():
-                end = next((i for i, token in enumerate(tokens) if token in stops), len(tokens))
-                raws.append(tokenizer.decode(tokens[:end], skip_special_tokens=True))
-            progress.update(len(chunk))
-    return raws
+    return processor, load_adapted_model(params.model.base_dir, target.adapter_dir, params.quantization)
 
 
 def prediction_rows(suite: Suite, raws: Sequence[str]) -> list[dict]:

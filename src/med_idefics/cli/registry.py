@@ -1,0 +1,89 @@
+import json
+from pathlib import Path
+
+import click
+
+from med_idefics.cli.app import main, params_options
+
+
+@main.command("register")
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    help="A trained VQA variant (single-stage, two-stage, two-stage-n<N>: outputs/<variant>/adapter); repeatable. "
+    "Default: every one in --outputs-dir.",
+)
+@click.option("--outputs-dir", type=click.Path(file_okay=False), default="outputs", help="Holds <variant>/adapter.")
+@click.option("--metrics-dir", type=click.Path(file_okay=False), default="metrics", help="Has <variant>/<suite>.json.")
+@click.option(
+    "--records-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write <dir>/<variant>.json: the registered version and its tags (a DVC output).",
+)
+@click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the runs).")
+@params_options
+def register_command(variants, outputs_dir, metrics_dir, records_dir, dvc_stage, params) -> None:
+    """Register trained VQA variants as versions of params registry.model_name (an unchanged one is not repeated)."""
+    from dataclasses import asdict
+
+    from med_idefics.registry import register
+
+    registrations = register(params, list(variants), Path(outputs_dir), Path(metrics_dir), dvc_stage)
+    for r in registrations:
+        state = "new" if r.created else "unchanged, tags refreshed"
+        click.echo(f"{r.variant} → {params.registry.model_name} version {r.version} ({state})")
+        if records_dir:
+            path = Path(records_dir) / f"{r.variant}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"model_name": params.registry.model_name, **asdict(r)}, indent=2) + "\n")
+
+
+@main.command("promote")
+@click.option(
+    "--predictions-dir",
+    type=click.Path(file_okay=False),
+    default="outputs/predictions",
+    help="Local predictions (<dir>/<variant>/<suite>.jsonl), used only for versions whose evaluation run is unknown.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the decision to this JSON file.")
+@click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the run).")
+@params_options
+def promote_command(predictions_dir, out, dvc_stage, params) -> None:
+    """Give the best evaluated version (params registry.suite / registry.metric) the alias registry.alias, if it
+    beats the current one."""
+    from med_idefics.registry import promote
+
+    decision = promote(params, Path(predictions_dir), dvc_stage)
+    click.echo(f"{decision['outcome']}: {decision['reason']} ({params.registry.alias} → {decision['champion_after']})")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(decision, indent=2) + "\n")
+
+
+@main.command("predict")
+@click.option(
+    "--model",
+    "model_uri",
+    default=None,
+    help="models:/<name>@<alias>, models:/<name>/<version>, runs:/… or a folder. Default: "
+    "models:/<registry.model_name>@<registry.alias> from params.",
+)
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="PNG, JPEG or DICOM file.")
+@click.option("--question", required=True, help="The question about the image.")
+@click.option("--max-new-tokens", type=int, default=None, help="Default: the packaged model's (params eval).")
+@params_options
+def predict_command(model_uri, image, question, max_new_tokens, params) -> None:
+    """Answer one question about an image with a registered model; prints the answer."""
+    from mlflow.exceptions import MlflowException
+
+    from med_idefics.serving import answer
+    from med_idefics.tracking import setup_tracking
+
+    setup_tracking(params)  # models:/ and runs:/ resolve in the project's tracking store
+    uri = model_uri or f"models:/{params.registry.model_name}@{params.registry.alias}"
+    try:
+        click.echo(answer(uri, image, question, max_new_tokens))
+    except MlflowException as err:  # an unknown model/alias, or input the model refuses
+        raise click.ClickException(f"{uri}: {err.message}") from err

@@ -1,0 +1,248 @@
+"""The registry stage: tiny adapters registered into a tmp store, promoted on (fake) evaluation metrics, loaded back by
+version and alias, answered through the CLI; secrets never reach the store; concurrent promotions agree."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from pydicom.data import get_testdata_file
+
+from med_idefics.cli import main
+from med_idefics.cli.registry import predict_command  # noqa: F401  (registers the commands on main)
+from med_idefics.config import load_params
+from med_idefics.data.images import normalize_image, to_png_bytes
+from med_idefics.predictions import write_predictions
+from med_idefics.registry import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote, register
+from med_idefics.tracking import setup_tracking
+
+NAME = "med-idefics-vqa"
+FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789abcdef"
+
+
+def make_adapter(folder: Path, base_dir: Path, target_modules: str, seed: int) -> Path:
+    """A LoRA adapter with random (non-zero) weights on the tiny base: answers differ from the base's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Idefics2ForConditionalGeneration
+
+    model = Idefics2ForConditionalGeneration.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+def write_metrics(root: Path, variant: str, closed_accuracy: float, eval_run_id: str | None = None) -> None:
+    folder = root / "metrics" / variant
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = {"variant": variant, "suite": "vqa-rad", "eval_run_id": eval_run_id, "n": 40, "exact_match": 0.5,
+               "closed_accuracy": closed_accuracy, "closed_accuracy_ci_low": closed_accuracy - 0.1,
+               "closed_accuracy_ci_high": closed_accuracy + 0.1}  # fmt: skip
+    (folder / "vqa-rad.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def project(tmp_path, repo_root, tiny_base_dir, monkeypatch):
+    """A tmp project (the cwd): params.yaml on the tiny base."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["model"]["base_dir"] = str(tiny_base_dir)
+    params["eval"] |= {"max_new_tokens": 4, "batch_size": 4, "bootstrap_resamples": 200}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+@pytest.fixture
+def trained(project, tiny_base_dir):
+    """Two trained variants with their training summaries (no metrics yet), and a captioning adapter."""
+    target_modules = load_params("params.yaml").lora.target_modules
+    for seed, variant in enumerate(("single-stage", "two-stage"), start=1):
+        make_adapter(project / "outputs" / variant / "adapter", tiny_base_dir, target_modules, seed)
+        (project / "outputs" / variant / "train_summary.json").write_text(json.dumps({"run_id": f"train-{variant}"}))
+    make_adapter(project / "outputs" / "stage1" / "adapter", tiny_base_dir, target_modules, 0)  # never registered
+    return project
+
+
+def _versions() -> dict[str, object]:
+    return {str(v.version): v for v in MlflowClient().search_model_versions(f"name = '{NAME}'")}
+
+
+def test_register_promote_load_and_predict(trained, tiny_base_dir):
+    project = trained
+    params = load_params("params.yaml")
+    write_metrics(project, "single-stage", 0.60)
+    write_metrics(project, "two-stage", 0.75)
+
+    registrations = {r.variant: r for r in register(params)}
+    assert set(registrations) == {"single-stage", "two-stage"}  # stage1 (captioning) is not a VQA variant
+    versions = _versions()
+    assert len(versions) == 2 and all(r.created for r in registrations.values())
+    two_version = registrations["two-stage"].version
+    two = versions[two_version]
+    assert two.tags["variant"] == "two-stage" and two.tags["training_run_id"] == "train-two-stage"
+    assert float(two.tags["vqa-rad.closed_accuracy"]) == 0.75 and "vqa-rad.eval_run_id" in two.tags
+    assert two.description.count("\n") == 0 and "two-stage" in two.description and "0.750" in two.description
+    run = MlflowClient().get_run(two.run_id)
+    assert run.info.run_name == "register-two-stage" and run.data.tags["training_run_id"] == "train-two-stage"
+
+    decision = promote(params)
+    assert decision["outcome"] == PROMOTED and decision["chosen"] == two_version
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == two_version
+
+    # Served answers are the evaluated answers: the evaluate stage's model loading and generation on the same adapter.
+    from med_idefics.evaluate import Target, load_model
+    from med_idefics.modeling.generation import generate_answers
+    from med_idefics.prompts import extract_answer
+
+    dicom = normalize_image(get_testdata_file("CT_small.dcm"))
+    questions = ["Is there a lesion?", "Which organ is shown?", "Where is the lesion?"]
+    images = [to_png_bytes(dicom)] * 3
+    processor, model = load_model(params, Target("two-stage", adapter_dir=project / "outputs/two-stage/adapter"))
+    records = [{"image": image, "question": q} for image, q in zip(images, questions, strict=True)]
+    expected = [extract_answer(raw) for raw in generate_answers(model, processor, records, "", 4, 4)]
+    assert any(expected), "the tiny adapter should say something, or this comparison proves nothing"
+    frame = pd.DataFrame({"image": images, "question": questions})
+    by_alias = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(frame)
+    assert by_alias["answer"].tolist() == expected
+    by_version = mlflow.pyfunc.load_model(f"models:/{NAME}/{two_version}").predict(
+        frame.iloc[:1], {"max_new_tokens": 1}
+    )
+    assert len(by_version["answer"].iloc[0].split()) <= 1
+
+    # The CLI answers about a PNG and about the DICOM it came from alike.
+    (project / "scan.png").write_bytes(to_png_bytes(dicom))
+    for image in (str(project / "scan.png"), get_testdata_file("CT_small.dcm")):
+        result = CliRunner().invoke(main, ["predict", "--image", image, "--question", questions[1]])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == expected[1]
+
+    # Registering again adds nothing; a retrained adapter is a new version.
+    assert not any(r.created for r in register(params))
+    assert len(_versions()) == 2
+    make_adapter(project / "outputs/single-stage/adapter", tiny_base_dir, params.lora.target_modules, seed=7)
+    (again,) = register(params, ["single-stage"])
+    assert again.created and len(_versions()) == 3
+
+
+def _fake_version(client: MlflowClient, variant: str, closed_accuracy: float | None, eval_run_id: str | None = None):
+    """A version with the tags `register` writes (no model behind it: promotion reads only the registry)."""
+    with mlflow.start_run(run_name=f"fake-{variant}", experiment_id=setup_tracking(load_params("params.yaml"))) as run:
+        pass
+    tags = {"variant": variant}
+    if closed_accuracy is not None:
+        tags |= {"vqa-rad.closed_accuracy": repr(closed_accuracy), "vqa-rad.eval_run_id": eval_run_id or "none"}
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # already there
+        client.create_registered_model(NAME)
+    return str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags).version)
+
+
+def _eval_run(correct: list[bool]) -> str:
+    """An evaluation run whose logged predictions get the closed questions right where ``correct`` says."""
+    rows = [{"id": f"q{i}", "question": f"is {i} there?", "answer": "yes", "answer_type": "closed",
+             "prediction": "yes" if ok else "no", "raw_generation": ""} for i, ok in enumerate(correct)]  # fmt: skip
+    with mlflow.start_run(run_name="eval", experiment_id=setup_tracking(load_params("params.yaml"))) as run:
+        path = write_predictions(Path(f"predictions-{run.info.run_id}") / "vqa-rad.jsonl", rows)
+        mlflow.log_artifact(str(path), artifact_path="predictions")
+    return run.info.run_id
+
+
+def _status(client: MlflowClient) -> dict[str, str | None]:
+    return {str(v.version): v.tags.get("promotion.status") for v in client.search_model_versions(f"name = '{NAME}'")}
+
+
+def test_promotion_needs_evidence_beats_the_champion_and_is_idempotent(project):
+    params, client = load_params("params.yaml"), MlflowClient()
+    unevaluated = _fake_version(client, "two-stage", None)
+    assert promote(params)["outcome"] == NO_CANDIDATE
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(NAME, "champion")  # never on a version without evaluation metrics
+
+    first = _fake_version(client, "single-stage", 0.60)
+    assert promote(params)["chosen"] == first
+    second = promote(params)
+    assert second["outcome"] == KEPT and second["champion_after"] == first
+
+    better = _fake_version(client, "two-stage-n300", 0.70)
+    worse = _fake_version(client, "two-stage", 0.55)
+    decision = promote(params)
+    assert decision["outcome"] == PROMOTED and decision["champion_before"] == first and decision["chosen"] == better
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == better
+    status = _status(client)
+    assert status[better] == CHAMPION_STATUS and status[first] == f"replaced by version {better}"
+    assert status[unevaluated] is None
+    tags = client.get_model_version(NAME, better).tags
+    assert tags["promotion.outcome"] == PROMOTED and tags["promotion.compared_with"] == first
+    assert "0.7000" in tags["promotion.candidates"] and "0.6000" in tags["promotion.candidates"]
+    logged = mlflow.artifacts.load_dict(f"runs:/{decision['run_id']}/promotion.json")
+    assert logged["chosen"] == better
+    assert sorted(c["version"] for c in logged["candidates"]) == sorted({first, better, worse})  # not `unevaluated`
+
+
+def test_significance_required_promotes_only_on_a_significant_paired_test(project):
+    params = load_params("params.yaml", ["registry.require_significance=true"])
+    client = MlflowClient()
+    champion = _fake_version(client, "single-stage", 0.50, _eval_run([True] * 20 + [False] * 20))
+    promote(params)
+    # 2 more right answers out of 40: better, but McNemar p = 0.5
+    slightly = _fake_version(client, "two-stage", 0.55, _eval_run([True] * 22 + [False] * 18))
+    decision = promote(params)
+    assert decision["outcome"] == KEPT and decision["chosen"] == slightly
+    assert decision["test"].get("p_value") == pytest.approx(0.5), decision["test"]
+    assert not decision["test"]["significant"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
+    assert client.get_model_version(NAME, slightly).tags["promotion.status"] == "challenger"
+    # 18 more right answers: p < 0.05
+    clearly = _fake_version(client, "two-stage-n300", 0.95, _eval_run([True] * 38 + [False] * 2))
+    decision = promote(params)
+    assert decision["outcome"] == PROMOTED and decision["chosen"] == clearly and decision["test"]["p_value"] < 0.05
+    assert float(client.get_model_version(NAME, clearly).tags["promotion.p_value"]) < 0.05
+
+
+def test_concurrent_promotions_leave_one_consistent_champion(project):
+    params, client = load_params("params.yaml"), MlflowClient()
+    values = [0.61, 0.74, 0.70, 0.52]
+    versions = [_fake_version(client, "two-stage-n0", values[0])]
+    assert promote(params)["champion_after"] == versions[0]  # a champion to replace
+    versions += [_fake_version(client, f"two-stage-n{i}", value) for i, value in enumerate(values[1:], start=1)]
+    best = versions[values.index(max(values))]
+    barrier, errors, decisions = threading.Barrier(2), [], []
+
+    def run():
+        try:
+            barrier.wait()
+            decisions.append(promote(params))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(decisions) == 2
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == best
+    status = _status(client)
+    assert [v for v, s in status.items() if s == CHAMPION_STATUS] == [best]
+    assert all(d["champion_after"] == best for d in decisions)
+
+
+def test_hub_token_never_reaches_the_tracking_store(trained, isolated_tracking_store, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    params = load_params("params.yaml")
+    write_metrics(trained, "two-stage", 0.7)
+    register(params, ["two-stage"])
+    promote(params)
+    files = [p for p in Path(isolated_tracking_store).rglob("*") if p.is_file()]
+    assert any(p.name == "MLmodel" for p in files)  # the artifacts are under the store
+    leaked = [str(p) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
+    assert not leaked
