@@ -129,9 +129,15 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir):
     # Registering again adds nothing; a retrained adapter is a new version.
     assert not any(r.created for r in register(params))
     assert len(_versions()) == 2
+    # A retrained adapter whose metrics file is still the previous training run's evaluation: no evidence attached.
+    old_eval = MlflowClient().create_run(setup_tracking(params), tags={"training_run_id": "train-single-stage"})
+    write_metrics(project, "single-stage", 0.99, eval_run_id=old_eval.info.run_id)
     make_adapter(project / "outputs/single-stage/adapter", tiny_base_dir, params.lora.target_modules, seed=7)
+    (project / "outputs/single-stage/train_summary.json").write_text(json.dumps({"run_id": "train-single-stage-2"}))
     (again,) = register(params, ["single-stage"])
     assert again.created and len(_versions()) == 3
+    assert "vqa-rad.closed_accuracy" not in again.tags and "not evaluated" in _versions()[again.version].description
+    assert promote(params)["champion_after"] == two_version
 
 
 def _fake_version(client: MlflowClient, variant: str, closed_accuracy: float | None, eval_run_id: str | None = None):
@@ -238,10 +244,15 @@ def test_concurrent_promotions_leave_one_consistent_champion(project):
 
 def test_hub_token_never_reaches_the_tracking_store(trained, isolated_tracking_store, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    params = load_params("params.yaml")
     write_metrics(trained, "two-stage", 0.7)
-    register(params, ["two-stage"])
-    promote(params)
+    runner = CliRunner()
+    result = runner.invoke(main, ["register", "--variant", "two-stage", "--records-dir", "registered"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((trained / "registered/two-stage.json").read_text())
+    assert record["model_name"] == NAME and record["tags"]["vqa-rad.closed_accuracy"] == "0.7"
+    result = runner.invoke(main, ["promote", "--out", "promotion.json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((trained / "promotion.json").read_text())["champion_after"] == record["version"]
     files = [p for p in Path(isolated_tracking_store).rglob("*") if p.is_file()]
     assert any(p.name == "MLmodel" for p in files)  # the artifacts are under the store
     leaked = [str(p) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]

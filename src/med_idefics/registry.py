@@ -11,8 +11,9 @@ metrics is never a candidate — and moves the alias to the best one only when i
 ``registry.require_significance``, when the paired test of :func:`med_idefics.metrics.compare` on the two versions'
 predictions gives p < 0.05). Ties keep the champion, else the earliest version. The decision is recorded as
 ``promotion.*`` tags on the chosen version and as ``promotion.json`` in an MLflow run ``promote``. The ranking is a
-function of the registry's contents, so concurrent promotions agree; the alias is set before any tag, and every run
-re-derives the ``promotion.status`` tags from where the alias points.
+function of the registry's contents, so concurrent promotions agree; the alias is set before any tag, registry writes
+are retried when a concurrent writer races them, and every run re-derives the ``promotion.status`` tags from where
+the alias points.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import math
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,7 @@ def register(
     """Register each variant (default: every one in ``outputs_dir``) as a version of ``registry.model_name``."""
     from med_idefics.tracking import setup_tracking
 
-    names = list(variants or vqa_variants(outputs_dir))
+    names = [name for name in variants or [] if name] or vqa_variants(outputs_dir)  # "" (MLproject default): all
     if not names:
         raise ConfigError(f"no trained VQA variant in {outputs_dir}/: train one first (`dvc repro stage2`)")
     wrong = [name for name in names if not VQA_VARIANT.match(name)]
@@ -177,8 +179,26 @@ def describe(variant: str, tags: dict[str, str], params: Params) -> str:
 
 def _tag_version(client, name: str, version: str, tags: dict[str, str], description: str) -> None:
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, redact(str(value))[:_TAG_LIMIT])
+        _set_tag(client, name, version, key, value)
     client.update_model_version(name, version, description=redact(description))
+
+
+def _set_tag(client, name: str, version: str, key: str, value: Any) -> None:
+    _retry(client.set_model_version_tag, name, version, key, redact(str(value))[:_TAG_LIMIT])
+
+
+def _retry(write, *args, attempts: int = 5) -> None:
+    """A registry write, retried: MLflow's SQL store upserts tags and aliases by select-then-insert, so a concurrent
+    writer of the same key can make the insert fail once; the retry finds the row and updates it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return write(*args)
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _versions(client, name: str) -> list:
@@ -235,7 +255,7 @@ def promote(params: Params, predictions_dir: Path = PREDICTIONS_DIR, dvc_stage: 
     with tracked_run(params, "promote", run_tags, dvc_stage=dvc_stage) as run:
         decision["run_id"] = run.info.run_id if run is not None else None
         if decision["outcome"] == PROMOTED:
-            client.set_registered_model_alias(reg.model_name, reg.alias, decision["chosen"])
+            _retry(client.set_registered_model_alias, reg.model_name, reg.alias, decision["chosen"])
         decision["champion_after"] = _alias_target(client, reg.model_name, reg.alias)
         _record(client, reg.model_name, versions, decision)
         if run is not None:
@@ -331,14 +351,14 @@ def _record(client, name: str, versions: list, decision: dict) -> None:
             "promotion.run_id": decision["run_id"] or "none",
         }  # fmt: skip
         for key, value in tags.items():
-            client.set_model_version_tag(name, decision["chosen"], key, redact(str(value))[:_TAG_LIMIT])
+            _set_tag(client, name, decision["chosen"], key, value)
         if decision["chosen"] != champion:
-            client.set_model_version_tag(name, decision["chosen"], "promotion.status", "challenger")
+            _set_tag(client, name, decision["chosen"], "promotion.status", "challenger")
     if champion is not None:
-        client.set_model_version_tag(name, champion, "promotion.status", CHAMPION_STATUS)
+        _set_tag(client, name, champion, "promotion.status", CHAMPION_STATUS)
     for v in versions:
         if v.tags.get("promotion.status") == CHAMPION_STATUS and str(v.version) != champion:
-            client.set_model_version_tag(name, v.version, "promotion.status", f"replaced by version {champion}")
+            _set_tag(client, name, v.version, "promotion.status", f"replaced by version {champion}")
 
 
 def _alias_target(client, name: str, alias: str) -> str | None:

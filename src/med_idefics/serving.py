@@ -46,9 +46,9 @@ ADAPTER, PROCESSOR, BASE, CONFIG = "adapter", "processor", "base", "config"
 CONFIG_FILE = "serving.json"
 MAX_NEW_TOKENS_LIMIT = 1024  # a request may not ask for more: one answer would hold the model for minutes
 EXAMPLE_QUESTION = "Is there a lesion?"
-# What the packaged model imports; pinned to the registering environment (nothing is inferred or installed).
+# What the packaged model imports (bitsandbytes: 4-bit bases), pinned to the registering environment; none inferred.
 REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "safetensors", "mlflow", "pandas", "numpy", "pillow",
-                "pydicom", "pyyaml", "tqdm")  # fmt: skip
+                "pydicom", "pyyaml", "tqdm", "bitsandbytes")  # fmt: skip
 
 
 class InvalidInput(MlflowException, ValueError):
