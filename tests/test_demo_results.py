@@ -1,5 +1,5 @@
-"""The demo must show the science works: checked on the outputs of the demo pipeline (`make demo` runs this file
-last; `make test` deselects it, since a fresh clone has no pipeline outputs). A missing metrics file fails."""
+"""The demo must show the science works: checked on the outputs of the demo pipeline by `make demo-check` (after
+`make demo`); `make test` deselects it, since a fresh clone has no pipeline outputs. A missing metrics file fails."""
 
 import json
 
