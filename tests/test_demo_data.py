@@ -101,7 +101,7 @@ def test_written_splits_follow_the_schema_and_the_config(tmp_path):
 
 CAPTION = re.compile(
     r"(?P<modality>ct|mri|x-ray) of the (?P<organ>brain|chest|abdomen) with "
-    r"(no lesions|(?P<count>one|two|three) lesions? on the (?P<side>left|right) side)\."
+    r"(zero lesions|(?P<count>one|two|three) lesions? on the (?P<side>left|right) side)\. lesion: (?P<present>yes|no)\."
 )
 COUNT_WORDS = ["zero", "one", "two", "three"]
 
@@ -114,6 +114,7 @@ def test_captions_describe_what_the_image_shows(medium):
         assert match, record["answer"]
         bright = _grey(record) >= LESION_LEVEL
         assert ndimage.label(bright)[1] == COUNT_WORDS.index(match["count"] or "zero"), record["id"]
+        assert match["present"] == ("yes" if match["count"] else "no"), record["answer"]
         seen.update([match["modality"], match["organ"]])
     assert all(seen[word] >= 10 for word in ("ct", "mri", "x-ray", "brain", "chest", "abdomen")), seen
 

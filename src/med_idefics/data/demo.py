@@ -108,12 +108,16 @@ def pathology_design(rng: np.random.Generator, n: int) -> list[DemoImage]:
 
 
 def caption(image: DemoImage) -> str:
-    """e.g. ``ct of the brain with two lesions on the left side.``"""
+    """e.g. ``ct of the brain with two lesions on the left side. lesion: yes.``
+
+    The closing findings line puts ``yes``/``no`` (and ``zero``) into the base's pretraining targets: a word the tiny
+    base never generated keeps a random output row that LoRA (which leaves ``lm_head`` frozen) cannot make it produce
+    on cue — without it, every fine-tuned variant answered every closed question "no"."""
     if image.count == 0:
-        findings = "no lesions"
+        findings = "zero lesions"
     else:
         findings = f"{_COUNT_WORDS[image.count]} lesion{'s' if image.count > 1 else ''} on the {image.side} side"
-    return f"{image.look} of the {image.organ} with {findings}."
+    return f"{image.look} of the {image.organ} with {findings}. lesion: {_yes_no(image.count > 0)}."
 
 
 def _lesion_questions(image: DemoImage) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
