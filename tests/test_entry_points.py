@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+import yaml
 from safetensors.torch import load_file
 
 BIN = Path(sys.executable).parent
@@ -80,3 +81,25 @@ def _env_with_venv() -> dict[str, str]:
     import os
 
     return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_mlflow_run_evaluate_entry_point_with_its_empty_default_name(project, repo_root):
+    """Parameters left empty must reach the CLI as "not given" (MLflow shell-quotes values itself)."""
+    from med_idefics.data.schema import write_splits
+
+    write_splits(project / "data", "syn-vqa", {"nonsense": [
+        {"id": "n1", "image": None, "question": "how many wheels does the liver have?", "answer": "i do not know",
+         "answer_type": "open", "dataset": "syn-vqa", "split": "nonsense"},
+    ]})  # fmt: skip
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["nonsense"] = {"dataset": "syn-vqa", "split": "nonsense"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in ("MLproject", "conda.yaml"):
+        shutil.copy(repo_root / name, project / name)
+
+    command = [str(BIN / "mlflow"), "run", str(project), "-e", "evaluate", "--env-manager", "local",
+               "--experiment-name", "med-idefics", "-P", "variant=base", "-P", "suite=med-halt"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env_with_venv())
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((project / "outputs/mlproject/metrics/base/med-halt.json").read_text())
+    assert metrics["n"] == 1 and metrics["variant"] == "base"
