@@ -11,15 +11,16 @@ export OMP_NUM_THREADS ?= 1
 .DEFAULT_GOAL := help
 .PHONY: help demo test demo-check test-slow lint format venv clean-outputs
 
-demo: venv ## Run the demo profile end to end, offline on CPU: demo data, then `dvc repro`
+demo: venv ## Run the demo profile end to end, offline on CPU: demo data, `dvc repro`, then check the science
 	med-idefics data demo
 	dvc repro
+	$(MAKE) --no-print-directory demo-check
 	@echo "Results: reports/results.md · MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 test: venv ## Run the offline test-suite (no network, no GPU), two workers
 	pytest -q -n 2 -m "not demo and not slow"
 
-demo-check: venv ## Check that the demo's numbers move as a correct pipeline makes them move (after make demo)
+demo-check: venv ## Check that the demo's numbers move as a correct pipeline makes them move (make demo runs it)
 	pytest -q -p no:cacheprovider -m demo tests/test_demo_results.py
 
 test-slow: venv ## Also run the tests marked slow

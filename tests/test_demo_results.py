@@ -1,5 +1,6 @@
-"""The demo must show the science works: checked on the outputs of the demo pipeline by `make demo-check` (after
-`make demo`); `make test` deselects it, since a fresh clone has no pipeline outputs. A missing metrics file fails."""
+"""The demo must show the science works: checked on the outputs of the demo pipeline by `make demo-check`, the last
+step of `make demo`; `make test` deselects it, since a fresh clone has no pipeline outputs. A missing metrics file
+fails."""
 
 import json
 
