@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from med_idefics.config import ConfigError, Params
 from med_idefics.data.suites import MED_HALT, Suite, load_suite
+from med_idefics.files import write_json
 from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
 from med_idefics.modeling.adapters import AdapterError, is_remote, resolve_adapter
 from med_idefics.modeling.generation import generate_answers, load_adapted_model
@@ -241,18 +241,3 @@ def _log_results(suite_name: str, rows, metrics: Mapping, predictions_path: Path
     else:
         table["exact_match"] = [contains_answer(row["answer"], row["prediction"], PAPER) for row in rows]
     mlflow.log_table(data=table, artifact_file="predictions.json")
-
-
-def write_json(path: Path, data: Mapping) -> Path:
-    """Atomically: a temp file in the same folder, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -13,12 +13,11 @@ untouched. Errors name the file and the line (JSONL) or the row index (JSON list
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from med_idefics.data.schema import ANSWER_TYPES, infer_answer_type
+from med_idefics.files import write_atomic
 
 REQUIRED_FIELDS = ("question", "answer", "prediction")
 PAPER_FIELD_NAMES = {"true_answer": "answer", "predicted_answer": "prediction"}
@@ -101,17 +100,7 @@ def write_predictions(path: str | Path, rows: Iterable[Mapping]) -> Path:
         if missing:
             raise PredictionsError(f"prediction row {index} (id {row.get('id', '?')}): missing field(s) {missing}")
         lines.append(json.dumps({name: row[name] for name in WRITTEN_FIELDS}, ensure_ascii=False) + "\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.writelines(lines)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, "".join(lines))
 
 
 def align_predictions(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping]) -> list[Mapping]:

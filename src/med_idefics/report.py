@@ -11,14 +11,13 @@ on every start.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from med_idefics.config import Params
 from med_idefics.data.suites import EXPERT_PROMPT, MED_HALT, PATH_VQA, SUITES, SWAP, VQA_RAD
+from med_idefics.files import write_atomic
 
 METRICS_DIR = "metrics"
 PREDICTIONS_DIR = "outputs/predictions"
@@ -62,22 +61,6 @@ CLAIMS = (
     Claim("Swapped image vs plain (two-stage)", ("two-stage", VQA_RAD), ("two-stage", SWAP), "swapping hurts"),
     Claim("Expert vs plain (two-stage)", ("two-stage", VQA_RAD), ("two-stage", EXPERT_PROMPT), "expert helps"),
 )
-
-
-def write_atomic(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def metrics_path(metrics_dir: str | Path, variant: str, suite: str, human: bool = False) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from med_idefics.config import Params
 from med_idefics.data.schema import OPEN
 from med_idefics.data.suites import SWAP, VQA_RAD
+from med_idefics.files import write_atomic
 from med_idefics.predictions import answer_type_of, read_predictions
 from med_idefics.report import (
     METRICS_DIR,
@@ -28,7 +29,6 @@ from med_idefics.report import (
     metrics_path,
     predictions_path,
     read_json,
-    write_atomic,
 )
 
 PAPER_COLUMNS = ("question", "true_answer", "predicted_answer", "correctness", "justification")

@@ -16,6 +16,7 @@ from typing import Any
 
 from med_idefics.config import ConfigError, Params, StageConfig
 from med_idefics.data.schema import read_records
+from med_idefics.files import write_json
 from med_idefics.modeling.adapters import resolve_adapter
 
 ADAPTER_DIR = "adapter"
@@ -153,7 +154,7 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
     if trainer.is_world_process_zero():
         _save_adapter(model, out_dir / ADAPTER_DIR)
         summary = _summary(prepared, trainer, result, final_eval, seconds, resumed=resume, run=run)
-        _write_json(out_dir / SUMMARY_FILE, summary)
+        write_json(out_dir / SUMMARY_FILE, summary)
         if run is not None:
             import mlflow
 
@@ -235,10 +236,3 @@ def _init_adapter_tags(ref: str, local: Path) -> dict[str, str]:
     elif ref.startswith("runs:/"):
         tags["stage1_run_id"] = ref.removeprefix("runs:/").split("/")[0]
     return tags
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
