@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import sys
 
 import pytest
@@ -54,19 +53,6 @@ def write_variant(root, variant: str, suite: str, rows: list[dict], extra: dict 
     metrics.parent.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows, seed=0, resamples=1000)
     metrics.write_text(json.dumps({**summary, "variant": variant, "suite": suite, "eval_run_id": "x", **(extra or {})}))
-
-
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
-    """A migrated, empty MLflow store: copying it spares each test the ~8 s of schema migrations."""
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture(autouse=True)
-def migrated_store(isolated_tracking_store, template_db):
-    shutil.copy(template_db, isolated_tracking_store / "mlflow.db")
 
 
 @pytest.fixture
