@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from med_idefics.config import CONFIGS_DIR, PARAMS_FILE, ConfigError, Params, build, deep_merge
+from med_idefics.files import write_atomic
 
 
 def available_profiles(configs_dir: str | Path = CONFIGS_DIR) -> list[str]:
@@ -34,10 +34,9 @@ def switch_profile(name: str, params_file: str | Path = PARAMS_FILE, configs_dir
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = rt.load(params_file.read_text())
     _update_in_place(document, rt.load(overlay_file.read_text()))  # round-trip values keep their spelling
-    fd, tmp = tempfile.mkstemp(dir=params_file.parent, prefix=".params.", suffix=".yaml")
-    with os.fdopen(fd, "w") as handle:
-        rt.dump(document, handle)
-    os.replace(tmp, params_file)
+    text = io.StringIO()
+    rt.dump(document, text)
+    write_atomic(params_file, text.getvalue())
     return params
 
 
