@@ -1,9 +1,11 @@
 """The ``base`` stage: resolve params ``model.base`` into ``model.base_dir``, which every later stage loads from.
 
 - ``tiny``: build a tiny Idefics2 offline (:mod:`med_idefics.modeling.tiny`; tokenizer trained on the training texts
-  only), pretrain it briefly — all parameters, on the caption *training* split — and ``save_pretrained`` model and
-  processor, with ``pretrain_summary.json`` (eval loss on the caption validation split before/after, train loss
-  first/last, steps, seconds, parameter count).
+  only), pretrain it — all parameters, on the general-domain split ``model.pretrain.train_split`` (everyday pictures,
+  captions, questions, nonsense, repeat-the-words; no medical image or caption) — and ``save_pretrained`` model and
+  processor, with ``pretrain_summary.json`` (eval loss on ``model.pretrain.eval_split`` before/after, train loss
+  first/last, steps, seconds, parameter count). Like Idefics2-8b, it answers questions in general and knows medical
+  words as text, but has never seen a medical image: stage 1 is where it learns them.
 - a local folder, or a hub id such as ``HuggingFaceM4/idefics2-8b``: write a pointer ``base.json`` (see
   :mod:`med_idefics.modeling.loading`), no copy of the weights. A hub revision is resolved to its commit hash
   (network needed, ``$HF_TOKEN`` if the model is gated) so that the stage output pins exactly one model.
@@ -102,16 +104,17 @@ def build_tiny_base(params: Params, out_dir: Path) -> dict[str, Any]:
     """Build, pretrain and save the tiny base into ``out_dir``; returns the pretraining summary."""
     from med_idefics.modeling.tiny import build_tiny
 
-    data = params.data
-    # The whole caption training split: the base's pretraining does not follow the stage-1 train_size (nor its sweep).
+    data, cfg = params.data, params.model.pretrain
+    general = read_records(data.root, cfg.dataset, cfg.train_split)
+    validation = read_records(data.root, cfg.dataset, cfg.eval_split)
+    # The tokenizer knows every word of the training texts and of the prompts the stages use (no <unk> in them);
+    # the whole caption split, since the stage-1 size (and its sweep) must not change the base.
     captions = read_records(data.root, data.captions.dataset, data.captions.train_split)
-    validation = read_records(data.root, data.captions.dataset, data.captions.eval_split, limit=data.captions.eval_size)
-    vqa_train = read_records(data.root, data.vqa.dataset, data.vqa.train_split, limit=data.vqa.train_size)
-    # The prompts the stages will use, so that none of their words is <unk> for the tiny base.
+    vqa_train = read_records(data.root, data.vqa.dataset, data.vqa.train_split)
     prompts = (data.caption_prompt, data.prompt_prefix, params.eval.expert_prompt)
-    texts = tokenizer_corpus(captions + vqa_train, extra=prompts)
+    texts = tokenizer_corpus(general + captions + vqa_train, extra=prompts)
     model, processor = build_tiny(texts, params.model.tiny, params.seed, params.model.do_image_splitting)
-    summary = pretrain(model, processor, captions, validation, params.model.pretrain, params.seed)
+    summary = pretrain(model, processor, general, validation, cfg, params.seed)
     summary["vocab_size"] = len(processor.tokenizer)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -133,7 +136,10 @@ def pretrain(
     from med_idefics.modeling.tiny import parameter_count
 
     if not train_records:
-        raise ConfigError("model.base=tiny needs caption training records to pretrain on; none were found")
+        raise ConfigError(
+            f"model.base=tiny needs pretraining records in {cfg.dataset}/{cfg.train_split} (model.pretrain); "
+            "none were found: run `med-idefics data demo`"
+        )
     started = time.perf_counter()
     collator = VqaCollator(processor)
     train, evals = _encode(collator, train_records), _encode(collator, eval_records)

@@ -47,8 +47,11 @@ class TinyModelConfig:
 
 @dataclass
 class PretrainConfig:
-    """Brief full-parameter pretraining of the tiny base on demo captions (training split only)."""
+    """Full-parameter pretraining of the tiny base on the general domain (never on the medical splits)."""
 
+    dataset: str
+    train_split: str
+    eval_split: str
     steps: int
     batch_size: int
     lr: float
@@ -103,6 +106,8 @@ class TrainSource:
 class DemoDataConfig:
     seed: int
     image_size: int
+    n_general_images: int  # the base's general-domain pretraining pictures (~10 records each)
+    n_general_validation_images: int
     n_caption_train: int
     n_caption_validation: int
     n_vqa_train_images: int

@@ -22,6 +22,7 @@ from med_idefics.files import write_atomic
 METRICS_DIR = "metrics"
 PREDICTIONS_DIR = "outputs/predictions"
 REPORT_FILE = "reports/results.md"
+PAIRED_TESTS_FILE = "reports/paired_tests.json"  # the paired tests behind the claims, as data
 FIGURE2_FILE, FIGURE3_FILE = "figure2.png", "figure3.png"  # beside the report
 HUMAN_SUFFIX = "-human"  # metrics/<variant>/<suite>-human.json: human grades (med_idefics.review)
 
@@ -187,6 +188,46 @@ def paired_sections(tests: list[tuple[Claim, dict | str]]) -> list[str]:
     return lines
 
 
+_DIRECTION = {"two-stage is better": 1, "swapping hurts": -1, "expert helps": 1}
+
+
+def claim_verdicts(tests: list[tuple[Claim, dict | str]]) -> list[str]:
+    """One sentence per claim: reproduced (the paired exact-match difference has the claimed sign and McNemar's
+    p < 0.05), or not, with the figures."""
+    lines = []
+    for claim, result in tests:
+        if isinstance(result, str):
+            lines.append(f"- **Not tested** — {claim.title}: {result}.")
+            continue
+        em, closed = result["exact_match"], result["closed_accuracy"]
+        sign = _DIRECTION[claim.expected]
+        reproduced = em["diff"] is not None and em["diff"] * sign > 0 and bool(em["significant"])
+        verdict = "Reproduced" if reproduced else "Not reproduced"
+        figures = (
+            f"exact match {em['diff']:+.3f} (McNemar p = {_p(em)}), closed accuracy {closed['diff']:+.3f} "
+            f"(p = {_p(closed)}), n = {result['n']}"
+        )
+        lines.append(f"- **{verdict}** — {claim.title}: the paper says {claim.expected}; here {figures}.")
+    return lines
+
+
+def _p(entry: dict) -> str:
+    return MISSING if entry.get("p_value") is None else f"{entry['p_value']:.2g}"
+
+
+def paired_tests_json(tests: list[tuple[Claim, dict | str]]) -> dict:
+    """The paired tests as data (:data:`PAIRED_TESTS_FILE`), keyed by the claim's title in lower case."""
+    return {
+        claim.title.lower(): {
+            "a": list(claim.a),
+            "b": list(claim.b),
+            "expected": claim.expected,
+            **({"not_tested": result} if isinstance(result, str) else {"result": result}),
+        }
+        for claim, result in tests
+    }
+
+
 def _signed(diff: float | None, low: float | None, high: float | None) -> str:
     if diff is None:
         return MISSING
@@ -197,10 +238,31 @@ def sweep_points(scores: dict) -> dict[int, dict]:
     return dict(sorted((n, s) for (v, suite), s in scores.items() if suite == SWEEP_SUITE and (n := sweep_size(v))))
 
 
-def sweep_and_human(scores: dict, human: dict, figure: str) -> list[str]:
+def full_stage1_size(params: Params) -> int | None:
+    """How many captions two-stage's stage 1 trained on: ``data.captions.train_size``, or the whole split's size."""
+    captions = params.data.captions
+    if captions.train_size is not None:
+        return captions.train_size
+    from med_idefics.data.schema import count_records
+
+    return count_records(params.data.root, captions.dataset, captions.train_split)
+
+
+def figure3_points(scores: dict, params: Params) -> dict[int, dict]:
+    """Figure 3's curve, stage-1 size → the vqa-rad summary: 0 = single-stage (no stage 1), the sweep points, and the
+    full stage-1 set = two-stage; each only where it was evaluated."""
     points = sweep_points(scores)
+    if (single := scores.get(("single-stage", SWEEP_SUITE))) is not None:
+        points[0] = single
+    if (two_stage := scores.get(("two-stage", SWEEP_SUITE))) is not None and (full := full_stage1_size(params)):
+        points[full] = two_stage
+    return dict(sorted(points.items()))
+
+
+def sweep_and_human(scores: dict, human: dict, figure: str, points: dict[int, dict]) -> list[str]:
     lines = ["", "## Stage-1 training size sweep (Figure 3)", ""]
     if points:
+        lines += ["0 = single-stage (no stage 1); the largest size = two-stage (the full stage-1 set).", ""]
         rows = [[f"{n:,}", *(fmt_metric(s, name) for name in SWEEP_METRICS)] for n, s in points.items()]
         lines += _table(["Stage-1 examples", *(METRIC_LABELS[m] + f" ({SWEEP_SUITE})" for m in SWEEP_METRICS)], rows)
     else:
@@ -237,7 +299,11 @@ def render_markdown(params: Params, scores: dict, human: dict, tests: list, figu
         "Same questions, matched by id. Significant at 0.05: the exact McNemar test for EM and closed accuracy, "
         "a paired-bootstrap interval excluding 0 for the others.",
         *paired_sections(tests),
-        *sweep_and_human(scores, human, figures[1]),
+        "",
+        "## What this run reproduces of the paper's claims",
+        "",
+        *claim_verdicts(tests),
+        *sweep_and_human(scores, human, figures[1], figure3_points(scores, params)),
         "",
     ]
     return "\n".join(lines)
@@ -250,7 +316,7 @@ def _estimate(summary: dict | None, name: str):
     return Estimate(summary.get(name), summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high"))
 
 
-def render_figures(scores: dict) -> tuple[bytes, bytes]:
+def render_figures(scores: dict, params: Params) -> tuple[bytes, bytes]:
     from med_idefics import plots
 
     variants = ordered({v for v, _ in scores if sweep_size(v) is None}, VARIANTS)
@@ -261,18 +327,13 @@ def render_figures(scores: dict) -> tuple[bytes, bytes]:
             label: {v: _estimate(scores.get((v, suite)), name) for v in variants} for name, label in labels.items()
         }
     figure2 = plots.grouped_bars(panels, "Figure 2: metrics by variant (95 % bootstrap intervals)")
-    points = sweep_points(scores)
+    points = figure3_points(scores, params)
     lines = {METRIC_LABELS[m]: [(n, _estimate(s, m)) for n, s in points.items()] for m in SWEEP_METRICS}
-    references = {
-        METRIC_LABELS[m]: {v: _estimate(scores.get((v, SWEEP_SUITE)), m) for v in ("single-stage", "two-stage")}
-        for m in SWEEP_METRICS
-    }
     figure3 = plots.curves(
         lines,
-        f"Figure 3: {SWEEP_SUITE} vs stage-1 training size",
+        f"Figure 3: {SWEEP_SUITE} vs stage-1 training size (0 = single-stage, largest = two-stage)",
         "stage-1 training examples (n)",
         "score",
-        references=references,
         empty_message="no sweep points yet:\nevaluate the two-stage-n<N> variants (params `sweep`)",
     )
     return figure2, figure3
@@ -293,8 +354,9 @@ def build_report(
     scores, human = load_metrics(metrics_dir)
     out = Path(out)
     tests = paired_tests(params, predictions_dir)
-    figure2, figure3 = render_figures(scores)
+    figure2, figure3 = render_figures(scores, params)
     written = {
+        "paired_tests": write_atomic(out.parent / Path(PAIRED_TESTS_FILE).name, json.dumps(paired_tests_json(tests), indent=2)),
         "figure2": write_atomic(out.parent / FIGURE2_FILE, figure2),
         "figure3": write_atomic(out.parent / FIGURE3_FILE, figure3),
     }

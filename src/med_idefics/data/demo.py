@@ -1,8 +1,16 @@
 """The offline demo dataset (`med-idefics data demo`): seeded, byte-identical on every run, nothing downloaded.
 
-Splits of ``data/demo``: ``caption-train`` / ``caption-validation`` (captions for the tiny base's pretraining and
-stage 1), ``train`` / ``test`` (VQA, ~7 questions per image), ``pathology`` (out-of-distribution tissue crops) and
-``nonsense`` (Med-HALT-style questions without an image, answered by abstaining).
+A miniature of the paper's world, split by what each stage may have seen:
+
+- ``general`` / ``general-validation``: the *general domain* the tiny base is pretrained on, as Idefics2 was on web
+  data — everyday pictures (a coloured shape on a photograph, black dots) with captions, instruction-style questions
+  (yes/no and short answers, some behind an assistant persona), nonsense questions answered "i do not know", and a
+  repeat-the-words task over the whole vocabulary (a language model knows the words of medicine as text). No medical
+  image, caption or question is ever in it;
+- ``caption-train`` / ``caption-validation``: medical captions (the ROCO analogue, stage 1) naming modality, organ,
+  lesion count and side;
+- ``train`` / ``test``: a small medical VQA set (the VQA-RAD analogue, stage 2), ~7 questions per image;
+- ``pathology``: out-of-distribution tissue crops; ``nonsense``: Med-HALT-style questions without an image.
 
 The answers need the image: every attribute is a large visual cue (see :mod:`med_idefics.data.demo_images`), and the
 design is balanced so that a model that ignores the image gains nothing from priors — each closed template is answered
@@ -21,7 +29,17 @@ import numpy as np
 from PIL import Image
 
 from med_idefics.config import DemoDataConfig
-from med_idefics.data.demo_images import MODALITIES, ORGANS, SIDES, STAINS, render_pathology, render_radiology
+from med_idefics.data.demo_images import (
+    COLOURS,
+    MODALITIES,
+    ORGANS,
+    SHAPES,
+    SIDES,
+    STAINS,
+    render_general,
+    render_pathology,
+    render_radiology,
+)
 from med_idefics.data.images import to_png_bytes
 from med_idefics.data.schema import DatasetError, infer_answer_type, write_splits
 
@@ -30,7 +48,17 @@ NONSENSE_ANSWER = "i do not know"  # the abstention a Med-HALT nonsense question
 MIN_IMAGE_SIZE = 32  # below this the lesion discs are a couple of pixels wide
 _CHUNK = 256  # images rendered at once: vectorised, in a few MB
 # One random stream per split, so a split's content does not depend on the size of the others.
-_STREAMS = {"caption-train": 0, "caption-validation": 1, "train": 2, "test": 3, "pathology": 4, "nonsense": 5}
+_STREAMS = {
+    "caption-train": 0,
+    "caption-validation": 1,
+    "train": 2,
+    "test": 3,
+    "pathology": 4,
+    "nonsense": 5,
+    "general": 6,
+    "general-validation": 7,
+}
+GENERAL_CAPTION_PROMPT = "describe this image."
 _COUNT_WORDS = ("zero", "one", "two", "three")
 _ARTICLE = {"ct": "a", "mri": "an", "x-ray": "an"}
 _NONSENSE_TEMPLATES = (
@@ -44,6 +72,16 @@ _NONSENSE_TEMPLATES = (
     "in which year was the {} elected president?",
 )
 _NONSENSE_SUBJECTS = ("left ventricle", "liver", "brain", "spleen", "kidney", "lung", "stomach", "pancreas")
+_GENERAL_NONSENSE_SUBJECTS = ("circle", "square", "triangle", "dot", "shape", "picture", "photograph", "colour")
+# Assistant personas before some general questions: the base learns to answer the question whatever preamble it gets
+# (Idefics2's instruction data has many), so a persona at evaluation is not a new kind of input.
+_PERSONAS = (
+    "you are an expert photographer evaluating the picture, answer the question succinctly based on the image.",
+    "you are a helpful assistant, answer the question briefly.",
+    "answer briefly.",
+)
+_PERSONA_SHARE = 0.25
+_REPEAT_PROMPT = "repeat these words:"
 
 T = TypeVar("T")
 
@@ -89,13 +127,20 @@ def _lesions(rng: np.random.Generator, n: int) -> list[tuple[int, str | None, st
 
 
 def radiology_design(rng: np.random.Generator, n: int) -> list[DemoImage]:
-    looks = _balanced(rng, n, [(m, yes) for m in MODALITIES for yes in (True, False)])
-    organs = _balanced(rng, n, [(o, yes) for o in ORGANS for yes in (True, False)])
+    return _design(rng, n, MODALITIES, ORGANS)
+
+
+def general_design(rng: np.random.Generator, n: int) -> list[DemoImage]:
+    """Everyday pictures: ``look`` is the shape's colour, ``organ`` the shape, ``count`` black dots on one side."""
+    return _design(rng, n, COLOURS, SHAPES)
+
+
+def _design(rng: np.random.Generator, n: int, looks: Sequence[str], kinds: Sequence[str]) -> list[DemoImage]:
+    checked_looks = _balanced(rng, n, [(m, yes) for m in looks for yes in (True, False)])
+    checked_kinds = _balanced(rng, n, [(o, yes) for o in kinds for yes in (True, False)])
     return [
-        DemoImage(
-            _checked(rng, MODALITIES, *look), _checked(rng, ORGANS, *organ), count, side, look[0], organ[0], asked
-        )
-        for look, organ, (count, side, asked) in zip(looks, organs, _lesions(rng, n), strict=True)
+        DemoImage(_checked(rng, looks, *look), _checked(rng, kinds, *kind), count, side, look[0], kind[0], asked)
+        for look, kind, (count, side, asked) in zip(checked_looks, checked_kinds, _lesions(rng, n), strict=True)
     ]
 
 
@@ -108,28 +153,31 @@ def pathology_design(rng: np.random.Generator, n: int) -> list[DemoImage]:
 
 
 def caption(image: DemoImage) -> str:
-    """e.g. ``ct of the brain with two lesions on the left side. lesion: yes.``
+    """e.g. ``ct of the brain with two lesions on the left side.``"""
+    return f"{image.look} of the {image.organ} with {_findings(image, 'lesion')}."
 
-    The closing findings line puts ``yes``/``no`` (and ``zero``) into the base's pretraining targets: a word the tiny
-    base never generated keeps a random output row that LoRA (which leaves ``lm_head`` frozen) cannot make it produce
-    on cue — without it, every fine-tuned variant answered every closed question "no"."""
+
+def general_caption(image: DemoImage) -> str:
+    """e.g. ``a red circle with two dots on the left side.``"""
+    return f"a {image.look} {image.organ} with {_findings(image, 'dot')}."
+
+
+def _findings(image: DemoImage, thing: str) -> str:
     if image.count == 0:
-        findings = "zero lesions"
-    else:
-        findings = f"{_COUNT_WORDS[image.count]} lesion{'s' if image.count > 1 else ''} on the {image.side} side"
-    return f"{image.look} of the {image.organ} with {findings}. lesion: {_yes_no(image.count > 0)}."
+        return f"zero {thing}s"
+    return f"{_COUNT_WORDS[image.count]} {thing}{'s' if image.count > 1 else ''} on the {image.side} side"
 
 
-def _lesion_questions(image: DemoImage) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(closed, open) (question, answer) pairs about lesions; side and multiplicity only when there is a lesion."""
-    closed = [("is there a lesion?", _yes_no(image.count > 0))]
-    open_ = [("how many lesions are there?", _COUNT_WORDS[image.count])]
+def _lesion_questions(image: DemoImage, thing: str = "lesion") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(closed, open) (question, answer) pairs about lesions (or dots); side and multiplicity only when there is one."""
+    closed = [(f"is there a {thing}?", _yes_no(image.count > 0))]
+    open_ = [(f"how many {thing}s are there?", _COUNT_WORDS[image.count])]
     if image.count:
         closed += [
-            (f"is the lesion on the {image.asked_side}?", _yes_no(image.side == image.asked_side)),
-            ("is there more than one lesion?", _yes_no(image.count > 1)),
+            (f"is the {thing} on the {image.asked_side}?", _yes_no(image.side == image.asked_side)),
+            (f"is there more than one {thing}?", _yes_no(image.count > 1)),
         ]
-        open_.append(("which side is the lesion on?", image.side))
+        open_.append((f"which side is the {thing} on?", image.side))
     return closed, open_
 
 
@@ -143,13 +191,24 @@ def radiology_questions(image: DemoImage) -> list[tuple[str, str]]:
     return closed + open_
 
 
+def general_questions(image: DemoImage) -> list[tuple[str, str]]:
+    """The general-domain twins of :func:`radiology_questions`: same forms, everyday words."""
+    closed, open_ = _lesion_questions(image, "dot")
+    closed += [
+        (f"is the shape {image.asked_look}?", _yes_no(image.look == image.asked_look)),
+        (f"does this image show a {image.asked_organ}?", _yes_no(image.organ == image.asked_organ)),
+    ]
+    open_ += [("what colour is the shape?", image.look), ("which shape is shown?", image.organ)]
+    return closed + open_
+
+
 def pathology_questions(image: DemoImage) -> list[tuple[str, str]]:
     closed, open_ = _lesion_questions(image)
     return closed + open_ + [("what type of image is this?", "pathology"), ("what stain is used?", image.look)]
 
 
-def nonsense_questions(rng: np.random.Generator, n: int) -> list[str]:
-    pool = [t.format(s) for t in _NONSENSE_TEMPLATES for s in _NONSENSE_SUBJECTS]
+def nonsense_questions(rng: np.random.Generator, n: int, subjects: Sequence[str] = _NONSENSE_SUBJECTS) -> list[str]:
+    pool = [t.format(s) for t in _NONSENSE_TEMPLATES for s in subjects]
     if n > len(pool):
         raise DatasetError(f"data.demo.n_nonsense is {n}, but only {len(pool)} distinct nonsense questions exist")
     return [pool[i] for i in rng.permutation(len(pool))[:n]]
@@ -171,7 +230,9 @@ def _record(record_id: str, split: str, image: bytes | None, question: str, answ
     }
 
 
-def _render(rng: np.random.Generator, size: int, images: list[DemoImage], pathology: bool = False) -> list[bytes]:
+def _render(
+    rng: np.random.Generator, size: int, images: list[DemoImage], pathology: bool = False, general: bool = False
+) -> list[bytes]:
     """PNG bytes of every image, rendered in vectorised chunks."""
     pngs = []
     for start in range(0, len(images), _CHUNK):
@@ -179,6 +240,8 @@ def _render(rng: np.random.Generator, size: int, images: list[DemoImage], pathol
         counts, sides = [i.count for i in chunk], [i.side for i in chunk]
         if pathology:
             pixels = render_pathology(rng, size, [i.look for i in chunk], counts, sides)
+        elif general:
+            pixels = render_general(rng, size, [i.look for i in chunk], [i.organ for i in chunk], counts, sides)
         else:
             pixels = render_radiology(rng, size, [i.look for i in chunk], [i.organ for i in chunk], counts, sides)
         pngs += [to_png_bytes(Image.fromarray(p)) for p in pixels]
@@ -192,6 +255,41 @@ def caption_records(split: str, n: int, size: int, seed: int, prompt: str) -> li
         _record(f"{DATASET}-{split}-{i:05d}", split, png, prompt, caption(image))
         for i, (image, png) in enumerate(zip(images, _render(rng, size, images), strict=True))
     ]
+
+
+def lexicon(caption_prompt: str) -> list[str]:
+    """Every word the demo's training texts use — general and medical — for the base's repeat-the-words task."""
+    texts = [caption_prompt, GENERAL_CAPTION_PROMPT, _REPEAT_PROMPT, *_PERSONAS]
+    domains = ((MODALITIES, ORGANS, caption, radiology_questions), (COLOURS, SHAPES, general_caption, general_questions))
+    for looks, kinds, describe, ask in domains:
+        for count, side in [(0, None), *((c, s) for c in range(1, len(_COUNT_WORDS)) for s in SIDES)]:
+            image = DemoImage(looks[0], kinds[0], count, side, looks[-1], kinds[-1], SIDES[0])
+            texts += [describe(image), *(f"{q} {a}" for q, a in ask(image))]
+    texts += [*MODALITIES, *ORGANS, *COLOURS, *SHAPES]  # every value, not only those the example images name
+    words = {word.strip(".,?:") for text in texts for word in text.lower().split()}
+    return sorted(w for w in words if w)
+
+
+def general_records(split: str, n: int, size: int, seed: int, caption_prompt: str) -> list[dict]:
+    """Per everyday picture: its caption, ~7 questions (a quarter behind a persona), one nonsense question answered
+    "i do not know" and one repeat-the-words task."""
+    rng = np.random.default_rng([seed, _STREAMS[split]])
+    images = general_design(rng, n)
+    pool = len(_NONSENSE_TEMPLATES) * len(_GENERAL_NONSENSE_SUBJECTS)
+    nonsense = nonsense_questions(rng, pool, _GENERAL_NONSENSE_SUBJECTS)
+    words = lexicon(caption_prompt)
+    records = []
+    for i, (image, png) in enumerate(zip(images, _render(rng, size, images, general=True), strict=True)):
+        pairs = [(GENERAL_CAPTION_PROMPT, general_caption(image))]
+        for question, answer in general_questions(image):
+            persona = _PERSONAS[rng.integers(len(_PERSONAS))] if rng.random() < _PERSONA_SHARE else ""
+            pairs.append((f"{persona} {question}".strip(), answer))
+        pairs.append((nonsense[i % len(nonsense)], NONSENSE_ANSWER))
+        repeated = " ".join(rng.choice(words, size=int(rng.integers(1, 5))))
+        pairs.append((f"{_REPEAT_PROMPT} {repeated}", repeated))
+        for q, (question, answer) in enumerate(pairs):
+            records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer))
+    return records
 
 
 def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
@@ -230,6 +328,10 @@ def build_demo_splits(cfg: DemoDataConfig, caption_prompt: str) -> dict[str, lis
     _check(cfg)
     size, seed = cfg.image_size, cfg.seed
     return {
+        "general": general_records("general", cfg.n_general_images, size, seed, caption_prompt),
+        "general-validation": general_records(
+            "general-validation", cfg.n_general_validation_images, size, seed, caption_prompt
+        ),
         "caption-train": caption_records("caption-train", cfg.n_caption_train, size, seed, caption_prompt),
         "caption-validation": caption_records(
             "caption-validation", cfg.n_caption_validation, size, seed, caption_prompt

@@ -200,3 +200,53 @@ def render_pathology(
     lesion_colour = np.array([_PATHOLOGY_LESION[s] for s in stains]).reshape(-1, 1, 1, 3)
     image = tissue + lesion_alpha(rng, size, counts, sides)[..., None] * (lesion_colour - tissue)
     return _to_rgb8(image, grey=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The general domain: what the tiny base is pretrained on before it ever sees a medical image.
+
+COLOURS = ("red", "green", "blue")
+SHAPES = ("circle", "square", "triangle")
+# Light fills, so that black dots stand out on a shape in every channel.
+_RGB = {"red": (0.95, 0.45, 0.42), "green": (0.45, 0.90, 0.45), "blue": (0.45, 0.55, 0.98)}
+_DOT = (0.05, 0.05, 0.05)  # dots are black; lesions are white: the base learns to count blobs, not to see lesions
+
+
+@cache
+def _photo_textures(size: int) -> tuple[np.ndarray, ...]:
+    """Everyday photographs bundled with scikit-image, washed out to pale backgrounds at 2x ``size``."""
+    photos = (skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.astronaut())
+    return tuple(0.55 + 0.4 * _resized(photo / 255.0, 2 * size) for photo in photos)
+
+
+@cache
+def shape_masks(size: int) -> dict[str, np.ndarray]:
+    """Alpha masks of the central shape: a disc, a square and an upward triangle, each about half the image."""
+    x, y = _grid(size)
+    triangle = (y < 0.78) & (np.abs(x - 0.5) < (y - 0.22) * 0.6)
+    masks = {
+        "circle": _ellipse(size, (0.5, 0.5), (0.30, 0.30)),
+        "square": _ellipse(size, (0.5, 0.5), (0.28, 0.28), power=12.0),
+        "triangle": gaussian_filter(triangle.astype(np.float64), 0.5),
+    }
+    return {name: np.clip(mask, 0.0, 1.0) for name, mask in masks.items()}
+
+
+def render_general(
+    rng: np.random.Generator,
+    size: int,
+    colours: Sequence[str],
+    shapes: Sequence[str],
+    counts: Sequence[int],
+    sides: Sequence[str | None],
+) -> np.ndarray:
+    """(n, size, size, 3) uint8 everyday pictures: a ``colours[i]`` ``shapes[i]`` on a pale photograph, with
+    ``counts[i]`` black dots in the ``sides[i]`` half (the same slots as radiology lesions)."""
+    if not len(colours):
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    background = rng.uniform(0.25, 0.35, size=(len(colours), 1, 1, 1)) + np.zeros((1, size, size, 3))
+    fill = np.array([_RGB[c] for c in colours])[:, None, None, :] + rng.uniform(-0.06, 0.06, (len(colours), 1, 1, 3))
+    mask = np.stack([shape_masks(size)[s] for s in shapes])[..., None]
+    image = background + mask * (fill - background)
+    image += lesion_alpha(rng, size, counts, sides)[..., None] * (np.array(_DOT) - image)
+    return _to_rgb8(image + 0.01 * rng.standard_normal(image.shape), grey=False)

@@ -107,3 +107,11 @@ def read_records(root: str | Path, dataset: str, split: str, limit: int | None =
     if limit is not None:
         table = table.slice(0, limit)
     return table.to_pylist()
+
+
+def count_records(root: str | Path, dataset: str, split: str) -> int:
+    """How many records a split holds, from the parquet footer (no data read)."""
+    path = split_path(root, dataset, split)
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: import it first, or fix data.* in params.yaml")
+    return pq.ParquetFile(path).metadata.num_rows
