@@ -61,6 +61,9 @@ class PretrainConfig:
 class ModelConfig:
     base: str  # a hub id, a local folder, or "tiny"
     base_dir: str  # where `med-idefics base` saves the resolved base (a DVC output)
+    attn_implementation: (
+        str  # transformers' attention kernel in training and evaluation: sdpa | eager | flash_attention_2
+    )
     do_image_splitting: bool
     revision: str | None
     tiny: TinyModelConfig
@@ -138,6 +141,7 @@ class StageConfig:
     logging_steps: int
     precision: str  # auto | fp32 | bf16 | fp16
     gradient_checkpointing: bool
+    dataloader_workers: int  # processes preparing batches (0 = in the training process)
 
 
 @dataclass
@@ -208,6 +212,8 @@ def _check_stage(name: str, stage: StageConfig) -> None:
         raise ConfigError(f"{name}.lr must be > 0, got {stage.lr}")
     if stage.epochs <= 0 and stage.max_steps <= 0:
         raise ConfigError(f"{name}.epochs must be > 0 (or set {name}.max_steps), got {stage.epochs}")
+    if stage.dataloader_workers < 0:
+        raise ConfigError(f"{name}.dataloader_workers must be >= 0, got {stage.dataloader_workers}")
     if stage.weight_decay < 0 or stage.warmup_steps < 0:
         raise ConfigError(f"{name}.weight_decay and {name}.warmup_steps must be >= 0")
     if stage.precision not in {"auto", "fp32", "bf16", "fp16"}:
