@@ -228,8 +228,8 @@ def _make_stage1_adapter(params, target: Path, seed: int = 0) -> None:
 def test_every_stage_prepares_a_4bit_base_alike_and_trains_every_lora_weight(project, monkeypatch, stage, section):
     from transformers import Trainer
 
+    from med_idefics.config import precision_label
     from med_idefics.modeling.generation import load_adapted_model
-    from med_idefics.modeling.loading import precision_label
 
     overrides = ["quantization.load_in_4bit=true", "quantization.compute_dtype=bfloat16",
                  "model.attn_implementation=eager", f"{section}.gradient_checkpointing=true",

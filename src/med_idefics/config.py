@@ -87,6 +87,14 @@ class QuantizationConfig:
     compute_dtype: str
 
 
+def precision_label(quantization: QuantizationConfig) -> str:
+    """The precision of training and evaluation alike (:func:`med_idefics.modeling.loading.base_dtype`), as runs
+    record it (param and tag ``precision``) and the report states it: ``4bit-nf4/bfloat16`` for a QLoRA base
+    computing in bf16 (its other weights held in bf16), ``float32`` for a full-precision base in fp32."""
+    dtype = quantization.compute_dtype
+    return f"4bit-{quantization.quant_type}/{dtype}" if quantization.load_in_4bit else dtype
+
+
 @dataclass
 class SplitRef:
     dataset: str

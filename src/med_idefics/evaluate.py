@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from med_idefics.config import ConfigError, Params
+from med_idefics.config import ConfigError, Params, precision_label
 from med_idefics.data.suites import MED_HALT, Suite, load_suite
 from med_idefics.files import write_json
 from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
@@ -130,8 +130,6 @@ def training_run_of(reference: str, adapter_dir: Path) -> str | None:
 
 
 def precision_tag(params: Params) -> str:
-    from med_idefics.modeling.loading import precision_label
-
     return precision_label(params.quantization)
 
 

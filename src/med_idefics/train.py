@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from med_idefics.config import ConfigError, Params, StageConfig
+from med_idefics.config import ConfigError, Params, StageConfig, precision_label
 from med_idefics.data.schema import read_records, records_digest
 from med_idefics.files import tree_digest, write_json
 from med_idefics.modeling.adapters import is_remote, resolve_adapter
@@ -116,7 +116,6 @@ def _checked_processor(params: Params, spec: StageSpec, records: list[dict]):
 def train(params: Params, request: TrainRequest) -> dict[str, Any]:
     """Run one training stage; returns the summary written to ``<out_dir>/train_summary.json``."""
     prepared = prepare(params, request)
-    from med_idefics.modeling.loading import precision_label
     from med_idefics.tracking import is_main_process, log_params, tracked_run
 
     tags = {"variant": prepared.variant, "stage": request.stage}

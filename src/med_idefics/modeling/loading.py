@@ -115,15 +115,9 @@ def base_dtype(quantization: QuantizationConfig) -> torch.dtype:
     them without QLoRA; the vision encoder, ``lm_head``, embeddings and norms with it) is held in
     ``quantization.compute_dtype``, the dtype the 4-bit layers compute in. (peft's k-bit preparation would upcast
     them to fp32 for training only, so a model would be trained at one precision and evaluated at another.)
-    LoRA weights stay fp32 (peft's ``autocast_adapter_dtype``)."""
+    LoRA weights stay fp32 (peft's ``autocast_adapter_dtype``). Runs record the rule as
+    :func:`~med_idefics.config.precision_label`."""
     return torch_dtype(quantization.compute_dtype, "quantization.compute_dtype")
-
-
-def precision_label(quantization: QuantizationConfig) -> str:
-    """The precision rule in words, as runs record it (param and tag ``precision``): ``4bit-nf4/bfloat16`` for a
-    QLoRA base computing in bf16, ``float32`` for a full-precision one."""
-    dtype = quantization.compute_dtype
-    return f"4bit-{quantization.quant_type}/{dtype}" if quantization.load_in_4bit else dtype
 
 
 def local_device() -> int | str:
