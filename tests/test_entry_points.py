@@ -51,25 +51,56 @@ def test_two_process_ddp_training_logs_once_and_saves_a_loadable_adapter(project
         assert match and torch.equal(match[0], value), key
 
 
-def test_mlflow_run_stage2_entry_point(project, repo_root):
-    from med_idefics.config import load_params
-    from med_idefics.train import TrainRequest, train
-
-    train(load_params("params.yaml"), TrainRequest(stage="stage1", out_dir=Path("outputs/stage1")))
+def test_mlflow_run_chains_stage1_stage2_evaluate_through_its_own_outputs(project, repo_root):
+    """`mlflow run . -e stage1`, then `-e stage2`, then `-e evaluate`, each with its defaults: stage 2 continues the
+    entry point's stage 1 and evaluate scores that stage 2 — never a DVC-tracked output, read or written."""
     for name in ("MLproject", "conda.yaml"):
         shutil.copy(repo_root / name, project / name)
 
-    command = [str(BIN / "mlflow"), "run", str(project), "-e", "stage2", "--env-manager", "local",
-               "--experiment-name", "med-idefics", "-P", "lr=0.004"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env_with_venv())
-    assert result.returncode == 0, result.stderr[-4000:]
+    def mlflow_run(entry_point: str, *parameters: str) -> None:
+        command = [str(BIN / "mlflow"), "run", str(project), "-e", entry_point, "--env-manager", "local",
+                   "--experiment-name", "med-idefics"]  # fmt: skip
+        for parameter in parameters:
+            command += ["-P", parameter]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env_with_venv())
+        assert result.returncode == 0, result.stderr[-4000:]
 
-    (run,) = [r for r in _all_runs() if r.data.tags.get("variant") == "two-stage"]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["stage2.lr"] == "0.004"  # the entry point's parameter overrode params.yaml …
-    assert run.data.params["stage2.epochs"] == "2.0"  # … and only that: empty parameters take params.yaml
-    assert (project / "outputs/mlproject/two-stage/adapter/adapter_model.safetensors").is_file()
-    assert not (project / "outputs/two-stage").exists()  # never the DVC-tracked outputs
+    mlflow_run("stage1")
+    mlflow_run("stage2", "lr=0.004")
+    mlflow_run("evaluate", "suite=vqa-rad")
+
+    runs = {r.data.tags.get("variant"): r for r in _all_runs()}
+    stage1, two_stage = runs["stage1"], runs["two-stage"]
+    assert two_stage.info.status == "FINISHED"
+    assert two_stage.data.params["stage2.lr"] == "0.004"  # the entry point's parameter overrode params.yaml …
+    assert two_stage.data.params["stage2.epochs"] == "2.0"  # … and only that: empty parameters take params.yaml
+    assert two_stage.data.tags["init_adapter"] == "outputs/mlproject/stage1/adapter"
+    assert two_stage.data.tags["stage1_run_id"] == stage1.info.run_id
+    (evaluation,) = [r for r in _all_runs() if r.info.run_name == "eval-two-stage-vqa-rad"]
+    assert evaluation.data.tags["training_run_id"] == two_stage.info.run_id
+    metrics = json.loads((project / "outputs/mlproject/metrics/two-stage/vqa-rad.json").read_text())
+    assert metrics["n"] == 3 and metrics["eval_run_id"] == evaluation.info.run_id
+    written = {p.relative_to(project).parts[0:2] for p in project.rglob("*") if p.is_file()}
+    assert {parts for parts in written if parts[0] in ("outputs", "metrics", "reports")} == {("outputs", "mlproject")}
+
+
+def test_no_entry_point_writes_a_dvc_output(repo_root):
+    """Every entry point that writes names its outputs, and they all lie under outputs/mlproject/."""
+    import shlex
+
+    writing_flags = ("--out", "--predictions-dir", "--metrics-dir", "--records-dir")
+    writes_by_default = {"base", "train", "evaluate", "report"}  # commands whose output defaults are DVC outputs
+    entry_points = yaml.safe_load((repo_root / "MLproject").read_text())["entry_points"]
+    for name, entry in entry_points.items():
+        defaults = {
+            k: v.get("default", "") if isinstance(v, dict) else "" for k, v in entry.get("parameters", {}).items()
+        }
+        argv = shlex.split(entry["command"].format(**defaults))
+        outputs = {flag: argv[i + 1] for i, flag in enumerate(argv[:-1]) if flag in writing_flags}
+        if argv[1] in writes_by_default:
+            assert outputs, f"entry point {name}: `{' '.join(argv[:3])}` writes DVC outputs unless told where"
+        for flag, path in outputs.items():
+            assert path.startswith("outputs/mlproject/"), f"entry point {name}: {flag} {path} is not its own output"
 
 
 def _all_runs():

@@ -207,3 +207,166 @@ def test_sigkilled_training_resumes_from_its_checkpoint(project):
     statuses = {r.info.run_id: r.info.status for r in _runs("single-stage")}
     assert statuses[killed.info.run_id] == "KILLED"  # … so the next run marks it
     assert sorted(statuses.values()) == ["FINISHED", "KILLED"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The paper's setup on the tiny base: QLoRA, activation checkpointing, bf16 base weights, one rule for every stage
+
+
+def _make_stage1_adapter(params, target: Path, seed: int = 0) -> None:
+    """A stage-1 adapter without training it (stage 2 only needs its shapes and weights)."""
+    from med_idefics.modeling.loading import load_base_model
+    from med_idefics.modeling.lora import add_lora
+
+    torch.manual_seed(seed)
+    add_lora(load_base_model(params.model.base_dir, params.quantization), params.lora).save_pretrained(target)
+
+
+@pytest.mark.parametrize(
+    ("stage", "section"), [("stage1", "stage1"), ("stage2", "stage2"), ("single-stage", "single_stage")]
+)
+def test_every_stage_prepares_a_4bit_base_alike_and_trains_every_lora_weight(project, monkeypatch, stage, section):
+    from transformers import Trainer
+
+    from med_idefics.config import precision_label
+    from med_idefics.modeling.generation import load_adapted_model
+
+    overrides = ["quantization.load_in_4bit=true", "quantization.compute_dtype=bfloat16",
+                 "model.attn_implementation=eager", f"{section}.gradient_checkpointing=true",
+                 f"{section}.max_steps=2"]  # fmt: skip
+    params = load_params("params.yaml", overrides)
+    if stage == "stage2":
+        _make_stage1_adapter(params, project / "outputs/stage1/adapter")
+
+    seen = {}
+    real_init = Trainer.__init__
+
+    def spy(self, model=None, **kwargs):
+        seen["checkpointing"] = model.base_model.model.is_activation_checkpointing
+        seen["use_cache"] = (model.config.use_cache, model.config.text_config.use_cache)
+        seen["attention"] = model.config._attn_implementation
+        seen["dtypes"] = {n.replace(".default", ""): p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+        seen["lora"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        real_init(self, model=model, **kwargs)
+
+    monkeypatch.setattr(Trainer, "__init__", spy)
+    summary = train(params, TrainRequest(stage=stage, out_dir=Path("outputs/x")))
+
+    assert summary["optimizer_steps"] == 2
+    assert seen["checkpointing"] and seen["use_cache"] == (False, False) and seen["attention"] == "eager"
+    evaluation = load_adapted_model(params.model.base_dir, project / "outputs/x/adapter", params.quantization)
+    evaluated = {n.replace(".default", ""): p.dtype for n, p in evaluation.named_parameters() if "lora_" not in n}
+    assert seen["dtypes"] == evaluated  # one precision rule for training and evaluation
+    trained = load_file(project / "outputs/x/adapter/adapter_model.safetensors")
+    assert len(trained) == len(seen["lora"]) > 0
+    for name, before in seen["lora"].items():
+        key = name.replace(".default", "")
+        assert not torch.equal(trained[key], before), f"{key} did not change: no gradient reached it"
+    (run,) = _runs(summary["variant"])
+    assert run.data.params["precision"] == precision_label(params.quantization) == "4bit-nf4/bfloat16"
+
+
+def test_training_arguments_set_checkpointing_cache_and_workers_explicitly(repo_params, tmp_path):
+    import dataclasses
+
+    from med_idefics.trainer_support import training_arguments
+
+    recipe = dataclasses.replace(repo_params.stage2, gradient_checkpointing=True, dataloader_workers=3)
+    args = training_arguments(recipe, tmp_path, seed=0, run_name="x")
+    assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.use_cache is False and args.dataloader_num_workers == 3
+
+
+def test_init_adapter_runs_uri_resolves_in_the_configured_store(project, tmp_path, _migrated_store_template):
+    """`--init-adapter runs:/…` names a run of params mlflow.tracking_uri, not of MLflow's default store."""
+    import shutil
+
+    env_store = os.environ["MLFLOW_TRACKING_URI"]  # MLflow's default here (mlflow.set_tracking_uri changes the env)
+    store = tmp_path / "configured"
+    store.mkdir()
+    shutil.copy(_migrated_store_template, store / "mlflow.db")
+    configured = [f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db", "stage1.max_steps=1", "stage2.max_steps=1"]
+    first = train(load_params("params.yaml", configured), TrainRequest(stage="stage1", out_dir=Path("outputs/s1")))
+    shutil.rmtree("outputs/s1")  # only the store has it now
+    mlflow.set_tracking_uri(env_store)  # as in a new process: MLflow's default is the env store
+
+    ref = f"runs:/{first['run_id']}/adapter"
+    summary = train(
+        load_params("params.yaml", configured), TrainRequest("stage2", Path("outputs/s2"), init_adapter=ref)
+    )
+    assert summary["optimizer_steps"] == 1
+    in_store = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert {r.info.run_name for r in in_store} == {"stage1", "two-stage"}
+    mlflow.set_tracking_uri(env_store)
+    assert _runs() == []  # nothing went to the env store
+
+
+@pytest.mark.parametrize("flaw", ["no image", "prompt merges with the answer"])
+def test_a_bad_record_fails_before_training_starts(project, tmp_path, flaw):
+    """One record the collator cannot encode, last in the split: the run fails before it starts, naming it."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from med_idefics.data.schema import read_records, write_splits
+
+    params = load_params("params.yaml")
+    records = read_records("data", "syn-vqa", "train")
+    if flaw == "no image":
+        records[-1] = records[-1] | {"image": None}
+    else:  # a tokenizer that merges ": maybe" into one token, as sentencepiece merges across `Assistant: …`
+        base = tmp_path / "merging-base"
+        shutil.copytree(params.model.base_dir, base)
+        processor = AutoProcessor.from_pretrained(base)
+        processor.tokenizer.add_tokens([": maybe"])
+        processor.save_pretrained(base)
+        records[-1] = records[-1] | {"answer": "maybe"}
+        params = load_params("params.yaml", [f"model.base_dir={base}"])
+    write_splits("data", "syn-vqa", {"train": records, "test": read_records("data", "syn-vqa", "test")})
+
+    with pytest.raises(DatasetError, match=records[-1]["id"]):
+        train(params, TrainRequest(stage="single-stage", out_dir=Path("outputs/ss")))
+    assert _runs() == [] and not Path("outputs/ss").exists()
+
+
+def test_a_checkpoint_is_resumed_only_with_the_same_data_base_and_init_adapter(project, tmp_path):
+    """The fingerprint covers what the run reads, not only params and paths."""
+    import shutil
+
+    from med_idefics.data.schema import read_records, write_splits
+    from med_idefics.train import _fingerprint, _prepare_checkpoints, prepare
+
+    params = load_params("params.yaml")
+    _make_stage1_adapter(params, project / "outputs/stage1/adapter")
+    checkpoints = project / "outputs/two-stage/checkpoints"
+
+    def resumable() -> bool:
+        request = TrainRequest(stage="stage2", out_dir=Path("outputs/two-stage"))
+        resumed = _prepare_checkpoints(checkpoints, _fingerprint(params, request, prepare(params, request)))
+        (checkpoints / "checkpoint-4").mkdir(exist_ok=True)
+        (checkpoints / "checkpoint-4/trainer_state.json").write_text("{}")
+        return resumed
+
+    assert resumable() is False  # nothing to resume yet
+    assert resumable() is True  # the same everything: resume
+
+    # Same records count and paths, other answers (regenerated data)
+    train_split = read_records("data", "syn-vqa", "train")
+    write_splits("data", "syn-vqa", {"train": [r | {"answer": "no"} for r in train_split],
+                                     "test": read_records("data", "syn-vqa", "test")})  # fmt: skip
+    assert resumable() is False
+    assert resumable() is True
+
+    # Another stage-1 adapter at the same path
+    _make_stage1_adapter(params, project / "outputs/stage1/adapter", seed=1)
+    assert resumable() is False
+
+    # The base rebuilt in place
+    base = tmp_path / "base-copy"
+    shutil.copytree(params.model.base_dir, base)
+    params = load_params("params.yaml", [f"model.base_dir={base}"])
+    assert resumable() is False
+    assert resumable() is True
+    with (base / "model.safetensors").open("ab") as weights:
+        weights.write(b" ")  # other weights, same path
+    assert resumable() is False

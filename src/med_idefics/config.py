@@ -64,6 +64,9 @@ class PretrainConfig:
 class ModelConfig:
     base: str  # a hub id, a local folder, or "tiny"
     base_dir: str  # where `med-idefics base` saves the resolved base (a DVC output)
+    attn_implementation: (
+        str  # transformers' attention kernel in training and evaluation: sdpa | eager | flash_attention_2
+    )
     do_image_splitting: bool
     revision: str | None
     tiny: TinyModelConfig
@@ -85,6 +88,14 @@ class QuantizationConfig:
     quant_type: str
     double_quant: bool
     compute_dtype: str
+
+
+def precision_label(quantization: QuantizationConfig) -> str:
+    """The precision of training and evaluation alike (:func:`med_idefics.modeling.loading.base_dtype`), as runs
+    record it (param and tag ``precision``) and the report states it: ``4bit-nf4/bfloat16`` for a QLoRA base
+    computing in bf16 (its other weights held in bf16), ``float32`` for a full-precision base in fp32."""
+    dtype = quantization.compute_dtype
+    return f"4bit-{quantization.quant_type}/{dtype}" if quantization.load_in_4bit else dtype
 
 
 @dataclass
@@ -143,6 +154,7 @@ class StageConfig:
     logging_steps: int
     precision: str  # auto | fp32 | bf16 | fp16
     gradient_checkpointing: bool
+    dataloader_workers: int  # processes preparing batches (0 = in the training process)
 
 
 @dataclass
@@ -213,6 +225,8 @@ def _check_stage(name: str, stage: StageConfig) -> None:
         raise ConfigError(f"{name}.lr must be > 0, got {stage.lr}")
     if stage.epochs <= 0 and stage.max_steps <= 0:
         raise ConfigError(f"{name}.epochs must be > 0 (or set {name}.max_steps), got {stage.epochs}")
+    if stage.dataloader_workers < 0:
+        raise ConfigError(f"{name}.dataloader_workers must be >= 0, got {stage.dataloader_workers}")
     if stage.weight_decay < 0 or stage.warmup_steps < 0:
         raise ConfigError(f"{name}.weight_decay and {name}.warmup_steps must be >= 0")
     if stage.precision not in {"auto", "fp32", "bf16", "fp16"}:

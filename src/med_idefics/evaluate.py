@@ -2,8 +2,8 @@
 
 The model is loaded once per invocation and answers every requested suite by batched greedy generation (left-padded
 prompts rendered exactly as in training, stopping at ``<end_of_utterance>``). All variants are evaluated at the same
-precision: params ``quantization`` (4-bit or not) with ``quantization.compute_dtype`` as the model dtype — recorded as
-the run tag ``precision``.
+precision, the training's (:func:`med_idefics.modeling.loading.base_dtype`) — recorded as the run's tag and param
+``precision``.
 
 Per suite: predictions ``<predictions_dir>/<variant>/<suite>.jsonl`` (JSONL rows of
 :func:`med_idefics.predictions.write_predictions`), metrics ``<metrics_dir>/<variant>/<suite>.json``
@@ -11,10 +11,11 @@ Per suite: predictions ``<predictions_dir>/<variant>/<suite>.jsonl`` (JSONL rows
 ``variant``, ``suite``, ``eval_run_id``) and one MLflow run ``eval-<variant>-<suite>``, nested under the training run
 it evaluates when that run is in the store.
 
-A variant is ``base``; a name whose adapter is ``outputs/<name>/adapter`` (``single-stage``, ``two-stage``, sweep
-points such as ``two-stage-n500``); or an adapter reference — anything containing ``/`` (a folder, ``runs:/…``,
-``models:/…``), named in outputs by ``--name`` or else by the reference with every other character than letters,
-digits, ``.``, ``_`` and ``-`` turned into ``-`` (``runs:/abc/adapter`` → ``runs-abc-adapter``).
+A variant is ``base``; a name whose adapter is ``<outputs_dir>/<name>/adapter`` (``outputs/`` unless the request
+says; ``single-stage``, ``two-stage``, sweep points such as ``two-stage-n500``); or an adapter reference — anything
+containing ``/`` (a folder, ``runs:/…``, ``models:/…``), named in outputs by ``--name`` or else by the reference with
+every other character than letters, digits, ``.``, ``_`` and ``-`` turned into ``-`` (``runs:/abc/adapter`` →
+``runs-abc-adapter``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from med_idefics.config import ConfigError, Params
+from med_idefics.config import ConfigError, Params, precision_label
 from med_idefics.data.suites import MED_HALT, Suite, load_suite
 from med_idefics.files import write_json
 from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
@@ -66,6 +67,7 @@ class EvalRequest:
     predictions_dir: Path = PREDICTIONS_DIR
     metrics_dir: Path = METRICS_DIR
     dvc_stage: str | None = None
+    outputs_dir: Path = OUTPUTS_DIR  # where a variant name's adapter is: <outputs_dir>/<name>/adapter
 
 
 @dataclass
@@ -86,7 +88,7 @@ def output_name(variant: str) -> str:
     return name
 
 
-def resolve_target(variant: str, name: str | None = None) -> Target:
+def resolve_target(variant: str, name: str | None = None, outputs_dir: Path = OUTPUTS_DIR) -> Target:
     """The variant's adapter folder and training run; a missing adapter raises naming the command that makes it."""
     if name is not None and output_name(name) != name:
         raise ConfigError(f"--name {name!r}: use only letters, digits, '.', '_' and '-'")
@@ -95,7 +97,7 @@ def resolve_target(variant: str, name: str | None = None) -> Target:
     if is_reference(variant):
         adapter_dir = resolve_adapter(variant)
         return Target(name or output_name(variant), variant, adapter_dir, training_run_of(variant, adapter_dir))
-    folder = OUTPUTS_DIR / variant / "adapter"
+    folder = Path(outputs_dir) / variant / "adapter"
     command = _TRAINING_COMMANDS.get(variant, f"the `med-idefics train` command (or `dvc repro` stage) for {variant}")
     adapter_dir = resolve_adapter(
         str(folder), missing_hint=f"Variant {variant!r} has not been trained: run {command} first."
@@ -128,8 +130,7 @@ def training_run_of(reference: str, adapter_dir: Path) -> str | None:
 
 
 def precision_tag(params: Params) -> str:
-    quant = params.quantization
-    return f"4bit-{quant.quant_type}/{quant.compute_dtype}" if quant.load_in_4bit else quant.compute_dtype
+    return precision_label(params.quantization)
 
 
 def load_model(params: Params, target: Target):
@@ -137,7 +138,10 @@ def load_model(params: Params, target: Target):
     from med_idefics.modeling.loading import load_processor
 
     processor = load_processor(params.model.base_dir)
-    return processor, load_adapted_model(params.model.base_dir, target.adapter_dir, params.quantization)
+    model = load_adapted_model(
+        params.model.base_dir, target.adapter_dir, params.quantization, params.model.attn_implementation
+    )
+    return processor, model
 
 
 def prediction_rows(suite: Suite, raws: Sequence[str]) -> list[dict]:
@@ -168,7 +172,7 @@ def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
     suites = [load_suite(params, name) for name in request.suites]
     experiment_id = setup_tracking(params)  # also points MLflow at the store that runs:/ and models:/ refer to
     try:
-        target = resolve_target(request.variant, request.name)
+        target = resolve_target(request.variant, request.name, request.outputs_dir)
     except AdapterError as err:
         raise ConfigError(str(err)) from err
     processor, model = load_model(params, target)
@@ -179,7 +183,7 @@ def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
 def evaluate_suite(params, request, target: Target, suite: Suite, model, processor, parent: str | None) -> SuiteResult:
     """One suite as one tracked run: generate, score, write the two files, log them."""
     from med_idefics.predictions import write_predictions
-    from med_idefics.tracking import tracked_run
+    from med_idefics.tracking import log_params, tracked_run
 
     tags = {
         "variant": target.name,
@@ -190,6 +194,8 @@ def evaluate_suite(params, request, target: Target, suite: Suite, model, process
     }
     run_name = f"eval-{target.name}-{suite.name}"
     with tracked_run(params, run_name, tags=tags, parent_run_id=parent, dvc_stage=request.dvc_stage) as run:
+        if run is not None:
+            log_params({"precision": tags["precision"]}, run.info.run_id)
         raws = generate_answers(
             model,
             processor,

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from med_idefics.config import Params
+from med_idefics.config import Params, precision_label
 from med_idefics.data.suites import EXPERT_PROMPT, MED_HALT, PATH_VQA, SUITES, SWAP, VQA_RAD
 from med_idefics.files import write_atomic
 
@@ -287,6 +287,7 @@ def render_markdown(params: Params, scores: dict, human: dict, tests: list, figu
         "",
         f"Profile `{params.profile}`. Each value is a mean with its 95 % percentile-bootstrap interval "
         f"({params.eval.bootstrap_resamples} resamples, seed {params.eval.seed}); {MISSING} = not evaluated.",
+        f"Precision `{precision_label(params.quantization)}`, in training and evaluation alike.",
         "",
         "## Figure 2: variants × suites",
         "",

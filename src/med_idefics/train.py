@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from med_idefics.config import ConfigError, Params, StageConfig
-from med_idefics.data.schema import read_records
-from med_idefics.files import write_json
-from med_idefics.modeling.adapters import resolve_adapter
+from med_idefics.config import ConfigError, Params, StageConfig, precision_label
+from med_idefics.data.schema import read_records, records_digest
+from med_idefics.files import tree_digest, write_json
+from med_idefics.modeling.adapters import is_remote, resolve_adapter
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -66,6 +66,7 @@ class Prepared:
     train_records: list[dict]
     eval_records: list[dict]
     init_adapter_dir: Path | None
+    processor: Any  # the base's processor; every record above passed its collator's check
 
 
 def prepare(params: Params, request: TrainRequest) -> Prepared:
@@ -88,23 +89,41 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     init_dir = None
     if spec.continues_adapter:
         ref = request.init_adapter or "outputs/stage1/adapter"
+        if is_remote(ref):
+            from med_idefics.tracking import setup_tracking
+
+            setup_tracking(params)  # runs:/ and models:/ name runs of the configured store, not MLflow's default
         hint = "Run stage 1 first: `med-idefics train stage1` (or `dvc repro stage1`)."
         init_dir = resolve_adapter(ref, missing_hint=hint)
     elif request.init_adapter:
         raise ConfigError(f"--init-adapter is only for stage2; {request.stage} starts from the bare base")
+    processor = _checked_processor(params, spec, train_records + eval_records)
     variant = request.variant or variant_name(request.stage, request.train_size)
-    return Prepared(spec, recipe, variant, train_records, eval_records, init_dir)
+    return Prepared(spec, recipe, variant, train_records, eval_records, init_dir, processor)
+
+
+def _checked_processor(params: Params, spec: StageSpec, records: list[dict]):
+    """The base's processor, after every record passed the collator's check: a bad record fails here, naming it,
+    not mid-epoch (where a resume would replay the failure)."""
+    from med_idefics.data.collator import VqaCollator
+    from med_idefics.modeling.loading import load_processor
+
+    processor = load_processor(params.model.base_dir)
+    VqaCollator(processor, prompt_prefix=_prefix(params, spec)).check(records)
+    return processor
 
 
 def train(params: Params, request: TrainRequest) -> dict[str, Any]:
     """Run one training stage; returns the summary written to ``<out_dir>/train_summary.json``."""
     prepared = prepare(params, request)
-    from med_idefics.tracking import is_main_process, tracked_run
+    from med_idefics.tracking import is_main_process, log_params, tracked_run
 
     tags = {"variant": prepared.variant, "stage": request.stage}
     if prepared.init_adapter_dir is not None:
         tags |= _init_adapter_tags(request.init_adapter or "outputs/stage1/adapter", prepared.init_adapter_dir)
     with tracked_run(params, run_name=prepared.variant, tags=tags, dvc_stage=request.dvc_stage) as run:
+        if run is not None:
+            log_params({"precision": precision_label(params.quantization)}, run.info.run_id)
         summary = _train(params, request, prepared, run)
         if is_main_process() and run is not None:
             _log_outputs(request.out_dir, summary)
@@ -116,8 +135,7 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
     from transformers import Trainer
 
     from med_idefics.data.collator import VqaCollator
-    from med_idefics.modeling.adapters import check_adapter_fits
-    from med_idefics.modeling.loading import load_base_model, load_processor
+    from med_idefics.modeling.loading import load_base_model
     from med_idefics.modeling.lora import add_lora
     from med_idefics.trainer_support import MlflowStepLogger, NonFiniteLossGuard, RecordDataset, training_arguments
 
@@ -126,22 +144,15 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
     checkpoints = out_dir / CHECKPOINT_DIR
     resume = _prepare_checkpoints(checkpoints, _fingerprint(params, request, prepared))
 
-    processor = load_processor(params.model.base_dir)
-    model = load_base_model(params.model.base_dir, params.quantization)
-    if prepared.init_adapter_dir is not None:
-        from peft import PeftModel
-
-        check_adapter_fits(prepared.init_adapter_dir, model)
-        # Continue the stage-1 adapter's weights: the same adapter, made trainable — not a second one on top.
-        model = PeftModel.from_pretrained(model, str(prepared.init_adapter_dir), is_trainable=True)
-    else:
-        model = add_lora(model, params.lora, quantized=params.quantization.load_in_4bit)
+    model = load_base_model(params.model.base_dir, params.quantization, params.model.attn_implementation)
+    # One preparation for all three stages; stage 2 continues the stage-1 adapter's weights.
+    model = add_lora(model, params.lora, prepared.recipe.gradient_checkpointing, prepared.init_adapter_dir)
 
     args = training_arguments(prepared.recipe, checkpoints, seed=params.seed, run_name=prepared.variant)
     trainer = Trainer(
         model=model,
         args=args,
-        data_collator=VqaCollator(processor, prompt_prefix=_prefix(params, prepared.spec)),
+        data_collator=VqaCollator(prepared.processor, prompt_prefix=_prefix(params, prepared.spec)),
         train_dataset=RecordDataset(prepared.train_records),
         eval_dataset=RecordDataset(prepared.eval_records) if prepared.eval_records else None,
         callbacks=[NonFiniteLossGuard(), MlflowStepLogger(run)],
@@ -170,13 +181,19 @@ def _prefix(params: Params, spec: StageSpec) -> str:
 
 
 def _fingerprint(params: Params, request: TrainRequest, prepared: Prepared) -> dict[str, Any]:
-    """What must be equal for a checkpoint to be resumed rather than discarded."""
+    """What must be equal for a checkpoint to be resumed rather than discarded: the configuration and the contents
+    of what the run reads — the records, the base and the adapter it continues (paths alone would let a rebuilt
+    base or regenerated data resume a stale checkpoint)."""
+    from med_idefics.modeling.loading import base_digest
+
     return {
         "stage": request.stage,
         "params": {k: v for k, v in params.flat().items() if not k.startswith(("eval.", "registry.", "mlflow."))},
         "train_size": request.train_size,
-        "init_adapter": str(prepared.init_adapter_dir) if prepared.init_adapter_dir else None,
         "n_train": len(prepared.train_records),
+        "data": records_digest(prepared.train_records + prepared.eval_records),
+        "base": base_digest(params.model.base_dir),
+        "init_adapter": tree_digest(prepared.init_adapter_dir) if prepared.init_adapter_dir else None,
     }
 
 

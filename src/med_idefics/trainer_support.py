@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from med_idefics.config import StageConfig
+from med_idefics.modeling.lora import CHECKPOINTING_KWARGS
 
 
 class NonFiniteLoss(RuntimeError):
@@ -62,11 +63,13 @@ def training_arguments(recipe: StageConfig, output_dir: Path, seed: int, run_nam
         save_steps=recipe.save_steps,
         save_total_limit=2,
         activation_checkpointing=recipe.gradient_checkpointing,
+        activation_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS),
+        use_cache=False,  # explicit: training never reuses the KV cache
         seed=seed,
         data_seed=seed,
         report_to=[],  # MLflow logging is ours (MlflowStepLogger): one run per stage, named by variant
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=recipe.dataloader_workers,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
         **resolve_precision(recipe.precision),

@@ -37,9 +37,15 @@ SUITE_NAMES = ("vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt")
     default="metrics",
     help="Metrics go to <dir>/<name>/<suite>.json.",
 )
+@click.option(
+    "--outputs-dir",
+    type=click.Path(file_okay=False),
+    default="outputs",
+    help="Where a trained variant's adapter is: <dir>/<variant>/adapter.",
+)
 @click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the runs).")
 @params_options
-def evaluate_command(variant, suite, name, predictions_dir, metrics_dir, dvc_stage, params) -> None:
+def evaluate_command(variant, suite, name, predictions_dir, metrics_dir, outputs_dir, dvc_stage, params) -> None:
     """Answer the evaluation suites with VARIANT (greedy, batched) and score them: one MLflow run per suite."""
     from med_idefics.data.suites import parse_suites
     from med_idefics.evaluate import EvalRequest, evaluate
@@ -51,6 +57,7 @@ def evaluate_command(variant, suite, name, predictions_dir, metrics_dir, dvc_sta
         predictions_dir=Path(predictions_dir),
         metrics_dir=Path(metrics_dir),
         dvc_stage=dvc_stage,
+        outputs_dir=Path(outputs_dir),
     )
     for suite_name, result in evaluate(params, request).items():
         metrics = result.metrics

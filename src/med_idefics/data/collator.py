@@ -65,6 +65,23 @@ class VqaCollator:
     def __call__(self, records: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         return self.pad(self.encode(records))
 
+    def check(self, records: Sequence[Mapping], chunk: int = 256) -> None:
+        """Raise :class:`DatasetError` naming the first record this collator would fail on — no image, or a prompt
+        whose tokens are not a prefix of the training text's, or no ``<end_of_utterance>`` after the answer — by
+        the same tokenization as :meth:`encode` but without the images, so a whole split is checked in seconds
+        before training starts (rather than failing mid-epoch, and again on every resume)."""
+        for start in range(0, len(records), chunk):
+            part = records[start : start + chunk]
+            for record in part:
+                if record.get("image") is None:
+                    record_image(record)  # raises, naming the record
+            full = [render_prompt(self.processor, r["question"], self.prompt_prefix, r["answer"]) for r in part]
+            prompts = [render_prompt(self.processor, r["question"], self.prompt_prefix) for r in part]
+            full_ids = self.processor(text=full)["input_ids"]
+            prompt_ids = self.processor(text=prompts)["input_ids"]
+            for record, ids, prompt in zip(part, full_ids, prompt_ids, strict=True):
+                self.answer_labels(torch.tensor(ids), prompt, record)
+
     def encode(self, records: Sequence[Mapping]) -> list[dict[str, torch.Tensor]]:
         """One unpadded example per record: 1-D ``input_ids``/``labels``, ``pixel_values`` (images, C, H, W)."""
         full = [render_prompt(self.processor, r["question"], self.prompt_prefix, r["answer"]) for r in records]
@@ -107,13 +124,14 @@ class VqaCollator:
         """``input_ids`` with every token outside the answer (+ its closing ``<end_of_utterance>``) set to -100."""
         n_prompt = len(prompt_ids)
         if input_ids[:n_prompt].tolist() != list(prompt_ids):
-            raise ValueError(
+            raise DatasetError(
                 f"record {record.get('id', '?')}: the tokenized prompt is not a prefix of the tokenized training text; "
-                "the tokenizer merges tokens across the `Assistant:` boundary, so prompt masking would be wrong"
+                "the tokenizer merges tokens across the `Assistant:` boundary, so prompt masking would be wrong. "
+                "Fix or drop the record (its answer's first characters)"
             )
         ends = (input_ids[n_prompt:] == self.end_of_utterance_id).nonzero()
         if len(ends) == 0:
-            raise ValueError(f"record {record.get('id', '?')}: no {END_OF_UTTERANCE} after the answer (truncated?)")
+            raise DatasetError(f"record {record.get('id', '?')}: no {END_OF_UTTERANCE} after the answer (truncated?)")
         end = n_prompt + int(ends[0]) + 1
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[n_prompt:end] = input_ids[n_prompt:end]

@@ -17,16 +17,22 @@ from med_idefics.config import QuantizationConfig
 from med_idefics.prompts import END_OF_UTTERANCE
 
 
-def load_adapted_model(base_dir: str | Path, adapter_dir: str | Path | None, quantization: QuantizationConfig):
-    """The base in ``base_dir`` (or what its pointer names) at ``quantization`` (4-bit or not, with
-    ``compute_dtype`` as the model dtype), on the GPU when there is one, with the adapter on top; in eval mode."""
-    import torch
-
+def load_adapted_model(
+    base_dir: str | Path,
+    adapter_dir: str | Path | None,
+    quantization: QuantizationConfig,
+    attn_implementation: str | None = None,
+):
+    """The base in ``base_dir`` (or what its pointer names) at the training precision
+    (:func:`~med_idefics.modeling.loading.base_dtype`), on this process's GPU when there is one, with the adapter on
+    top; in eval mode."""
     from med_idefics.modeling.adapters import check_adapter_fits
-    from med_idefics.modeling.loading import load_base_model
+    from med_idefics.modeling.loading import load_base_model, local_device
 
-    device_map = {"": 0} if torch.cuda.is_available() else None
-    model = load_base_model(base_dir, quantization, dtype=quantization.compute_dtype, device_map=device_map)
+    device = local_device()
+    model = load_base_model(
+        base_dir, quantization, attn_implementation, device_map=None if device == "cpu" else {"": device}
+    )
     if adapter_dir is not None:
         from peft import PeftModel
 

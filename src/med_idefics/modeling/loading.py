@@ -8,6 +8,7 @@ Both also record ``do_image_splitting`` from params. A hub token is read from ``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -63,6 +64,23 @@ def base_source(base_dir: str | Path) -> tuple[str, dict[str, Any]]:
     return pointer["id"], {"revision": pointer.get("revision"), "token": hub_token()}
 
 
+def base_digest(base_dir: str | Path) -> str:
+    """What identifies the base for resuming: the digest of ``base_dir`` (the tiny base's weights, or a pointer with
+    its hub id and revision); for a pointer to a local folder also that folder's file names, sizes and times (its
+    weights are too large to hash at every start)."""
+    from med_idefics.files import tree_digest
+
+    digest = tree_digest(base_dir)
+    pointer = read_pointer(base_dir)
+    if pointer is not None and pointer["source"] == "local":
+        target = Path(pointer["path"])
+        listing = sorted(
+            (str(p.relative_to(target)), p.stat().st_size, p.stat().st_mtime_ns) for p in target.rglob("*")
+        )
+        digest += "+" + hashlib.blake2b(repr(listing).encode(), digest_size=16).hexdigest()
+    return digest
+
+
 def hub_token() -> str | bool:
     """``$HF_TOKEN``, or False: never a token cached on disk by ``huggingface-cli login``."""
     return os.environ.get("HF_TOKEN") or False
@@ -92,25 +110,43 @@ def quantization_config(quantization: QuantizationConfig) -> BitsAndBytesConfig 
     )
 
 
+def base_dtype(quantization: QuantizationConfig) -> torch.dtype:
+    """The precision rule, the same in training, evaluation and serving: every weight that is not 4-bit (all of
+    them without QLoRA; the vision encoder, ``lm_head``, embeddings and norms with it) is held in
+    ``quantization.compute_dtype``, the dtype the 4-bit layers compute in. (peft's k-bit preparation would upcast
+    them to fp32 for training only, so a model would be trained at one precision and evaluated at another.)
+    LoRA weights stay fp32 (peft's ``autocast_adapter_dtype``). Runs record the rule as
+    :func:`~med_idefics.config.precision_label`."""
+    return torch_dtype(quantization.compute_dtype, "quantization.compute_dtype")
+
+
+def local_device() -> int | str:
+    """This process's device: the GPU of its rank (``LOCAL_RANK`` under torchrun/accelerate, else 0), or the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def load_base_model(
     base_dir: str | Path,
     quantization: QuantizationConfig,
-    dtype: torch.dtype | str = torch.float32,
+    attn_implementation: str | None = None,
     device_map: str | dict | None = None,
 ) -> Idefics2ForConditionalGeneration:
-    """The base model from ``base_dir`` (or what its pointer names), in ``dtype``; 4-bit nf4 when
-    ``quantization.load_in_4bit`` (weights then land on the GPU if there is one, else the CPU, unless
-    ``device_map`` says otherwise)."""
+    """The base model from ``base_dir`` (or what its pointer names) at the precision of :func:`base_dtype`; 4-bit nf4
+    when ``quantization.load_in_4bit`` (weights then land on this rank's GPU if there is one, else the CPU, unless
+    ``device_map`` says otherwise). ``attn_implementation`` is params ``model.attn_implementation`` (None:
+    transformers chooses)."""
     source, kwargs = base_source(base_dir)
     bnb = quantization_config(quantization)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-        kwargs["device_map"] = device_map or {"": 0 if torch.cuda.is_available() else "cpu"}
+        kwargs["device_map"] = device_map or {"": local_device()}
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    dtype = torch_dtype(dtype, "dtype") if isinstance(dtype, str) else dtype
-    model = Idefics2ForConditionalGeneration.from_pretrained(source, dtype=dtype, **kwargs)
-    return model
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return Idefics2ForConditionalGeneration.from_pretrained(source, dtype=base_dtype(quantization), **kwargs)
 
 
 def torch_dtype(name: str, key: str) -> torch.dtype:

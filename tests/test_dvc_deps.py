@@ -1,0 +1,99 @@
+"""Each dvc.yaml stage depends on every project module its command can run, found by a static import graph: a change
+to any of them must re-run the stage. Generic over dvc.yaml (plain and ``foreach`` stages alike)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import shlex
+import textwrap
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from med_idefics.cli import main
+
+PACKAGE = "med_idefics"
+
+
+def _stages(repo_root: Path) -> dict[str, dict]:
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}  # foreach: the `do` template
+
+
+def _command_callback(cmd: str):
+    """The click callback a stage's ``med-idefics …`` command line runs."""
+    argv = shlex.split(cmd)
+    assert argv[0] == "med-idefics", f"not a med-idefics command: {cmd}"
+    command: click.Command = main
+    for word in argv[1:]:
+        if not isinstance(command, click.Group) or word not in command.commands:
+            break
+        command = command.commands[word]
+    return command.callback
+
+
+def _imported_modules(tree: ast.AST, src: Path) -> set[str]:
+    """Project modules named by the import statements anywhere in ``tree`` (lazy, function-level imports too)."""
+    found = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] == PACKAGE and _module_file(name, src) is not None:
+                found.add(name)
+    return found
+
+
+def _module_file(module: str, src: Path) -> Path | None:
+    path = src / Path(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def stage_modules(cmd: str, src: Path) -> set[Path]:
+    """Source files (relative to the repo) of the project modules the stage's command imports, transitively;
+    the ``cli`` layer and package ``__init__`` files are not stage logic and are left out."""
+    callback = inspect.unwrap(_command_callback(cmd))
+    pending = _imported_modules(ast.parse(textwrap.dedent(inspect.getsource(callback))), src)
+    seen: set[str] = set()
+    while pending:
+        module = pending.pop()
+        if module in seen or module.startswith(f"{PACKAGE}.cli"):
+            continue
+        seen.add(module)
+        pending |= _imported_modules(ast.parse(_module_file(module, src).read_text()), src)
+    files = {_module_file(module, src) for module in seen}
+    return {f.relative_to(src.parent) for f in files if f.name != "__init__.py"}
+
+
+def test_the_import_graph_finds_lazy_imports(repo_root):
+    modules = {str(p) for p in stage_modules("med-idefics train stage1", repo_root / "src")}
+    assert "src/med_idefics/train.py" in modules  # imported inside the CLI function
+    assert "src/med_idefics/modeling/lora.py" in modules  # imported inside train._train
+    assert "src/med_idefics/data/images.py" in modules  # through the collator
+    assert not any(m.startswith("src/med_idefics/cli/") for m in modules)
+
+
+@pytest.mark.parametrize("stage", sorted(_stages(Path(__file__).resolve().parents[1])))
+def test_every_stage_depends_on_every_module_it_imports(repo_root, stage):
+    spec = _stages(repo_root)[stage]
+    deps = {Path(dep) for dep in spec.get("deps", [])}
+    needed = stage_modules(spec["cmd"], repo_root / "src")
+    covered = {m for m in needed if any(m == d or d in m.parents for d in deps)}
+    missing = sorted(str(m) for m in needed - covered)
+    assert not missing, f"dvc.yaml stage {stage} runs {missing} but does not list them in its deps"
+
+
+def test_the_base_does_not_depend_on_the_stage1_training_size(repo_root):
+    """`base` pretrains on the whole caption split: a stage-1 size change must not re-pretrain it."""
+    params = [p if isinstance(p, str) else next(iter(p)) for p in _stages(repo_root)["base"]["params"]]
+    key = "data.captions.train_size"
+    assert not [p for p in params if key == p or key.startswith(p + ".")], f"base depends on {key} via {params}"
