@@ -59,7 +59,7 @@ class PretrainConfig:
 
 @dataclass
 class ModelConfig:
-    base: str  # a hub id, a local folder, or "tiny"
+    base: str  # a hub id, a local folder, "tiny" or "tiny-real-processor"
     base_dir: str  # where `med-idefics base` saves the resolved base (a DVC output)
     do_image_splitting: bool
     revision: str | None
