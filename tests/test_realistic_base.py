@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bitsandbytes.nn import Linear4bit
 from mlflow import MlflowClient
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -22,7 +23,7 @@ from med_idefics.data.collator import IGNORE_INDEX, VqaCollator, build_generatio
 from med_idefics.data.schema import write_splits
 from med_idefics.modeling import realistic
 from med_idefics.modeling.generation import generate_answers, load_adapted_model, stop_token_ids
-from med_idefics.modeling.loading import load_processor
+from med_idefics.modeling.loading import load_base_model, load_processor
 from med_idefics.prompts import END_OF_UTTERANCE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -248,6 +249,8 @@ def test_qlora_training_and_evaluation_run_on_cpu(real_processor_project, base_d
     root = real_processor_project
     qlora = {"quantization.load_in_4bit": True, "quantization.compute_dtype": "float32"}
     params = project_params(root, base_dir, **qlora)
+    quantized = load_base_model(base_dir, params.quantization)  # what the stages load: the language side in 4 bits
+    assert any(isinstance(m, Linear4bit) and ".text_model." in name for name, m in quantized.named_modules())
     summary = train(params, TrainRequest("single-stage", root / "outputs" / "single-stage"))
     assert (
         summary["optimizer_steps"] == 2 and math.isfinite(summary["first_loss"]) and math.isfinite(summary["eval_loss"])
