@@ -40,6 +40,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Tests only: Mistral-7B's tokenizer for the tiny-real-processor base, from the mistral-common wheel, kept off
+	# sys.path (importable without its deps it breaks transformers' processors; with them it downgrades numpy).
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/mistral-common mistral-common==1.13.1
 	touch $@
 
 clean-outputs: ## Remove pipeline outputs (outputs/, metrics/, reports/), keeping data/ and mlflow.db

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from med_idefics.metrics import compare, score_row, summarize
+from med_idefics.metrics import compare, llava_normalize, score_row, summarize
 from med_idefics.predictions import PredictionsError
 from med_idefics.stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci
 
@@ -54,14 +54,90 @@ def test_paper_metrics_on_hand_computed_rows(answer, prediction, exact_match, f1
         ("x-ray", "an x ray", 1.0, 1.0),
     ],
 )
-def test_normalized_mode(answer, prediction, exact_match, f1):
-    score = score_row(row(answer, prediction), mode="normalized")
+def test_strict_mode_text_metrics(answer, prediction, exact_match, f1):
+    score = score_row(row(answer, prediction), mode="strict")
     assert (score.exact_match, score.f1) == (exact_match, pytest.approx(f1))
 
 
+@pytest.mark.parametrize(
+    ("answer", "prediction", "paper", "strict"),
+    [
+        ("no", "normal", 1.0, 0.0),  # the paper finds "no" in "normal", "nodule", "not", "none", "know"
+        ("no", "nodule", 1.0, 0.0),
+        ("no", "not seen", 1.0, 0.0),
+        ("no", "I don't know", 1.0, 0.0),
+        ("yes", "yes no", 1.0, 0.0),  # both words: no verdict
+        ("no", "yes no", 1.0, 0.0),
+        ("yes", "Yes, but no effusion.", 1.0, 0.0),
+        ("no", "No.", 1.0, 1.0),
+        ("no", "no, none", 1.0, 1.0),
+        ("yes", "yes yes", 1.0, 1.0),
+        ("yes", "eyes", 1.0, 0.0),  # "yes" inside another word
+        ("yes", "there is a mass", 0.0, 0.0),  # neither word
+        ("no", "yes", 0.0, 0.0),
+        ("left", "left", 1.0, 1.0),  # a closed question whose options are not yes/no: the whole answer must match
+        ("left", "Left.", 1.0, 1.0),
+        ("left", "left and right", 1.0, 0.0),
+        ("MRI", "mri", 1.0, 1.0),
+    ],
+)
+def test_strict_closed_accuracy_against_the_papers_substring_test(answer, prediction, paper, strict):
+    rows = [row(answer, prediction, answer_type="closed")]
+    for mode in ("paper", "strict", "llava-med"):
+        summary = summarize(rows, seed=0, resamples=RESAMPLES, mode=mode)
+        assert summary["closed_accuracy_strict"] == strict, mode  # the same in every mode
+    assert summarize(rows, seed=0, resamples=RESAMPLES, mode="paper")["closed_accuracy"] == paper
+    assert summarize(rows, seed=0, resamples=RESAMPLES, mode="strict")["closed_accuracy"] == strict
+
+
+def test_answering_yes_no_to_everything_is_perfect_for_the_paper_and_zero_strict():
+    rows = [row(answer, "yes no") for answer in ("yes", "no", "yes", "no")]
+    summary = summarize(rows, seed=0, resamples=RESAMPLES, mode="paper")
+    assert (summary["closed_accuracy"], summary["closed_accuracy_strict"]) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "normalized"),
+    [
+        ("The left lung.", "left lung"),  # articles and periods dropped
+        ("3.5 cm", "3.5 cm"),  # a period before a digit stays
+        ("Two lesions, one cyst", "2 lesions 1 cyst"),  # number words to digits; a comma touching a space deleted
+        ("none", "0"),
+        ("x-ray", "x ray"),  # a mark between letters becomes a space
+        ("x - ray", "x ray"),  # … and vanishes where it touches a space
+        ("1,000 cells (approx)", "1000 cells approx"),  # digit,digit: every listed mark deleted
+        ("T2-weighted?", "t2 weighted"),
+    ],
+)
+def test_llava_med_normalization(text, normalized):
+    assert llava_normalize(text.lower()) == normalized
+
+
+@pytest.mark.parametrize(
+    ("answer", "prediction", "exact_match", "recall"),
+    [
+        ("left lung", "lung lung lung", 0.0, 3 / 4),  # repeats count: tp 3, fn 1 (distinct-token recall: 1/2)
+        ("left lung", "the left lung.", 1.0, 1.0),
+        ("two", "2 lesions", 1.0, 1.0),
+        ("no", "normal", 1.0, 0.0),  # LLaVA-Med's closed accuracy is a substring test too
+        ("pneumothorax", "", 0.0, 0.0),
+    ],
+)
+def test_llava_med_mode(answer, prediction, exact_match, recall):
+    score = score_row(row(answer, prediction), mode="llava-med")
+    assert score.exact_match == exact_match and score.recall == pytest.approx(recall)
+    assert score.closed == exact_match
+
+
+def test_llava_med_open_recall_counts_repeated_prediction_words():
+    rows = [row("left lung", "lung lung lung", answer_type="open"), row("edema", "edema", answer_type="open")]
+    assert summarize(rows, seed=0, resamples=RESAMPLES, mode="llava-med")["open_recall"] == pytest.approx(7 / 8)
+    assert summarize(rows, seed=0, resamples=RESAMPLES, mode="strict")["open_recall"] == pytest.approx(3 / 4)
+
+
 def test_unknown_mode_is_an_error():
-    with pytest.raises(ValueError, match="unknown scoring mode 'strict'"):
-        score_row(row("yes", "yes"), mode="strict")
+    with pytest.raises(ValueError, match="unknown scoring mode 'normalized'"):
+        score_row(row("yes", "yes"), mode="normalized")
 
 
 def test_closed_and_open_split_inferred_from_yes_no_answers():
@@ -99,7 +175,7 @@ def varied_rows(n: int = 40) -> list[dict]:
 def test_bootstrap_intervals_contain_the_mean_and_follow_the_seed():
     rows = varied_rows()
     summary = summarize(rows, seed=7, resamples=RESAMPLES)
-    for name in ("exact_match", "f1", "bleu", "closed_accuracy", "open_recall"):
+    for name in ("closed_accuracy_strict", "exact_match", "f1", "bleu", "closed_accuracy", "open_recall"):
         assert summary[f"{name}_ci_low"] <= summary[name] <= summary[f"{name}_ci_high"], name
         assert summary[f"{name}_ci_low"] < summary[f"{name}_ci_high"], name
     assert summarize(rows, seed=7, resamples=RESAMPLES) == summary
@@ -128,7 +204,8 @@ def test_compare_uses_mcnemar_for_exact_match():
     rows_a = [row("yes", "yes" if ok else "no", id=str(i)) for i, ok in enumerate(correct_a)]
     rows_b = [row("yes", "yes" if ok else "no", id=str(i)) for i, ok in enumerate(correct_b)]
     result = compare(rows_a, rows_b, seed=0, resamples=RESAMPLES)
-    for name in ("exact_match", "closed_accuracy"):
+    for name in ("closed_accuracy_strict", "exact_match", "closed_accuracy"):
+        assert result[name]["test"] == "mcnemar_exact"
         assert result[name]["p_value"] == pytest.approx(18 / 256)
         assert result[name]["diff"] == pytest.approx(6 / 16)
         assert result[name]["significant"] is False

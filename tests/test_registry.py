@@ -43,9 +43,10 @@ def make_adapter(folder: Path, base_dir: Path, target_modules: str, seed: int) -
 def write_metrics(root: Path, variant: str, closed_accuracy: float, eval_run_id: str | None = None) -> None:
     folder = root / "metrics" / variant
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = {"variant": variant, "suite": "vqa-rad", "eval_run_id": eval_run_id, "n": 40, "exact_match": 0.5,
-               "closed_accuracy": closed_accuracy, "closed_accuracy_ci_low": closed_accuracy - 0.1,
-               "closed_accuracy_ci_high": closed_accuracy + 0.1}  # fmt: skip
+    metrics = {"variant": variant, "suite": "vqa-rad", "eval_run_id": eval_run_id, "n": 40, "exact_match": 0.5}
+    for name in ("closed_accuracy_strict", "closed_accuracy"):  # promotion ranks on the strict one (params)
+        metrics |= {name: closed_accuracy, f"{name}_ci_low": closed_accuracy - 0.1,
+                    f"{name}_ci_high": closed_accuracy + 0.1}  # fmt: skip
     (folder / "vqa-rad.json").write_text(json.dumps(metrics))
 
 
@@ -140,13 +141,17 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir):
     assert promote(params)["champion_after"] == two_version
 
 
-def _fake_version(client: MlflowClient, variant: str, closed_accuracy: float | None, eval_run_id: str | None = None):
-    """A version with the tags `register` writes (no model behind it: promotion reads only the registry)."""
+def _fake_version(
+    client: MlflowClient, variant: str, closed_accuracy: float | None, eval_run_id: str | None = None, paper=None
+):
+    """A version with the tags `register` writes (no model behind it: promotion reads only the registry):
+    ``closed_accuracy`` the strict one, ``paper`` the paper's (default: the same)."""
     with mlflow.start_run(run_name=f"fake-{variant}", experiment_id=setup_tracking(load_params("params.yaml"))) as run:
         pass
     tags = {"variant": variant}
     if closed_accuracy is not None:
-        tags |= {"vqa-rad.closed_accuracy": repr(closed_accuracy), "vqa-rad.eval_run_id": eval_run_id or "none"}
+        tags |= {"vqa-rad.closed_accuracy_strict": repr(closed_accuracy), "vqa-rad.eval_run_id": eval_run_id or "none",
+                 "vqa-rad.closed_accuracy": repr(closed_accuracy if paper is None else paper)}  # fmt: skip
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # already there
         client.create_registered_model(NAME)
     return str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags).version)
@@ -192,6 +197,15 @@ def test_promotion_needs_evidence_beats_the_champion_and_is_idempotent(project):
     logged = mlflow.artifacts.load_dict(f"runs:/{decision['run_id']}/promotion.json")
     assert logged["chosen"] == better
     assert sorted(c["version"] for c in logged["candidates"]) == sorted({first, better, worse})  # not `unevaluated`
+
+
+def test_promotion_ranks_on_strict_closed_accuracy_not_the_papers_substring_test(project):
+    params, client = load_params("params.yaml"), MlflowClient()
+    assert params.registry.metric == "closed_accuracy_strict"
+    honest = _fake_version(client, "single-stage", 0.70)
+    yes_no_to_everything = _fake_version(client, "two-stage", 0.0, paper=1.0)  # "yes no": perfect for the paper
+    decision = promote(params)
+    assert decision["chosen"] == honest and yes_no_to_everything != honest
 
 
 def test_significance_required_promotes_only_on_a_significant_paired_test(project):

@@ -101,11 +101,12 @@ def test_report_tables_tests_figures_and_run(evaluated, params):
     assert written["report"].resolve() == evaluated / "reports" / "results.md"
 
     # the Figure-2 table: every variant × suite, values with intervals, "—" for what was not evaluated
+    assert "| Suite | Variant | n | Closed acc. (strict) | EM | F1 | BLEU | Closed acc. (paper) | Open recall |" in text
     two_stage = table_row(text, "vqa-rad", "two-stage", "40")
-    assert two_stage.count("1.000 [1.00, 1.00]") == 5  # EM, F1, BLEU, closed accuracy, open recall: all right
+    assert two_stage.count("1.000 [1.00, 1.00]") == 6  # strict closed acc., EM, F1, BLEU, paper closed acc., recall
     base = table_row(text, "vqa-rad", "base", "40")
     assert re.search(r"\| 0\.500 \[0\.\d\d, 0\.\d\d\] \|", base)  # EM: 10 + 10 of 40 right
-    assert table_row(text, "path-vqa", "base", "—").count("—") == 6
+    assert table_row(text, "path-vqa", "base", "—").count("—") == 7
     assert not [line for line in text.splitlines() if line.startswith("| vqa-rad | two-stage-n")]  # in Figure 3
     assert "0.250 [0.10, 0.40]" in table_row(text, "two-stage", "8")  # med-halt: abstention, hallucination
     assert "0.750 [0.60, 0.90]" in table_row(text, "two-stage", "8")
@@ -113,9 +114,11 @@ def test_report_tables_tests_figures_and_run(evaluated, params):
     # paired tests: clearly better → significant; identical → not; absent → said so
     better = section(text, "Two-stage vs single-stage")
     assert "**yes**" in table_row(better, "EM") and "+0.800" in table_row(better, "EM")
-    assert "**yes**" in table_row(better, "Closed acc.")
+    assert "**yes**" in table_row(better, "Closed acc. (strict)") and "**yes**" in table_row(
+        better, "Closed acc. (paper)"
+    )
     swap = section(text, "Swapped image vs plain (two-stage)")
-    for label in ("EM", "F1", "Closed acc."):
+    for label in ("EM", "F1", "Closed acc. (strict)", "Closed acc. (paper)"):
         assert "+0.000" in table_row(swap, label) and table_row(swap, label).endswith("| no |")
     assert table_row(swap, "EM").split(" | ")[4] == "1"  # McNemar p without discordant pairs
     assert "not evaluated" in section(text, "Two-stage vs base, out of domain")
@@ -146,7 +149,7 @@ def test_partial_results_without_sweep_still_report(tmp_path, monkeypatch, param
     write_variant(tmp_path, "two-stage", "vqa-rad", predicted(12))
     written = build_report(params, out=tmp_path / "out" / "r.md")
     text = written["report"].read_text()
-    assert table_row(text, "vqa-rad", "single-stage", "—").count("—") == 6
+    assert table_row(text, "vqa-rad", "single-stage", "—").count("—") == 7
     assert "no sweep points" in text
     assert_png(tmp_path / "out" / "figure3.png")
 

@@ -55,11 +55,17 @@ def test_seed_and_resamples_default_to_params(tmp_path, repo_root):
     assert score(repo_root, str(path), "--seed", "4", "--resamples", "1000") != explicit
 
 
-def test_normalized_mode_from_the_cli(tmp_path, repo_root):
+def test_strict_and_llava_med_modes_from_the_cli(tmp_path, repo_root):
     path = tmp_path / "predictions.jsonl"
-    path.write_text(jsonl([{"question": "normal?", "answer": "no", "prediction": "normal"}]), encoding="utf-8")
-    assert score(repo_root, str(path), "--resamples", "1000")["exact_match"] == 1.0  # the paper's substring test
-    assert score(repo_root, str(path), "--resamples", "1000", "--mode", "normalized")["exact_match"] == 0.0
+    rows = [{"question": "normal?", "answer": "no", "prediction": "normal"},
+            {"question": "where?", "answer": "left lung", "prediction": "lung lung lung"}]  # fmt: skip
+    path.write_text(jsonl(rows), encoding="utf-8")
+    paper = score(repo_root, str(path), "--resamples", "1000")  # the default: the paper's substring test
+    assert (paper["closed_accuracy"], paper["closed_accuracy_strict"], paper["open_recall"]) == (1.0, 0.0, 0.5)
+    strict = score(repo_root, str(path), "--resamples", "1000", "--mode", "strict")
+    assert (strict["closed_accuracy"], strict["exact_match"]) == (0.0, 0.0)
+    llava = score(repo_root, str(path), "--resamples", "1000", "--mode", "llava-med")
+    assert (llava["closed_accuracy"], llava["open_recall"]) == (1.0, 0.75)
 
 
 def test_cli_modes_are_the_metrics_modes():
@@ -74,6 +80,16 @@ def test_score_the_papers_result_file(repo_root):
     assert summary["n"] == 400 and summary["n_closed"] + summary["n_open"] == 400
     assert (summary["exact_match"], summary["f1"], summary["bleu"]) == pytest.approx((0.5575, 0.5790, 0.5666), abs=1e-4)
     assert summary["exact_match_ci_low"] < 0.5575 < summary["exact_match_ci_high"]
+
+
+@pytest.mark.skipif(not SHARED_REFERENCE.is_dir(), reason=f"reference data not present at {SHARED_REFERENCE}")
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_scores_the_papers_result_file(repo_root, mode):
+    path = SHARED_REFERENCE / "cs231n-results" / "baseline_results.json"
+    summary = score(repo_root, str(path), "--resamples", "1000", "--mode", mode)
+    assert (summary["n"], summary["n_closed"], summary["n_open"]) == (400, 221, 179)
+    for name in ("closed_accuracy_strict", "exact_match", "f1", "bleu", "closed_accuracy", "open_recall"):
+        assert 0 < summary[f"{name}_ci_low"] <= summary[name] <= summary[f"{name}_ci_high"] < 1, name
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:

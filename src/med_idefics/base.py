@@ -6,6 +6,8 @@
   processor, with ``pretrain_summary.json`` (eval loss on ``model.pretrain.eval_split`` before/after, train loss
   first/last, steps, seconds, parameter count). Like Idefics2-8b, it answers questions in general and knows medical
   words as text, but has never seen a medical image: stage 1 is where it learns them.
+- ``tiny-real-processor``: a tiny random Idefics2 behind Idefics2-8b's real processor
+  (:mod:`med_idefics.modeling.realistic`), saved without pretraining: offline checks of sentencepiece and 980 px images.
 - a local folder, or a hub id such as ``HuggingFaceM4/idefics2-8b``: write a pointer ``base.json`` (see
   :mod:`med_idefics.modeling.loading`), no copy of the weights. A hub revision is resolved to its commit hash
   (network needed, ``$HF_TOKEN`` if the model is gated) so that the stage output pins exactly one model.
@@ -32,6 +34,7 @@ from med_idefics.data.schema import read_records
 from med_idefics.modeling.loading import hub_token, write_pointer
 
 TINY = "tiny"
+REAL_PROCESSOR = "tiny-real-processor"  # = med_idefics.modeling.realistic.NAME (tested)
 SUMMARY_FILE = "pretrain_summary.json"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 ENCODE_CHUNK = 256  # records per processor call when encoding the pretraining data once
@@ -45,6 +48,10 @@ def build_base(params: Params, base_dir: str | Path | None = None) -> dict[str, 
     with _replacing(out) as staging:
         if base == TINY:
             result = build_tiny_base(params, staging)
+        elif base == REAL_PROCESSOR:  # random, not pretrained: for offline checks of the real 8B processor
+            from med_idefics.modeling.realistic import save_realistic_base
+
+            result = save_realistic_base(staging, params.seed, params.model.do_image_splitting)
         elif Path(base).is_dir():
             if not (Path(base) / "config.json").is_file():
                 raise ConfigError(f"model.base={base!r} is a folder without config.json; point it at a saved model")
@@ -57,7 +64,8 @@ def build_base(params: Params, base_dir: str | Path | None = None) -> dict[str, 
             write_pointer(staging, result)
         else:
             raise ConfigError(
-                f"model.base={base!r} is neither `tiny`, an existing local folder, nor a hub id like owner/name"
+                f"model.base={base!r} is neither `tiny`, `{REAL_PROCESSOR}`, an existing local folder, "
+                "nor a hub id like owner/name"
             )
     return result
 

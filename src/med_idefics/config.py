@@ -62,7 +62,7 @@ class PretrainConfig:
 
 @dataclass
 class ModelConfig:
-    base: str  # a hub id, a local folder, or "tiny"
+    base: str  # a hub id, a local folder, "tiny" or "tiny-real-processor"
     base_dir: str  # where `med-idefics base` saves the resolved base (a DVC output)
     attn_implementation: (
         str  # transformers' attention kernel in training and evaluation: sdpa | eager | flash_attention_2

@@ -1,16 +1,25 @@
 """Answer-level VQA metrics, their means with bootstrap intervals, and the paired comparison of two variants.
 
-Two families, both computed on already-extracted predictions (:func:`med_idefics.prompts.extract_answer`):
+Every score JSON has exact match, F1, BLEU, closed accuracy (over closed questions) and open recall (over open
+questions), computed by one of three modes, plus ``closed_accuracy_strict``, the same in every mode: the one number
+promotion ranks on and the report shows first.
 
-* the paper's (csbrendan/CS231N; reproduced row for row on its published result files, see
-  ``tests/test_conformance.py``): exact match = the lowercased ground truth is a *substring* of the prediction;
-  F1 over the *sets* of nltk tokens, divided by the token *list* lengths; unigram BLEU without smoothing;
-* the literature's (LLaVA-Med): closed accuracy = exact match over closed (yes/no) questions, open recall = the share
-  of the ground truth's distinct tokens found in the prediction, over open questions.
-
-``mode="paper"`` scores exactly as the paper did. ``mode="normalized"`` first applies SQuAD-style normalization
-(lowercase; punctuation to spaces; articles a/an/the dropped; whitespace tokens) and counts exact match only for
-whole-token runs, so that ``no`` no longer matches ``normal``; the formulas are otherwise the same.
+* ``paper`` — the paper's (csbrendan/CS231N; reproduced row for row on its published result files, see
+  ``tests/test_conformance.py``): exact match = the lowercased ground truth is a *substring* of the prediction; F1
+  over the *sets* of nltk tokens, divided by the token *list* lengths; unigram BLEU without smoothing; closed accuracy
+  = exact match over closed questions; open recall = the share of the ground truth's distinct tokens found in the
+  prediction. A substring test cannot be trusted on closed questions: "no" is found in "normal", "nodule", "not",
+  and the answer "yes no" is right on every yes/no question.
+* ``strict`` — SQuAD-style normalization first (lowercase; punctuation to spaces; articles a/an/the dropped;
+  whitespace tokens); exact match only for a whole-token run; closed accuracy by :func:`strict_closed_hit`.
+* ``llava-med`` — LLaVA-Med's published evaluation (microsoft/LLaVA-Med ``llava/eval/run_eval_batch.py`` with
+  ``eval_metrics/``): its normalization (:func:`llava_normalize`: numbers words to digits, articles and periods
+  dropped, …); closed accuracy = the normalized truth is a substring of the normalized prediction (every closed
+  question counted: the fixed ``run_eval_batch.py``, not ``run_eval.py``, which skipped wrong answers that contain
+  "yes" or "no"); open recall = true positives over true positives + false negatives where a true positive counts
+  *every* occurrence of a shared word in the prediction (so "lung lung lung" for "left lung" gets 3/4). Exact match
+  is the same substring test, F1 LLaVA-Med's, BLEU unigram — over all questions here, where LLaVA-Med reports those
+  three over open questions only.
 """
 
 from __future__ import annotations
@@ -25,13 +34,16 @@ from nltk.tokenize import word_tokenize
 from nltk.translate.bleu_score import sentence_bleu
 
 from med_idefics.data.schema import CLOSED, OPEN
+from med_idefics.llava_med import llava_f1_recall, llava_normalize
 from med_idefics.predictions import align_predictions, answer_type_of
 from med_idefics.stats import ALPHA, bootstrap_ci, mcnemar_p, paired_bootstrap_ci
 
-PAPER, NORMALIZED = "paper", "normalized"
-MODES = (PAPER, NORMALIZED)
-METRICS = ("exact_match", "f1", "bleu", "closed_accuracy", "open_recall")
-BINARY_METRICS = frozenset({"exact_match", "closed_accuracy"})
+STRICT, PAPER, LLAVA_MED = "strict", "paper", "llava-med"
+MODES = (STRICT, PAPER, LLAVA_MED)
+CLOSED_STRICT = "closed_accuracy_strict"
+METRICS = (CLOSED_STRICT, "exact_match", "f1", "bleu", "closed_accuracy", "open_recall")
+BINARY_METRICS = frozenset({CLOSED_STRICT, "exact_match", "closed_accuracy"})
+YES_NO = frozenset({"yes", "no"})
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -43,7 +55,9 @@ class RowScore:
     exact_match: float  # 1.0 or 0.0
     f1: float
     bleu: float
-    recall: float  # distinct ground-truth tokens found in the prediction: open recall on an open question
+    recall: float  # the mode's open recall of this row (counted over open questions only)
+    closed: float  # the mode's closed-accuracy hit, 1.0 or 0.0 (counted over closed questions only)
+    closed_strict: float  # :func:`strict_closed_hit`, whatever the mode
 
 
 def normalize(text: str) -> str:
@@ -54,18 +68,41 @@ def normalize(text: str) -> str:
 def tokenize(text: str, mode: str = PAPER) -> list[str]:
     if mode == PAPER:
         return word_tokenize(text.lower(), preserve_line=True)
-    if mode == NORMALIZED:
+    if mode == STRICT:
         return normalize(text).split()
+    if mode == LLAVA_MED:
+        return llava_normalize(text.lower()).split()
     raise ValueError(f"unknown scoring mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def contains_answer(truth: str, prediction: str, mode: str = PAPER) -> bool:
-    """The paper's exact match: substring test; normalized mode: the truth's tokens as a contiguous token run."""
+    """Exact match. paper: substring test; strict: the truth's tokens as a contiguous token run; llava-med: substring
+    test after LLaVA-Med's normalization."""
     if mode == PAPER:
         return truth.lower() in prediction.lower()
+    if mode == LLAVA_MED:
+        return llava_normalize(truth.lower()) in llava_normalize(prediction.lower())
     truth_tokens, pred_tokens = tokenize(truth, mode), tokenize(prediction, mode)
     width = len(truth_tokens)
     return any(pred_tokens[i : i + width] == truth_tokens for i in range(len(pred_tokens) - width + 1))
+
+
+def yes_no_verdict(prediction: str) -> str | None:
+    """The answer's yes/no: "yes" or "no" when exactly one of the two occurs as a whole word after normalization
+    ("No." → no, "no, none" → no); None when neither occurs ("normal", "nodule", "not seen") or both do ("yes no",
+    "yes, but no effusion")."""
+    found = YES_NO.intersection(normalize(prediction).split())
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def strict_closed_hit(truth: str, prediction: str) -> bool:
+    """Strict closed accuracy of one closed question: for a yes/no ground truth, the prediction's
+    :func:`yes_no_verdict` equals it; for any other closed ground truth ("left", "MRI": the question offered the
+    options), the normalized prediction *is* the normalized truth (no credit for "left and right")."""
+    expected = normalize(truth)
+    if expected in YES_NO:
+        return yes_no_verdict(prediction) == expected
+    return normalize(prediction) == expected
 
 
 def token_f1(truth_tokens: Sequence[str], pred_tokens: Sequence[str]) -> float:
@@ -78,7 +115,8 @@ def token_f1(truth_tokens: Sequence[str], pred_tokens: Sequence[str]) -> float:
 
 
 def token_recall(truth_tokens: Sequence[str], pred_tokens: Sequence[str]) -> float:
-    """LLaVA-Med's open recall of one row: distinct ground-truth tokens present in the prediction."""
+    """Open recall of one row (paper and strict modes): the share of distinct ground-truth tokens found in the
+    prediction. (LLaVA-Med's own counts repeated prediction words: :func:`llava_f1_recall`.)"""
     truth = set(truth_tokens)
     return len(truth & set(pred_tokens)) / len(truth) if truth else 0.0
 
@@ -91,14 +129,22 @@ def unigram_bleu(truth_tokens: Sequence[str], pred_tokens: Sequence[str]) -> flo
 
 
 def score_row(row: Mapping, mode: str = PAPER) -> RowScore:
-    truth, prediction = row["answer"], row["prediction"]
+    truth, prediction = str(row["answer"]), row["prediction"]
     truth_tokens, pred_tokens = tokenize(truth, mode), tokenize(prediction, mode)
+    exact = float(contains_answer(truth, prediction, mode))
+    strict = float(strict_closed_hit(truth, prediction))
+    if mode == LLAVA_MED:
+        f1, recall = llava_f1_recall(truth_tokens, pred_tokens)
+    else:
+        f1, recall = token_f1(truth_tokens, pred_tokens), token_recall(truth_tokens, pred_tokens)
     return RowScore(
         answer_type=answer_type_of(row),
-        exact_match=float(contains_answer(truth, prediction, mode)),
-        f1=token_f1(truth_tokens, pred_tokens),
+        exact_match=exact,
+        f1=f1,
         bleu=unigram_bleu(truth_tokens, pred_tokens),
-        recall=token_recall(truth_tokens, pred_tokens),
+        recall=recall,
+        closed=strict if mode == STRICT else exact,
+        closed_strict=strict,
     )
 
 
@@ -111,9 +157,16 @@ def metric_samples(scores: Sequence[RowScore]) -> dict[str, np.ndarray]:
     """Each metric's per-question values; closed accuracy and open recall only over their own questions."""
     closed = np.array([s.answer_type == CLOSED for s in scores], dtype=bool)
     opened = np.array([s.answer_type == OPEN for s in scores], dtype=bool)
-    column = {name: np.array([getattr(s, name) for s in scores], dtype=float) for name in ("exact_match", "f1", "bleu")}
-    recall = np.array([s.recall for s in scores], dtype=float)
-    return {**column, "closed_accuracy": column["exact_match"][closed], "open_recall": recall[opened]}
+    column = {name: np.array([getattr(s, name) for s in scores], dtype=float) for name in _NUMBERS}
+    return {
+        CLOSED_STRICT: column["closed_strict"][closed],
+        **{name: column[name] for name in ("exact_match", "f1", "bleu")},
+        "closed_accuracy": column["closed"][closed],
+        "open_recall": column["recall"][opened],
+    }
+
+
+_NUMBERS = ("exact_match", "f1", "bleu", "recall", "closed", "closed_strict")  # RowScore's numeric fields
 
 
 def _mean(values: np.ndarray) -> float | None:

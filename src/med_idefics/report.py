@@ -29,11 +29,12 @@ HUMAN_SUFFIX = "-human"  # metrics/<variant>/<suite>-human.json: human grades (m
 VARIANTS = ("base", "single-stage", "two-stage")  # always shown, "—" when not evaluated
 SWEEP = re.compile(r"two-stage-n(\d+)")  # med_idefics.train.variant_name("stage2", n): the Figure-3 sweep points
 SWEEP_SUITE = VQA_RAD
-METRIC_LABELS = {
+METRIC_LABELS = {  # table columns, in order: first the closed accuracy that promotion ranks on
+    "closed_accuracy_strict": "Closed acc. (strict)",
     "exact_match": "EM",
     "f1": "F1",
     "bleu": "BLEU",
-    "closed_accuracy": "Closed acc.",
+    "closed_accuracy": "Closed acc. (paper)",
     "open_recall": "Open recall",
 }
 MED_HALT_LABELS = {"abstention_rate": "Abstention rate", "hallucination_rate": "Hallucination rate"}

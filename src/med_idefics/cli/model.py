@@ -24,6 +24,8 @@ def base_command(params, out_dir: str | None) -> None:
             f"{where}: tiny base, {result['parameters']:,} parameters, {result['steps']} steps in "
             f"{result['seconds']} s; caption eval loss {result['eval_loss_before']} → {result['eval_loss_after']}"
         )
+    elif result["source"] not in ("hub", "local"):
+        click.echo(f"{where}: {result['source']} base (random weights), {result['parameters']:,} parameters")
     else:
         click.echo(
             f"{where}: points to {result['source']} model {result.get('id') or result.get('path')}"

@@ -4,7 +4,7 @@ import click
 
 from med_idefics.cli.app import main, params_options
 
-SCORING_MODES = ("paper", "normalized")  # = med_idefics.metrics.MODES (kept import-free for a fast --help; tested)
+SCORING_MODES = ("strict", "paper", "llava-med")  # = med_idefics.metrics.MODES (import-free for a fast --help; tested)
 
 
 @main.command("score")
@@ -13,8 +13,9 @@ SCORING_MODES = ("paper", "normalized")  # = med_idefics.metrics.MODES (kept imp
     "--mode",
     type=click.Choice(SCORING_MODES),
     default="paper",
-    help="paper: score exactly as the paper did; normalized: also drop punctuation and articles, and count "
-    "exact match on whole tokens only.",
+    help="paper: exactly as the paper did (exact match and closed accuracy are substring tests); strict: punctuation "
+    "and articles dropped, exact match on whole tokens, closed accuracy by the answer's single yes/no word; "
+    "llava-med: as LLaVA-Med's published evaluation code. Every mode also reports closed_accuracy_strict.",
 )
 @click.option("--seed", type=int, default=None, help="Bootstrap seed [default: params eval.seed].")
 @click.option(
@@ -25,8 +26,9 @@ SCORING_MODES = ("paper", "normalized")  # = med_idefics.metrics.MODES (kept imp
 )
 @params_options
 def score_command(predictions: str, mode: str, seed: int | None, resamples: int | None, params) -> None:
-    """Score a predictions FILE and print one JSON object: n, n_closed, n_open and exact_match, f1, bleu,
-    closed_accuracy, open_recall, each with its 95 % bootstrap interval (<metric>_ci_low, <metric>_ci_high).
+    """Score a predictions FILE and print one JSON object: n, n_closed, n_open and closed_accuracy_strict,
+    exact_match, f1, bleu, closed_accuracy, open_recall, each with its 95 % bootstrap interval (<metric>_ci_low,
+    <metric>_ci_high).
 
     FILE is JSONL rows {question, answer, prediction[, answer_type]} or the paper's JSON list of
     {question, true_answer, predicted_answer}.
