@@ -20,6 +20,8 @@ PROMPT = "Describe this radiology image."
 SMALL = DemoDataConfig(
     seed=7,
     image_size=64,
+    n_general_images=8,
+    n_general_validation_images=2,
     n_caption_train=12,
     n_caption_validation=4,
     n_vqa_train_images=10,
@@ -31,6 +33,8 @@ SMALL = DemoDataConfig(
 MEDIUM = DemoDataConfig(
     seed=11,
     image_size=64,
+    n_general_images=120,
+    n_general_validation_images=4,
     n_caption_train=80,
     n_caption_validation=10,
     n_vqa_train_images=240,
@@ -62,7 +66,10 @@ def test_generation_is_byte_identical_and_seeded(tmp_path):
     first = write_demo_dataset(tmp_path / "a", SMALL, PROMPT)
     second = write_demo_dataset(tmp_path / "b", SMALL, PROMPT)
     other = write_demo_dataset(tmp_path / "c", replace(SMALL, seed=8), PROMPT)
-    assert set(first) == {"caption-train", "caption-validation", "train", "test", "pathology", "nonsense"}
+    assert set(first) == {
+        *("general", "general-validation", "caption-train", "caption-validation"),
+        *("train", "test", "pathology", "nonsense"),
+    }
     for split, (path, _) in first.items():
         assert path.read_bytes() == second[split][0].read_bytes(), split
     assert first["train"][0].read_bytes() != other["train"][0].read_bytes()
@@ -71,6 +78,8 @@ def test_generation_is_byte_identical_and_seeded(tmp_path):
 def test_written_splits_follow_the_schema_and_the_config(tmp_path):
     written = write_demo_dataset(tmp_path, SMALL, PROMPT)
     images_per_split = {
+        "general": SMALL.n_general_images,
+        "general-validation": SMALL.n_general_validation_images,
         "caption-train": SMALL.n_caption_train,
         "caption-validation": SMALL.n_caption_validation,
         "train": SMALL.n_vqa_train_images,
@@ -88,7 +97,7 @@ def test_written_splits_follow_the_schema_and_the_config(tmp_path):
             assert record["dataset"] == "demo" and record["split"] == split
             assert record["answer_type"] == infer_answer_type(record["answer"])
             assert record["answer"] == record["answer"].lower()
-            if not split.startswith("caption"):
+            if not split.startswith(("caption", "general")):
                 assert record["question"] == record["question"].lower()
             if record["image"] is not None:
                 image = image_from_bytes(record["image"])
@@ -101,7 +110,7 @@ def test_written_splits_follow_the_schema_and_the_config(tmp_path):
 
 CAPTION = re.compile(
     r"(?P<modality>ct|mri|x-ray) of the (?P<organ>brain|chest|abdomen) with "
-    r"(zero lesions|(?P<count>one|two|three) lesions? on the (?P<side>left|right) side)\. lesion: (?P<present>yes|no)\."
+    r"(zero lesions|(?P<count>one|two|three) lesions? on the (?P<side>left|right) side)\."
 )
 COUNT_WORDS = ["zero", "one", "two", "three"]
 
@@ -114,7 +123,6 @@ def test_captions_describe_what_the_image_shows(medium):
         assert match, record["answer"]
         bright = _grey(record) >= LESION_LEVEL
         assert ndimage.label(bright)[1] == COUNT_WORDS.index(match["count"] or "zero"), record["id"]
-        assert match["present"] == ("yes" if match["count"] else "no"), record["answer"]
         seen.update([match["modality"], match["organ"]])
     assert all(seen[word] >= 10 for word in ("ct", "mri", "x-ray", "brain", "chest", "abdomen")), seen
 
@@ -198,3 +206,37 @@ def test_invalid_config_is_refused_naming_the_key(tmp_path):
     with pytest.raises(DatasetError, match=r"data\.demo\.n_nonsense"):
         write_demo_dataset(tmp_path, replace(SMALL, n_nonsense=10_000), PROMPT)
     assert not (tmp_path / "demo").exists()
+
+
+MEDICAL_WORDS = re.compile(r"\b(ct|mri|x-ray|brain|chest|abdomen|lesions?|radiology)\b")
+
+
+def test_the_general_domain_has_no_medical_image_caption_or_question(medium):
+    """The base's pretraining split: everyday pictures (coloured, unlike every radiology image), captions and
+    questions without a medical word; medical words occur only as text to repeat, as a language model knows them."""
+    records = medium["general"]
+    kinds = Counter()
+    for record in records:
+        if record["question"].startswith("repeat these words:"):
+            assert record["question"].endswith(record["answer"])
+            kinds["repeat"] += 1
+            continue
+        assert not MEDICAL_WORDS.search(record["question"] + " " + record["answer"]), record
+        kinds["nonsense" if record["answer"] == NONSENSE_ANSWER else record["answer_type"]] += 1
+    assert kinds["repeat"] == kinds["nonsense"] == MEDIUM.n_general_images
+    assert kinds["closed"] > 3 * MEDIUM.n_general_images and kinds["open"] > 3 * MEDIUM.n_general_images
+    repeated = " ".join(r["answer"] for r in records if r["question"].startswith("repeat"))
+    assert MEDICAL_WORDS.search(repeated)
+    image = np.asarray(image_from_bytes(records[0]["image"])).astype(float)
+    assert np.abs(image[..., 0] - image[..., 2]).max() > 60  # a coloured shape
+
+
+def test_general_closed_answers_are_balanced_per_template(medium):
+    answers = defaultdict(list)
+    for record in medium["general"]:
+        if record["answer_type"] == "closed":
+            question = record["question"].rsplit(". ", 1)[-1]  # without a persona
+            answers[question].append(record["answer"] == "yes")
+    assert len(answers) == 10  # dot, 2 sides, multiplicity, 3 colours, 3 shapes
+    for question, yes in answers.items():
+        assert 0.35 <= np.mean(yes) <= 0.65, (question, np.mean(yes), len(yes))

@@ -29,6 +29,8 @@ from med_idefics.predictions import WRITTEN_FIELDS, read_predictions
 SMALL = DemoDataConfig(
     seed=3,
     image_size=64,
+    n_general_images=2,
+    n_general_validation_images=1,
     n_caption_train=4,
     n_caption_validation=1,
     n_vqa_train_images=2,

@@ -98,6 +98,8 @@ def demo_like_data(tmp_path, make_vqa_records):
         root,
         "demo",
         {
+            "general": make_vqa_records([("describe this image.", "a red circle with zero dots.")] * 6, "general", 4),
+            "general-validation": make_vqa_records([("is the rare shape red?", "no")] * 2, "general-validation", 5),
             "caption-train": make_vqa_records([(prompt, "x-ray of the chest with no lesions.")] * 6, "caption-train"),
             "caption-validation": make_vqa_records([(prompt, "ct of the rare brain.")] * 2, "caption-validation", 1),
             "train": make_vqa_records([("is there a lesion?", "yes"), ("which organ?", "chest")], "train", 2),
@@ -137,7 +139,8 @@ def test_base_command_builds_a_pretrained_tiny_base(repo_root, demo_like_data, t
     processor = load_processor(base_dir)
     tokenizer = processor.tokenizer
     unk = tokenizer.unk_token_id
-    assert unk not in tokenizer("x-ray of the chest. is there a lesion? which organ?")["input_ids"]
+    # the general pretraining texts, the medical captions and VQA questions: the base knows every word of them
+    assert unk not in tokenizer("a red circle. x-ray of the chest. is there a lesion? which organ?")["input_ids"]
     assert tokenizer("rare")["input_ids"][-1] == unk  # validation words are not learned
     assert tokenizer("tumour")["input_ids"][-1] == unk  # nor test words
     model = load_base_model(base_dir, FULL_PRECISION)

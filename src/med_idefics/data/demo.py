@@ -272,7 +272,7 @@ def lexicon(caption_prompt: str) -> list[str]:
 
 def general_records(split: str, n: int, size: int, seed: int, caption_prompt: str) -> list[dict]:
     """Per everyday picture: its caption, ~7 questions (a quarter behind a persona), one nonsense question answered
-    "i do not know" and one repeat-the-words task."""
+    "i do not know" and one repeat-the-word task."""
     rng = np.random.default_rng([seed, _STREAMS[split]])
     images = general_design(rng, n)
     pool = len(_NONSENSE_TEMPLATES) * len(_GENERAL_NONSENSE_SUBJECTS)
@@ -285,7 +285,7 @@ def general_records(split: str, n: int, size: int, seed: int, caption_prompt: st
             persona = _PERSONAS[rng.integers(len(_PERSONAS))] if rng.random() < _PERSONA_SHARE else ""
             pairs.append((f"{persona} {question}".strip(), answer))
         pairs.append((nonsense[i % len(nonsense)], NONSENSE_ANSWER))
-        repeated = " ".join(rng.choice(words, size=int(rng.integers(1, 5))))
+        repeated = str(rng.choice(words))
         pairs.append((f"{_REPEAT_PROMPT} {repeated}", repeated))
         for q, (question, answer) in enumerate(pairs):
             records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer))
