@@ -39,6 +39,7 @@ from PIL import Image
 
 from med_idefics.config import Params, QuantizationConfig
 from med_idefics.data.images import ImageRejected, normalize_image, to_png_bytes
+from med_idefics.files import folder_sha256
 from med_idefics.modeling.loading import POINTER_FILE, load_processor, read_pointer
 
 IMAGE, QUESTION, ANSWER, MAX_NEW_TOKENS = "image", "question", "answer", "max_new_tokens"
@@ -93,18 +94,6 @@ def base_reference(base_dir: str | Path) -> str:
     if pointer["source"] == "hub":
         return f"hub:{pointer['id']}@{pointer.get('revision') or 'default'}"
     return f"local:{pointer['path']}"
-
-
-def folder_sha256(folder: str | Path, digest=None) -> str:
-    """sha256 over a folder's files (relative paths and bytes, in path order)."""
-    digest = digest or hashlib.sha256()
-    folder = Path(folder)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def package_sha256(base_dir: str | Path, adapter_dir: str | Path, config: ServingConfig) -> str:
