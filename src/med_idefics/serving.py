@@ -41,6 +41,7 @@ from med_idefics.config import Params, QuantizationConfig
 from med_idefics.data.images import ImageRejected, normalize_image, to_png_bytes
 from med_idefics.files import folder_sha256
 from med_idefics.modeling.loading import POINTER_FILE, load_processor, read_pointer
+from med_idefics.results import RUN_INFO_FILE
 
 IMAGE, QUESTION, ANSWER, MAX_NEW_TOKENS = "image", "question", "answer", "max_new_tokens"
 ADAPTER, PROCESSOR, BASE, CONFIG = "adapter", "processor", "base", "config"
@@ -102,8 +103,8 @@ def package_sha256(base_dir: str | Path, adapter_dir: str | Path, config: Servin
     digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
     folder_sha256(adapter_dir, digest)
     pointer = read_pointer(base_dir)
-    if pointer is None:
-        return folder_sha256(base_dir, digest)
+    if pointer is None:  # the base's run_info.json names the run that built it, not what it is
+        return folder_sha256(base_dir, digest, exclude=RUN_INFO_FILE)
     digest.update(json.dumps(pointer, sort_keys=True).encode())
     return digest.hexdigest()
 
