@@ -6,10 +6,10 @@ beside the database (``<db folder>/mlartifacts``); both paths are git-ignored.
 
 :func:`tracked_run` logs the resolved config (params and ``config.yaml``) and provenance tags, never secrets, and ends
 the run FINISHED, FAILED (tag ``error``) or KILLED (Ctrl-C, SIGTERM). The experiment is tagged as model training
-(:data:`EXPERIMENT_KIND`), so MLflow 3's UI opens it on its runs rather than on the GenAI overview; a run's datasets are
-logged as MLflow inputs (:func:`log_split_inputs`). A SIGKILLed or crashed process cannot end its
-run; the next :func:`tracked_run` on the same host finds it (RUNNING, its pid gone) and marks it KILLED. Only the main
-process (rank 0 under torchrun/accelerate) logs; other ranks get ``None``.
+(:data:`EXPERIMENT_KIND`), not GenAI; a run's datasets are logged as MLflow inputs (:func:`log_split_inputs`).
+A SIGKILLed or crashed process cannot end its run; the next :func:`tracked_run` on the same host finds it (RUNNING,
+its pid gone) and marks it KILLED. Only the main process (rank 0 under torchrun/accelerate) logs; other ranks get
+``None``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ ARTIFACTS_DIR = "mlartifacts"
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _TRUNCATED = "...[truncated]"
-# The tag MLflow 3's UI reads to choose an experiment's pages ("genai_development" opens on traces); without it the UI
-# guesses from the runs, and an experiment without traces can still open on the GenAI overview.
+# MLflow 3's tag for what an experiment is (set by its UI when a user picks the type; read by its assistant). The 3.17
+# UI itself picks pages by its sidebar's GenAI / Model training switch, not by this tag (README: Compare variants).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
