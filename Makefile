@@ -21,7 +21,7 @@ test: venv ## Run the offline test-suite (no network, no GPU), two workers
 	pytest -q -n 2 -m "not demo and not slow"
 
 demo-check: venv ## Check that the demo's numbers move as a correct pipeline makes them move (make demo runs it)
-	pytest -q -p no:cacheprovider -m demo tests/test_demo_results.py
+	pytest -q -p no:cacheprovider -m demo tests/test_demo_results.py tests/test_demo_mlflow.py
 
 test-slow: venv ## Also run the tests marked slow
 	pytest -q -n 2 -m "not demo"

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from med_idefics.config import load_params
-from med_idefics.report import PAIRED_TESTS_FILE, figure3_points, load_metrics
+from med_idefics.report import PAIRED_TESTS_FILE, figure3_points
+from med_idefics.results import load_scores
 
 pytestmark = pytest.mark.demo
 
@@ -33,10 +34,10 @@ def test_the_base_answers_yes_or_no_at_about_chance_and_abstains_on_nonsense(rep
 
 
 def test_two_stage_beats_single_stage_significantly(repo_root):
-    path = repo_root / PAIRED_TESTS_FILE
+    path = repo_root / "reports" / PAIRED_TESTS_FILE
     assert path.is_file(), f"{path} missing: run `make demo` (dvc repro report) first"
-    claim = json.loads(path.read_text())["two-stage vs single-stage"]
-    exact_match = claim["result"]["exact_match"]
+    (claim,) = [c for c in json.loads(path.read_text())["claims"] if c["title"] == "Two-stage vs single-stage"]
+    exact_match = claim["test"]["exact_match"]
     assert exact_match["diff"] >= 0.05, exact_match
     assert exact_match["p_value"] < 0.05, exact_match
 
@@ -53,7 +54,7 @@ def test_the_expert_prompt_stays_within_5_points_of_the_plain_prompt(repo_root):
 
 def test_figure3_rises_with_the_stage1_training_size(repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
-    scores, _ = load_metrics(repo_root / "metrics")
+    scores, _ = load_scores(repo_root / "metrics")
     points = figure3_points(scores, load_params(repo_root / "params.yaml"))
     sizes = sorted(points)
     assert len(sizes) >= 4 and sizes[0] == 0, sizes  # single-stage, >= 2 sweep sizes, the full stage-1 set

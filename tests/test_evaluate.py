@@ -14,7 +14,8 @@ from med_idefics.cli.evaluate import evaluate_command  # registers `evaluate` on
 from med_idefics.config import ConfigError, DemoDataConfig, load_params
 from med_idefics.data.collator import build_generation_batch, record_image
 from med_idefics.data.demo import write_demo_dataset
-from med_idefics.data.suites import SUITES, load_suite
+from med_idefics.data.schema import split_path
+from med_idefics.data.suites import SUITES, load_suite, suite_splits
 from med_idefics.evaluate import (
     Target,
     generate_answers,
@@ -23,8 +24,10 @@ from med_idefics.evaluate import (
     resolve_target,
     training_run_of,
 )
+from med_idefics.files import file_md5
 from med_idefics.metrics import METRICS, summarize
 from med_idefics.predictions import WRITTEN_FIELDS, read_predictions
+from med_idefics.results import read_run_info, write_run_info
 
 SMALL = DemoDataConfig(
     seed=3,
@@ -106,8 +109,7 @@ def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params,
     client = MlflowClient()
     training_run = client.create_run(experiment_id, run_name="two-stage").info.run_id
     client.set_terminated(training_run)
-    summary = workspace / "outputs" / "two-stage" / "train_summary.json"
-    summary.write_text(json.dumps({"run_id": training_run}))
+    write_run_info(workspace / "outputs" / "two-stage", {"variant": "two-stage", "run_id": training_run})
 
     args = ["evaluate", "--variant", "two-stage", "--suite", "all", "--params", str(repo_root / "params.yaml")]
     for key, value in _overrides(workspace).items():
@@ -118,6 +120,10 @@ def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params,
 
     runs = {r.data.tags["suite"]: r for r in client.search_runs([experiment_id], "tags.variant = 'two-stage'")}
     assert sorted(runs) == sorted(SUITES)
+    info = read_run_info(workspace / "metrics" / "two-stage")
+    assert info["training_run_id"] == training_run
+    assert info["eval_runs"] == {suite: run.info.run_id for suite, run in runs.items()}
+    trained = client.get_run(training_run).data.metrics  # the variant's row: every suite's headline numbers
     for suite in SUITES:
         records = load_suite(params, suite).records
         lines = (workspace / "outputs" / "predictions" / "two-stage" / f"{suite}.jsonl").read_text().splitlines()
@@ -128,10 +134,12 @@ def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params,
 
         metrics = json.loads((workspace / "metrics" / "two-stage" / f"{suite}.json").read_text())
         run = runs[suite]
-        assert metrics["variant"] == "two-stage" and metrics["suite"] == suite
-        assert metrics["eval_run_id"] == run.info.run_id and metrics["n"] == len(records)
+        assert metrics["n"] == len(records)
+        assert all(isinstance(v, int | float) or v is None for v in metrics.values()), metrics  # a DVC metric
         names = ("abstention_rate", "hallucination_rate") if suite == "med-halt" else METRICS
         assert {name + end for name in names for end in ("", *CI)} <= set(metrics)
+        for key in (name + end for name in names for end in ("", *CI) if metrics[name + end] is not None):
+            assert trained[f"{suite}/{key}"] == pytest.approx(metrics[key]), key
         if suite != "med-halt":  # the metrics are those of the predictions file
             rows = read_predictions(workspace / "outputs" / "predictions" / "two-stage" / f"{suite}.jsonl")
             assert summarize(rows, seed=0, resamples=1000) == {k: metrics[k] for k in summarize(rows, 0, 1000)}
@@ -148,6 +156,15 @@ def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params,
         assert [a.path for a in client.list_artifacts(run.info.run_id, "predictions")] == [f"predictions/{suite}.jsonl"]
         table = json.loads(Path(client.download_artifacts(run.info.run_id, "predictions.json")).read_text())
         assert len(table["data"]) == len(records)
+        assert {"question", "answer", "prediction", "correct"} <= set(table["columns"])
+        correct = [row[table["columns"].index("correct")] for row in table["data"]]
+        if suite != "med-halt":  # correct is the paper's exact match, question by question
+            assert sum(correct) / len(correct) == pytest.approx(metrics["exact_match"])
+        tables = [a for a in json.loads(tags["mlflow.loggedArtifacts"]) if a["type"] == "table"]
+        assert tables == [{"path": "predictions.json", "type": "table"}]
+        inputs = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+        expected = {(f"{d}/{s}", file_md5(split_path(params.data.root, d, s))) for d, s in suite_splits(params, suite)}
+        assert inputs == expected
 
 
 def test_the_adapter_changes_the_answers(params):
@@ -177,5 +194,34 @@ def test_reference_names_and_training_runs(tmp_path):
     assert output_name("runs:/0123abc/adapter") == "runs-0123abc-adapter"
     assert output_name("models:/med-idefics-vqa@champion") == "models-med-idefics-vqa-champion"
     assert training_run_of("runs:/0123abc/adapter", tmp_path / "adapter") == "0123abc"
-    (tmp_path / "train_summary.json").write_text(json.dumps({"run_id": "feed"}))
+    write_run_info(tmp_path, {"run_id": "feed"})
     assert training_run_of("somewhere/adapter", tmp_path / "adapter") == "feed"
+
+
+def test_the_base_is_a_tracked_run_that_its_evaluations_attach_to(workspace, repo_root, tmp_path, monkeypatch):
+    """`med-idefics base` (here: pointing at a local folder) is the MLflow run `base`, with its provenance; the
+    evaluations of `base` nest under it and put their headline numbers on it, as for a training run."""
+    from med_idefics.base_run import build_tracked_base
+    from med_idefics.evaluate import EvalRequest, evaluate
+    from med_idefics.files import folder_sha256
+    from med_idefics.tracking import setup_tracking
+
+    monkeypatch.chdir(tmp_path)
+    overrides = {"model.base": str(workspace / "base"), "model.base_dir": str(tmp_path / "base")}
+    params = load_params(repo_root / "params.yaml", _overrides(workspace) | overrides)
+    build_tracked_base(params)
+    client, experiment_id = MlflowClient(), setup_tracking(params)
+    (base_run,) = client.search_runs([experiment_id], "attributes.run_name = 'base'")
+    tags = base_run.data.tags
+    assert tags["variant"] == "base" and tags["base.source"] == "local"
+    assert tags["base.path"] == str(workspace / "base") and tags["base.sha256"] == folder_sha256(workspace / "base")
+    assert read_run_info(tmp_path / "base") == {"variant": "base", "source": "local", "run_id": base_run.info.run_id}
+
+    request = EvalRequest("base", ["vqa-rad"], predictions_dir=tmp_path / "pred", metrics_dir=tmp_path / "metrics")
+    scores = evaluate(params, request)["vqa-rad"].metrics
+    (eval_run,) = client.search_runs([experiment_id], "attributes.run_name = 'eval-base-vqa-rad'")
+    assert eval_run.data.tags["mlflow.parentRunId"] == base_run.info.run_id
+    row = client.get_run(base_run.info.run_id).data.metrics
+    for key in ("exact_match", "exact_match_ci_low", "exact_match_ci_high"):
+        assert row[f"vqa-rad/{key}"] == pytest.approx(scores[key])
+    assert read_run_info(tmp_path / "metrics" / "base")["training_run_id"] == base_run.info.run_id

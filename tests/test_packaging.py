@@ -179,3 +179,20 @@ def write_params(tmp_path, repo_root, edit) -> Path:
 def test_invalid_params_raise_naming_the_key(tmp_path, repo_root, edit, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         load_params(write_params(tmp_path, repo_root, edit))
+
+
+def test_dvc_metrics_are_numbers_files_and_the_run_ids_beside_them_are_outputs(repo_root):
+    """`dvc exp show` shows declared metrics as columns: only the numbers files (train_summary.json,
+    metrics/<variant>/<suite>.json) are metrics; the run_info.json beside each is a plain (uncached) output."""
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    checked = 0
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        metrics = [next(iter(m)) if isinstance(m, dict) else m for m in body.get("metrics", [])]
+        outs = {next(iter(o)): o[next(iter(o))] for o in body.get("outs", []) if isinstance(o, dict)}
+        assert not [m for m in metrics if m.endswith("run_info.json")], name
+        folders = {m.rsplit("/", 1)[0] for m in metrics}
+        for folder in folders:
+            assert outs.get(f"{folder}/run_info.json") == {"cache": False}, (name, folder)
+            checked += 1
+    assert checked >= 7  # stage1, stage2, single_stage, the two sweep stages, evaluate, evaluate_sweep

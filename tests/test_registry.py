@@ -21,6 +21,7 @@ from med_idefics.config import load_params
 from med_idefics.data.images import normalize_image, to_png_bytes
 from med_idefics.predictions import write_predictions
 from med_idefics.registry import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote, register
+from med_idefics.results import write_run_info
 from med_idefics.tracking import setup_tracking
 
 NAME = "med-idefics-vqa"
@@ -43,11 +44,12 @@ def make_adapter(folder: Path, base_dir: Path, target_modules: str, seed: int) -
 def write_metrics(root: Path, variant: str, closed_accuracy: float, eval_run_id: str | None = None) -> None:
     folder = root / "metrics" / variant
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = {"variant": variant, "suite": "vqa-rad", "eval_run_id": eval_run_id, "n": 40, "exact_match": 0.5}
+    metrics = {"n": 40, "exact_match": 0.5}
     for name in ("closed_accuracy_strict", "closed_accuracy"):  # promotion ranks on the strict one (params)
         metrics |= {name: closed_accuracy, f"{name}_ci_low": closed_accuracy - 0.1,
                     f"{name}_ci_high": closed_accuracy + 0.1}  # fmt: skip
     (folder / "vqa-rad.json").write_text(json.dumps(metrics))
+    write_run_info(folder, {"variant": variant, "eval_runs": {"vqa-rad": eval_run_id}})
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def trained(project, tiny_base_dir):
     target_modules = load_params("params.yaml").lora.target_modules
     for seed, variant in enumerate(("single-stage", "two-stage"), start=1):
         make_adapter(project / "outputs" / variant / "adapter", tiny_base_dir, target_modules, seed)
-        (project / "outputs" / variant / "train_summary.json").write_text(json.dumps({"run_id": f"train-{variant}"}))
+        write_run_info(project / "outputs" / variant, {"variant": variant, "run_id": f"train-{variant}"})
     make_adapter(project / "outputs" / "stage1" / "adapter", tiny_base_dir, target_modules, 0)  # never registered
     return project
 
@@ -134,7 +136,7 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir):
     old_eval = MlflowClient().create_run(setup_tracking(params), tags={"training_run_id": "train-single-stage"})
     write_metrics(project, "single-stage", 0.99, eval_run_id=old_eval.info.run_id)
     make_adapter(project / "outputs/single-stage/adapter", tiny_base_dir, params.lora.target_modules, seed=7)
-    (project / "outputs/single-stage/train_summary.json").write_text(json.dumps({"run_id": "train-single-stage-2"}))
+    write_run_info(project / "outputs/single-stage", {"run_id": "train-single-stage-2"})
     (again,) = register(params, ["single-stage"])
     assert again.created and len(_versions()) == 3
     assert "vqa-rad.closed_accuracy" not in again.tags and "not evaluated" in _versions()[again.version].description

@@ -17,7 +17,8 @@ from med_idefics.cli.app import run_main
 from med_idefics.config import load_params
 from med_idefics.metrics import summarize
 from med_idefics.plots import Estimate, curves
-from med_idefics.report import ReportError, build_report
+from med_idefics.report import build_report
+from med_idefics.results import METRIC_LABELS, ResultsError, write_run_info
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N = 40  # questions per suite: the first half closed (yes/no), the second open
@@ -52,7 +53,8 @@ def write_variant(root, variant: str, suite: str, rows: list[dict], extra: dict 
     metrics = root / "metrics" / variant / f"{suite}.json"
     metrics.parent.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows, seed=0, resamples=1000)
-    metrics.write_text(json.dumps({**summary, "variant": variant, "suite": suite, "eval_run_id": "x", **(extra or {})}))
+    metrics.write_text(json.dumps({**summary, **(extra or {})}))
+    write_run_info(metrics.parent, {"variant": variant, "eval_runs": {suite: f"run-{variant}-{suite}"}})
 
 
 @pytest.fixture
@@ -140,8 +142,50 @@ def test_report_tables_tests_figures_and_run(evaluated, params):
         [client.get_experiment_by_name(params.mlflow.experiment).experiment_id], "attributes.run_name = 'report'"
     )
     assert run.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"results.md", "figure2.png", "figure3.png"}
-    assert run.data.metrics["vqa-rad/two-stage/exact_match"] == 1.0
+    files = {"results.md", "figure2.png", "figure3.png", "paired_tests.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= files
+    # the report run holds files and a few counts; each variant's numbers live on its own run
+    assert run.data.metrics == {"variants": 5, "suites": 4, "claims_tested": 4}
+    assert "run_info" not in text  # the ids beside the metrics are no suite
+
+    claims = {c["title"]: c for c in json.loads(written["paired_tests"].read_text())["claims"]}
+    better = claims["Two-stage vs single-stage"]
+    assert better["a"] == {"variant": "single-stage", "suite": "vqa-rad"}
+    assert better["test"]["exact_match"]["significant"] is True
+    assert better["test"]["exact_match"]["diff"] == pytest.approx(0.8)
+    assert claims["Two-stage vs base, out of domain"]["not_tested"].startswith("not evaluated")
+
+
+def test_compare_prints_variants_by_headline_metrics_with_intervals(evaluated, monkeypatch):
+    from click.testing import CliRunner
+
+    from med_idefics.cli.app import main
+
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps to the terminal width
+    result = CliRunner().invoke(main, ["compare", "--suite", "vqa-rad"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = next(line for line in lines if "Variant" in line)
+    positions = [header.index(label) for label in ("Variant", *METRIC_LABELS.values())]  # each one, in order
+    assert positions == sorted(positions)
+    rows = {line.split()[1]: line for line in lines if line.startswith("│") and "Variant" not in line}
+    assert list(rows) == ["base", "single-stage", "two-stage", "two-stage-n1500", "two-stage-n500"]
+    assert rows["two-stage"].count("1.000 [1.00, 1.00]") == 5
+    assert re.search(r"0\.500 \[0\.\d\d, 0\.\d\d\]", rows["base"])  # EM: 20 of 40 right
+
+    halt = CliRunner().invoke(main, ["compare", "--suite", "med-halt"], catch_exceptions=False).output
+    assert "Hallucination rate" in halt and "0.750 [0.60, 0.90]" in halt and "single-stage" not in halt
+    everything = CliRunner().invoke(main, ["compare"], catch_exceptions=False).output
+    assert [line.split(" (")[0] for line in everything.splitlines() if "bootstrap intervals" in line] == [
+        "vqa-rad", "swap", "expert-prompt", "med-halt"
+    ]  # fmt: skip
+
+
+def test_compare_without_the_suite_says_what_to_run(evaluated):
+    from med_idefics.compare import comparison_tables
+
+    with pytest.raises(ResultsError, match=r"no metrics for suite\(s\) path-vqa .*evaluate them first"):
+        comparison_tables(suites=["path-vqa"])
 
 
 def test_partial_results_without_sweep_still_report(tmp_path, monkeypatch, params):
@@ -163,7 +207,7 @@ def test_empty_sweep_figure_is_a_figure():
 
 def test_no_metrics_is_an_error(tmp_path, monkeypatch, params, repo_root, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ReportError, match="run the evaluations first"):
+    with pytest.raises(ResultsError, match="run the evaluations first"):
         build_report(params)
     (tmp_path / "metrics" / "base").mkdir(parents=True)
     monkeypatch.setattr(sys, "argv", ["med-idefics", "report", "--params", str(repo_root / "params.yaml")])
@@ -178,7 +222,7 @@ def test_unreadable_metrics_name_the_file(tmp_path, monkeypatch, params):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics" / "base").mkdir(parents=True)
     (tmp_path / "metrics" / "base" / "vqa-rad.json").write_text("{not json")
-    with pytest.raises(ReportError, match=r"metrics/base/vqa-rad\.json: unreadable"):
+    with pytest.raises(ResultsError, match=r"metrics/base/vqa-rad\.json: unreadable"):
         build_report(params)
 
 

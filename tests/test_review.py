@@ -21,6 +21,7 @@ from med_idefics.cli.app import main, run_main
 from med_idefics.config import load_params
 from med_idefics.data.images import to_png_bytes
 from med_idefics.data.schema import write_splits
+from med_idefics.results import write_run_info
 from med_idefics.review import GradingError, export_sheet, import_grades
 from med_idefics.tracking import setup_tracking
 
@@ -76,13 +77,14 @@ def write_jsonl(path, rows, drop=()) -> None:
 
 
 def eval_run(params, variant="two-stage", suite="vqa-rad") -> str:
-    """A finished evaluation run, named in metrics/<variant>/<suite>.json as the evaluation stage does."""
+    """A finished evaluation run, named beside metrics/<variant>/<suite>.json as the evaluation stage does."""
     experiment_id = setup_tracking(params)  # first: it points MLflow (a process-wide setting) at this test's store
     run = MlflowClient().create_run(experiment_id, run_name=f"eval-{variant}-{suite}")
     MlflowClient().set_terminated(run.info.run_id)
     path = Path("metrics", variant, f"{suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"n": 4, "variant": variant, "suite": suite, "eval_run_id": run.info.run_id}))
+    path.write_text(json.dumps({"n": 4}))
+    write_run_info(path.parent, {"variant": variant, "eval_runs": {suite: run.info.run_id}})
     return run.info.run_id
 
 
@@ -229,7 +231,10 @@ def test_missing_or_unknown_evaluation_run(evaluated, params, params_args, monke
         import_grades(params, sheet, "two-stage")
     path = evaluated / "metrics" / "two-stage" / "vqa-rad.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"eval_run_id": "0123456789abcdef"}))
+    path.write_text(json.dumps({"n": 4}))
+    with pytest.raises(GradingError, match=r"run_info\.json names no evaluation run of vqa-rad; pass --run-id"):
+        import_grades(params, sheet, "two-stage")
+    write_run_info(path.parent, {"eval_runs": {"vqa-rad": "0123456789abcdef"}})
     argv = ["med-idefics", "review", "import", sheet, "--variant", "two-stage", *params_args]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:

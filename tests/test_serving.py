@@ -245,3 +245,20 @@ def test_rest_server_answers_refuses_bad_requests_and_survives_load(server, cham
     assert all(_answers(text) == [expected[k]] for _, text, k in results)
     assert _request(port, "GET", "/ping")[0] == 200
     print(f"\nserver ready in {load_seconds:.1f} s; {len(results) / seconds:.1f} answers/s (200 requests, 8 at a time)")
+
+
+def test_the_package_hash_ignores_which_run_built_the_base(tmp_path):
+    """A rebuilt but identical base is the same package: its run_info.json (the run that built it) is no part of it."""
+    from med_idefics.results import write_run_info
+    from med_idefics.serving import ServingConfig, package_sha256
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    for folder in (base, adapter):
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(folder.name.encode())
+    config = ServingConfig("", 8, 4, {"load_in_4bit": False})
+    before = package_sha256(base, adapter, config)
+    write_run_info(base, {"variant": "base", "run_id": "abc"})
+    assert package_sha256(base, adapter, config) == before
+    (base / "weights.bin").write_bytes(b"other")
+    assert package_sha256(base, adapter, config) != before

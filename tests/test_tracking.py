@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -19,11 +20,13 @@ from mlflow import MlflowClient
 from med_idefics.config import ConfigError, load_params
 from med_idefics.provenance import scrub_secrets
 from med_idefics.tracking import (
+    EXPERIMENT_KIND_TAG,
     MAX_PARAM_LENGTH,
     RunTerminated,
     end_stale_runs,
     is_main_process,
     log_params,
+    log_split_inputs,
     resolve_tracking_uri,
     setup_tracking,
     tracked_run,
@@ -288,6 +291,32 @@ def test_deleted_experiment_is_a_config_error(store, params):
     MlflowClient().delete_experiment(setup_tracking(params))
     with pytest.raises(ConfigError, match=r"mlflow\.experiment 'med-idefics' is deleted"):
         setup_tracking(params)
+
+
+def test_the_experiment_is_tagged_as_model_training(store, params):
+    """MLflow 3's UI opens an experiment by its kind: ours is model training (runs), not GenAI (traces)."""
+    experiment_id = setup_tracking(params)
+    assert MlflowClient().get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "genai_development")  # e.g. the UI's guess
+    assert setup_tracking(params) == experiment_id
+    assert MlflowClient().get_experiment(experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_splits_are_logged_as_dataset_inputs_with_their_file_md5(store, params, tmp_path, make_vqa_records):
+    import hashlib
+
+    from med_idefics.data.schema import write_splits
+
+    paths = write_splits(tmp_path / "data", "syn", {"train": make_vqa_records([("Is it?", "yes")] * 3)})
+    with tracked_run(params, "inputs") as run:
+        log_split_inputs(tmp_path / "data", [("syn", "train")], "training")
+        log_split_inputs(tmp_path / "data", [("syn", "train")], "training")  # twice: still one input
+    (logged,) = finished(run.info.run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "syn/train"
+    assert logged.dataset.digest == hashlib.md5(paths["train"].read_bytes()).hexdigest()
+    assert json.loads(logged.dataset.source) == {"uri": str(tmp_path / "data" / "syn" / "train.parquet")}
+    tags = {tag.key: tag.value for tag in logged.tags}
+    assert tags == {"mlflow.data.context": "training", "dataset": "syn", "split": "train"}
 
 
 def test_scrub_secrets_drops_secret_keys_and_values(monkeypatch):

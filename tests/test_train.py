@@ -17,8 +17,10 @@ import yaml
 from safetensors.torch import load_file
 
 from med_idefics.config import ConfigError, load_params
-from med_idefics.data.schema import DatasetError
+from med_idefics.data.schema import DatasetError, split_path
+from med_idefics.files import file_md5
 from med_idefics.modeling.adapters import AdapterError
+from med_idefics.results import read_run_info
 from med_idefics.train import TrainRequest, train
 
 
@@ -62,8 +64,19 @@ def test_stage1_saves_a_peft_adapter_equal_to_the_trained_weights_and_tracks_the
     assert summary["optimizer_steps"] == 8  # 16 records / micro-batch 4 × 2 epochs
     assert summary["last_loss"] < summary["first_loss"]
     assert not (project / "outputs/stage1/checkpoints").exists()  # finished: nothing left to resume
+    written = json.loads((project / "outputs/stage1/train_summary.json").read_text())
+    assert written == summary and all(isinstance(v, int | float) for v in written.values())  # a DVC metric: numbers
 
     (run,) = _runs("stage1")
+    info = read_run_info(project / "outputs/stage1")
+    assert info == {"variant": "stage1", "stage": "stage1", "run_id": run.info.run_id, "resumed_from_checkpoint": False}
+    data = load_params("params.yaml").data
+    inputs = {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"], i.dataset.digest)
+              for i in run.inputs.dataset_inputs}  # fmt: skip
+    name = data.captions.dataset
+    captions = [(data.captions.train_split, "training"), (data.captions.eval_split, "validation")]
+    digest = {split: file_md5(split_path(data.root, name, split)) for split, _ in captions}
+    assert inputs == {(f"{name}/{split}", context, digest[split]) for split, context in captions}
     assert run.info.status == "FINISHED"
     assert run.data.params["stage1.lr"] == "0.005" and run.data.params["lora.r"] == "8"
     assert run.data.tags["profile"] == "demo" and "git_commit" in run.data.tags
@@ -202,7 +215,7 @@ def test_sigkilled_training_resumes_from_its_checkpoint(project):
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     summary = json.loads(Path("outputs/ss/train_summary.json").read_text())
-    assert summary["resumed_from_checkpoint"] is True
+    assert read_run_info("outputs/ss")["resumed_from_checkpoint"] is True
     assert summary["optimizer_steps"] == 60
     statuses = {r.info.run_id: r.info.status for r in _runs("single-stage")}
     assert statuses[killed.info.run_id] == "KILLED"  # … so the next run marks it

@@ -7,9 +7,12 @@ precision, the training's (:func:`med_idefics.modeling.loading.base_dtype`) — 
 
 Per suite: predictions ``<predictions_dir>/<variant>/<suite>.jsonl`` (JSONL rows of
 :func:`med_idefics.predictions.write_predictions`), metrics ``<metrics_dir>/<variant>/<suite>.json``
-(:func:`med_idefics.metrics.summarize`, or :func:`~med_idefics.metrics.summarize_abstention` for ``med-halt``, plus
-``variant``, ``suite``, ``eval_run_id``) and one MLflow run ``eval-<variant>-<suite>``, nested under the training run
-it evaluates when that run is in the store.
+(:func:`med_idefics.metrics.summarize`, or :func:`~med_idefics.metrics.summarize_abstention` for ``med-halt``: numbers
+only), the run ids in ``<metrics_dir>/<variant>/run_info.json`` (:mod:`med_idefics.results`), and one MLflow run
+``eval-<variant>-<suite>`` with the suite's splits as dataset inputs and the predictions as a table
+(``predictions.json``: question, answer, prediction, correct). When the run that made the variant — its training run,
+or the base's run — is in the store, the evaluation runs nest under it and it gets the suite's headline metrics as
+``<suite>/<metric>`` (with ``_ci_low``/``_ci_high``): one row per variant in the MLflow runs table.
 
 A variant is ``base``; a name whose adapter is ``<outputs_dir>/<name>/adapter`` (``outputs/`` unless the request
 says; ``single-stage``, ``two-stage``, sweep points such as ``two-stage-n500``); or an adapter reference — anything
@@ -20,16 +23,16 @@ every other character than letters, digits, ``.``, ``_`` and ``-`` turned into `
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from med_idefics import results
 from med_idefics.config import ConfigError, Params, precision_label
-from med_idefics.data.suites import MED_HALT, Suite, load_suite
+from med_idefics.data.suites import MED_HALT, Suite, load_suite, suite_splits
 from med_idefics.files import write_json
 from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
 from med_idefics.modeling.adapters import AdapterError, is_remote, resolve_adapter
@@ -37,10 +40,10 @@ from med_idefics.modeling.generation import generate_answers, load_adapted_model
 from med_idefics.prompts import extract_answer
 
 BASE = "base"
-PREDICTIONS_DIR = Path("outputs/predictions")
-METRICS_DIR = Path("metrics")
+PREDICTIONS_DIR = Path(results.PREDICTIONS_DIR)
+METRICS_DIR = Path(results.METRICS_DIR)
 OUTPUTS_DIR = Path("outputs")
-TRAIN_SUMMARY = "train_summary.json"  # = med_idefics.train.SUMMARY_FILE (not imported: a stage never imports a stage)
+PREDICTIONS_TABLE = "predictions.json"  # the MLflow table of every evaluation run: one name, so the UI compares them
 _TRAINING_COMMANDS = {
     "single-stage": "`dvc repro single_stage` (or `med-idefics train single-stage`)",
     "two-stage": "`dvc repro stage2` (or `med-idefics train stage2`)",
@@ -106,11 +109,10 @@ def resolve_target(variant: str, name: str | None = None, outputs_dir: Path = OU
 
 
 def training_run_of(reference: str, adapter_dir: Path) -> str | None:
-    """The MLflow run that trained the adapter: ``run_id`` of the ``train_summary.json`` beside it, else the run of a
+    """The MLflow run that trained the adapter: ``run_id`` of the ``run_info.json`` beside it, else the run of a
     ``runs:/`` URI or of a registered model version; None when nothing says."""
-    summary = adapter_dir.parent / TRAIN_SUMMARY
-    if summary.is_file():
-        return json.loads(summary.read_text()).get("run_id")
+    if results.run_id_of(adapter_dir.parent):
+        return results.run_id_of(adapter_dir.parent)
     if reference.startswith("runs:/"):
         return reference.removeprefix("runs:/").split("/")[0] or None
     if reference.startswith("models:/"):
@@ -175,6 +177,8 @@ def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
         target = resolve_target(request.variant, request.name, request.outputs_dir)
     except AdapterError as err:
         raise ConfigError(str(err)) from err
+    if target.adapter is None:  # the base: its own tracked run (`med-idefics base`) is the row it belongs to
+        target = replace(target, training_run_id=results.run_id_of(params.model.base_dir))
     processor, model = load_model(params, target)
     parent = _parent_run(target.training_run_id, experiment_id)
     return {suite.name: evaluate_suite(params, request, target, suite, model, processor, parent) for suite in suites}
@@ -206,16 +210,20 @@ def evaluate_suite(params, request, target: Target, suite: Suite, model, process
             description=f"{target.name}/{suite.name}",
         )
         rows = prediction_rows(suite, raws)
-        metrics = {
-            "variant": target.name,
-            "suite": suite.name,
-            "eval_run_id": run.info.run_id if run is not None else None,
-            **suite_metrics(suite.name, rows, params),
-        }
-        predictions_path = write_predictions(request.predictions_dir / target.name / f"{suite.name}.jsonl", rows)
-        metrics_path = write_json(request.metrics_dir / target.name / f"{suite.name}.json", metrics)
+        metrics = suite_metrics(suite.name, rows, params)
+        where = (target.name, suite.name)
+        predictions_path = write_predictions(results.predictions_path(request.predictions_dir, *where), rows)
+        metrics_path = write_json(results.metrics_path(request.metrics_dir, *where), metrics)
+        eval_run = run.info.run_id if run is not None else None
+        info = {"variant": target.name, "training_run_id": target.training_run_id, "eval_runs": {suite.name: eval_run}}
+        results.write_run_info(request.metrics_dir / target.name, info)
         if run is not None:
+            from med_idefics.tracking import log_metrics_to, log_split_inputs
+
+            log_split_inputs(params.data.root, suite_splits(params, suite.name), "evaluation")
             _log_results(suite.name, rows, metrics, predictions_path, metrics_path)
+            if parent is not None:  # the variant's row in the runs table: its headline numbers as <suite>/<metric>
+                log_metrics_to(parent, results.headline(suite.name, metrics))
     return SuiteResult(metrics, predictions_path, metrics_path)
 
 
@@ -241,9 +249,11 @@ def _log_results(suite_name: str, rows, metrics: Mapping, predictions_path: Path
     mlflow.log_metrics(numbers)
     mlflow.log_artifact(str(predictions_path), artifact_path="predictions")
     mlflow.log_artifact(str(metrics_path), artifact_path="metrics")
-    table = {name: [row[name] for row in rows] for name in ("id", "question", "answer", "prediction", "raw_generation")}
+    table = {name: [row[name] for row in rows] for name in ("id", "question", "answer", "prediction")}
+    # correct: the answer scores as exact match (the paper's way); on med-halt's nonsense questions, it abstains
     if suite_name == MED_HALT:
-        table["abstained"] = [is_abstention(row["prediction"]) for row in rows]
+        table["correct"] = [is_abstention(row["prediction"]) for row in rows]
     else:
-        table["exact_match"] = [contains_answer(row["answer"], row["prediction"], PAPER) for row in rows]
-    mlflow.log_table(data=table, artifact_file="predictions.json")
+        table["correct"] = [contains_answer(row["answer"], row["prediction"], PAPER) for row in rows]
+    table["raw_generation"] = [row["raw_generation"] for row in rows]
+    mlflow.log_table(data=table, artifact_file=PREDICTIONS_TABLE)

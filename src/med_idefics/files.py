@@ -1,5 +1,5 @@
-"""Writing output files atomically: a temp file in the target's folder, then renamed — a failure never leaves a
-half-written file (metrics, predictions, reports, summaries)."""
+"""Writing output files atomically (a temp file in the target's folder, then renamed: a failure never leaves a
+half-written file — metrics, predictions, reports, summaries), and the digests that identify files and folders."""
 
 from __future__ import annotations
 
@@ -42,4 +42,28 @@ def tree_digest(path: str | Path) -> str:
             for block in iter(lambda: handle.read(2**20), b""):
                 digest.update(block)
         digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file's bytes: what DVC 3 records for it (``hash: md5``), so it matches ``dvc`` listings."""
+    digest = hashlib.md5()  # an identifier, as DVC uses it; not security
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_sha256(folder: str | Path, digest=None, exclude: str | None = None) -> str:
+    """sha256 over a folder's files (relative paths and bytes, in path order), leaving out the file ``exclude``
+    (a path relative to ``folder``)."""
+    digest = digest or hashlib.sha256()
+    folder = Path(folder)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if exclude is not None and path.relative_to(folder).as_posix() == exclude:
+            continue
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
     return digest.hexdigest()

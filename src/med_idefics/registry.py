@@ -3,7 +3,8 @@
 
 :func:`register` packages ``outputs/<variant>/adapter`` as a :class:`med_idefics.serving.VqaModel` (logged in an MLflow
 run ``register-<variant>``) and tags the version with its variant, training run, package hash and the numbers of
-``metrics/<variant>/<suite>.json`` (``<suite>.<metric>``, ``<suite>.eval_run_id``). A package already registered
+``metrics/<variant>/<suite>.json`` (``<suite>.<metric>``) and the evaluation runs of ``metrics/<variant>/run_info.json``
+(``<suite>.eval_run_id``). A package already registered
 (same ``package_sha256``) gets its tags refreshed instead of a new version.
 
 :func:`promote` ranks the versions that carry ``<registry.suite>.<registry.metric>`` — a version without evaluation
@@ -28,11 +29,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from med_idefics import results
 from med_idefics.config import ConfigError, Params
 from med_idefics.provenance import redact
 
-OUTPUTS_DIR, METRICS_DIR, PREDICTIONS_DIR = Path("outputs"), Path("metrics"), Path("outputs/predictions")
-TRAIN_SUMMARY = "train_summary.json"  # = med_idefics.train.SUMMARY_FILE (a stage never imports a stage)
+OUTPUTS_DIR = Path("outputs")
+METRICS_DIR, PREDICTIONS_DIR = Path(results.METRICS_DIR), Path(results.PREDICTIONS_DIR)
 MODEL_ARTIFACT = "model"
 VQA_VARIANT = re.compile(r"^(single-stage|two-stage|two-stage-n(\d+))$")
 PROMOTED, KEPT, NO_CANDIDATE = "promoted", "kept", "no-candidate"
@@ -88,8 +90,7 @@ def register_variant(params: Params, variant: str, outputs_dir: Path, metrics_di
         adapter_dir = resolve_adapter(str(outputs_dir / variant / "adapter"), f"Train {variant} first (`dvc repro`).")
     except AdapterError as err:
         raise ConfigError(str(err)) from err
-    summary = adapter_dir.parent / TRAIN_SUMMARY
-    training_run = json.loads(summary.read_text()).get("run_id") if summary.is_file() else None
+    training_run = results.run_id_of(adapter_dir.parent)
     config = serving.ServingConfig.from_params(params)
     base_dir = Path(params.model.base_dir)
     tags = {
@@ -128,15 +129,24 @@ def register_variant(params: Params, variant: str, outputs_dir: Path, metrics_di
 
 
 def evaluation_tags(variant_metrics: Path, training_run: str | None) -> dict[str, str]:
-    """``<suite>.<key>`` for every number in ``<variant_metrics>/<suite>.json`` and ``<suite>.eval_run_id``; files
-    whose evaluation run evaluated another training run (a stale evaluation) are left out."""
+    """``<suite>.<key>`` for every number in ``<variant_metrics>/<suite>.json`` and ``<suite>.eval_run_id`` (from
+    ``run_info.json`` beside them); files whose evaluation run evaluated another training run (a stale evaluation)
+    are left out."""
     tags: dict[str, str] = {}
-    for path in sorted(Path(variant_metrics).glob("*.json")):
+    variant_metrics = Path(variant_metrics)
+    try:
+        eval_runs = results.read_run_info(variant_metrics).get("eval_runs", {})
+    except results.ResultsError as err:
+        raise ConfigError(f"{err}; rerun the evaluation of this variant") from err
+    for path in sorted(variant_metrics.glob("*.json")):
+        if path.name == results.RUN_INFO_FILE:
+            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: unreadable metrics ({err}); rerun the evaluation of this variant") from err
-        suite, eval_run = data.get("suite") or path.stem, data.get("eval_run_id")
+        suite, human = path.stem.removesuffix(results.HUMAN_SUFFIX), path.stem.endswith(results.HUMAN_SUFFIX)
+        eval_run = data.get("eval_run_id") if human else eval_runs.get(suite)
         if not _evaluates(eval_run, training_run):
             logger.warning("%s: evaluation run %s evaluated another training run; not attached", path, eval_run)
             continue

@@ -1,49 +1,44 @@
 """Stage: the results report — the paper's Figure-2 table with 95 % intervals, the paired tests behind its claims,
 the Figure-2 bars and the Figure-3 stage-1-size sweep — written to ``reports/`` and logged as the MLflow run ``report``.
 
-Reads what the evaluation stage writes: ``metrics/<variant>/<suite>.json`` (:func:`med_idefics.metrics.summarize`
-plus variant, suite, eval_run_id) and ``outputs/predictions/<variant>/<suite>.jsonl``; human grades from
+Reads what the evaluation stage writes (:mod:`med_idefics.results`): ``metrics/<variant>/<suite>.json``
+(:func:`med_idefics.metrics.summarize`) and ``outputs/predictions/<variant>/<suite>.jsonl``; human grades from
 ``metrics/<variant>/<suite>-human.json`` (:mod:`med_idefics.review`). What has not been evaluated shows as "—".
-Heavy libraries (scipy, matplotlib, mlflow) are imported inside functions: the CLI imports this module's error class
-on every start.
+The ``report`` run holds the files (the Markdown, the figures, the paired tests as ``paired_tests.json``) and a few
+counts; the numbers of each variant live on its own run (``<suite>/<metric>``, :mod:`med_idefics.evaluate`).
+Heavy libraries (scipy, matplotlib, mlflow) are imported inside functions.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from med_idefics.config import Params, precision_label
 from med_idefics.data.suites import EXPERT_PROMPT, MED_HALT, PATH_VQA, SUITES, SWAP, VQA_RAD
-from med_idefics.files import write_atomic
+from med_idefics.files import write_atomic, write_json
+from med_idefics.results import (
+    MED_HALT_LABELS,
+    METRIC_LABELS,
+    METRICS_DIR,
+    MISSING,
+    PREDICTIONS_DIR,
+    VARIANTS,
+    fmt,
+    fmt_metric,
+    load_scores,
+    ordered,
+    predictions_path,
+)
 
-METRICS_DIR = "metrics"
-PREDICTIONS_DIR = "outputs/predictions"
 REPORT_FILE = "reports/results.md"
-PAIRED_TESTS_FILE = "reports/paired_tests.json"  # the paired tests behind the claims, as data
 FIGURE2_FILE, FIGURE3_FILE = "figure2.png", "figure3.png"  # beside the report
-HUMAN_SUFFIX = "-human"  # metrics/<variant>/<suite>-human.json: human grades (med_idefics.review)
+PAIRED_TESTS_FILE = "paired_tests.json"  # beside the report: the paired tests' numbers
 
-VARIANTS = ("base", "single-stage", "two-stage")  # always shown, "—" when not evaluated
 SWEEP = re.compile(r"two-stage-n(\d+)")  # med_idefics.train.variant_name("stage2", n): the Figure-3 sweep points
 SWEEP_SUITE = VQA_RAD
-METRIC_LABELS = {  # table columns, in order: first the closed accuracy that promotion ranks on
-    "closed_accuracy_strict": "Closed acc. (strict)",
-    "exact_match": "EM",
-    "f1": "F1",
-    "bleu": "BLEU",
-    "closed_accuracy": "Closed acc. (paper)",
-    "open_recall": "Open recall",
-}
-MED_HALT_LABELS = {"abstention_rate": "Abstention rate", "hallucination_rate": "Hallucination rate"}
 SWEEP_METRICS = ("closed_accuracy", "exact_match")
-MISSING = "—"
-
-
-class ReportError(ValueError):
-    """Nothing to report on, or an evaluation output is unreadable; the message names the file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -65,63 +60,9 @@ CLAIMS = (
 )
 
 
-def metrics_path(metrics_dir: str | Path, variant: str, suite: str, human: bool = False) -> Path:
-    return Path(metrics_dir) / variant / f"{suite}{HUMAN_SUFFIX if human else ''}.json"
-
-
-def predictions_path(predictions_dir: str | Path, variant: str, suite: str) -> Path:
-    return Path(predictions_dir) / variant / f"{suite}.jsonl"
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path}: unreadable ({err}); re-run the evaluation that writes it") from err
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}; re-run its evaluation")
-    return data
-
-
-def load_metrics(metrics_dir: str | Path) -> tuple[dict[tuple[str, str], dict], dict[tuple[str, str], dict]]:
-    """(variant, suite) → the evaluation's metrics JSON, and → the human-grading JSON; an error when there are none."""
-    scores: dict[tuple[str, str], dict] = {}
-    human: dict[tuple[str, str], dict] = {}
-    for path in sorted(Path(metrics_dir).glob("*/*.json")):
-        variant, name = path.parent.name, path.stem
-        if name.endswith(HUMAN_SUFFIX):
-            human[variant, name.removesuffix(HUMAN_SUFFIX)] = read_json(path)
-        else:
-            scores[variant, name] = read_json(path)
-    if not scores:
-        raise ReportError(
-            f"no evaluation metrics under {metrics_dir}/ (expected <variant>/<suite>.json): "
-            "run the evaluations first (`dvc repro`), then the report"
-        )
-    return scores, human
-
-
 def sweep_size(variant: str) -> int | None:
     match = SWEEP.fullmatch(variant)
     return int(match.group(1)) if match else None
-
-
-def ordered(found: set[str], canonical: tuple[str, ...]) -> list[str]:
-    """The canonical names first (always), then any others found, sorted."""
-    return [*canonical, *sorted(found - set(canonical))]
-
-
-def fmt(value: float | None, low: float | None = None, high: float | None = None) -> str:
-    """``0.557 [0.51, 0.60]``; ``—`` for a value that does not exist."""
-    if value is None:
-        return MISSING
-    return f"{value:.3f}" if low is None or high is None else f"{value:.3f} [{low:.2f}, {high:.2f}]"
-
-
-def fmt_metric(summary: dict | None, name: str) -> str:
-    if not summary:
-        return MISSING
-    return fmt(summary.get(name), summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high"))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -214,19 +155,6 @@ def claim_verdicts(tests: list[tuple[Claim, dict | str]]) -> list[str]:
 
 def _p(entry: dict) -> str:
     return MISSING if entry.get("p_value") is None else f"{entry['p_value']:.2g}"
-
-
-def paired_tests_json(tests: list[tuple[Claim, dict | str]]) -> dict:
-    """The paired tests as data (:data:`PAIRED_TESTS_FILE`), keyed by the claim's title in lower case."""
-    return {
-        claim.title.lower(): {
-            "a": list(claim.a),
-            "b": list(claim.b),
-            "expected": claim.expected,
-            **({"not_tested": result} if isinstance(result, str) else {"result": result}),
-        }
-        for claim, result in tests
-    }
 
 
 def _signed(diff: float | None, low: float | None, high: float | None) -> str:
@@ -353,14 +281,14 @@ def build_report(
 
     from med_idefics.tracking import tracked_run
 
-    scores, human = load_metrics(metrics_dir)
+    scores, human = load_scores(metrics_dir)
     out = Path(out)
     tests = paired_tests(params, predictions_dir)
     figure2, figure3 = render_figures(scores, params)
     written = {
-        "paired_tests": write_atomic(out.parent / Path(PAIRED_TESTS_FILE).name, json.dumps(paired_tests_json(tests), indent=2)),
         "figure2": write_atomic(out.parent / FIGURE2_FILE, figure2),
         "figure3": write_atomic(out.parent / FIGURE3_FILE, figure3),
+        "paired_tests": write_json(out.parent / PAIRED_TESTS_FILE, {"claims": paired_tests_json(tests)}),
     }
     written["report"] = write_atomic(out, render_markdown(params, scores, human, tests, (FIGURE2_FILE, FIGURE3_FILE)))
     with tracked_run(params, "report", dvc_stage=dvc_stage) as run:
@@ -369,10 +297,20 @@ def build_report(
                 mlflow.log_artifact(str(path))
             mlflow.log_metrics(
                 {
-                    f"{suite}/{variant}/{name}": summary[name]
-                    for (variant, suite), summary in scores.items()
-                    for name in (*METRIC_LABELS, *MED_HALT_LABELS)
-                    if isinstance(summary.get(name), int | float)
+                    "variants": len({variant for variant, _ in scores}),
+                    "suites": len({suite for _, suite in scores}),
+                    "claims_tested": sum(not isinstance(result, str) for _, result in tests),
                 }
             )
     return written
+
+
+def paired_tests_json(tests: list[tuple[Claim, dict | str]]) -> list[dict]:
+    """Each claim with its sides and either its test (per metric: a, b, diff, interval, p, significant) or why it
+    was not tested."""
+    entries = []
+    for claim, result in tests:
+        entry = asdict(claim)
+        entry["a"], entry["b"] = ({"variant": v, "suite": s} for v, s in (claim.a, claim.b))
+        entries.append(entry | ({"not_tested": result} if isinstance(result, str) else {"test": result}))
+    return entries

@@ -22,13 +22,13 @@ from med_idefics.data.schema import OPEN
 from med_idefics.data.suites import SWAP, VQA_RAD
 from med_idefics.files import write_atomic
 from med_idefics.predictions import answer_type_of, read_predictions
-from med_idefics.report import (
+from med_idefics.results import (
     METRICS_DIR,
     PREDICTIONS_DIR,
-    ReportError,
+    ResultsError,
+    eval_run_id,
     metrics_path,
     predictions_path,
-    read_json,
 )
 
 PAPER_COLUMNS = ("question", "true_answer", "predicted_answer", "correctness", "justification")
@@ -42,7 +42,7 @@ SWAP_NOTE = (
 )
 
 
-class GradingError(ReportError):
+class GradingError(ResultsError):
     """A grading sheet cannot be exported or imported; the message names the file, the CSV line and what to do."""
 
 
@@ -214,22 +214,25 @@ def match_grades(grades: list[Grade], rows: list[dict], sheet: Path, source: Pat
     return chosen
 
 
-def resolve_run(params: Params, metrics_file: Path, run_id: str | None) -> str:
-    """The evaluation's MLflow run (``eval_run_id`` of its metrics file, unless given), checked to exist."""
+def resolve_run(params: Params, metrics_dir: Path, variant: str, suite: str, run_id: str | None) -> str:
+    """The evaluation's MLflow run (recorded in ``<metrics_dir>/<variant>/run_info.json``, unless given), checked
+    to exist."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from med_idefics.tracking import resolve_tracking_uri, setup_tracking
 
     if run_id is None:
+        metrics_file = metrics_path(metrics_dir, variant, suite)
         if not metrics_file.is_file():
             raise GradingError(f"{metrics_file} not found: evaluate the variant on the suite first, or pass --run-id")
         try:
-            run_id = read_json(metrics_file).get("eval_run_id")
-        except ReportError as err:
+            run_id = eval_run_id(metrics_dir, variant, suite)
+        except ResultsError as err:
             raise GradingError(str(err)) from err
         if not run_id:
-            raise GradingError(f"{metrics_file}: no eval_run_id; pass --run-id to name the evaluation's MLflow run")
+            raise GradingError(f"{metrics_file.parent}/run_info.json names no evaluation run of {suite}; pass "
+                               "--run-id to name the evaluation's MLflow run")  # fmt: skip
     setup_tracking(params)
     try:
         run = MlflowClient().get_run(run_id)
@@ -263,7 +266,7 @@ def import_grades(
     source = predictions_path(predictions_dir, variant, suite)
     grades = read_grades(graded)
     selection = match_grades(grades, read_predictions(source), graded, source)
-    run_id = resolve_run(params, metrics_path(metrics_dir, variant, suite), run_id)
+    run_id = resolve_run(params, Path(metrics_dir), variant, suite, run_id)
     right = [float(grade.right) for grade in grades]
     low, high = bootstrap_ci(right, params.eval.seed, params.eval.bootstrap_resamples)
     summary = {

@@ -39,7 +39,9 @@ from PIL import Image
 
 from med_idefics.config import Params, QuantizationConfig
 from med_idefics.data.images import ImageRejected, normalize_image, to_png_bytes
+from med_idefics.files import folder_sha256
 from med_idefics.modeling.loading import POINTER_FILE, load_processor, read_pointer
+from med_idefics.results import RUN_INFO_FILE
 
 IMAGE, QUESTION, ANSWER, MAX_NEW_TOKENS = "image", "question", "answer", "max_new_tokens"
 ADAPTER, PROCESSOR, BASE, CONFIG = "adapter", "processor", "base", "config"
@@ -95,26 +97,14 @@ def base_reference(base_dir: str | Path) -> str:
     return f"local:{pointer['path']}"
 
 
-def folder_sha256(folder: str | Path, digest=None) -> str:
-    """sha256 over a folder's files (relative paths and bytes, in path order)."""
-    digest = digest or hashlib.sha256()
-    folder = Path(folder)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def package_sha256(base_dir: str | Path, adapter_dir: str | Path, config: ServingConfig) -> str:
     """Identifies what :func:`package` would store: the adapter, the serving config and the base (a saved base's
     files, else the pointer), so an unchanged variant is recognised without packaging it again."""
     digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
     folder_sha256(adapter_dir, digest)
     pointer = read_pointer(base_dir)
-    if pointer is None:
-        return folder_sha256(base_dir, digest)
+    if pointer is None:  # the base's run_info.json names the run that built it, not what it is
+        return folder_sha256(base_dir, digest, exclude=RUN_INFO_FILE)
     digest.update(json.dumps(pointer, sort_keys=True).encode())
     return digest.hexdigest()
 

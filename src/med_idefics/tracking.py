@@ -5,9 +5,11 @@ Tracking URI precedence: params ``mlflow.tracking_uri`` (explicit, e.g. ``--set 
 beside the database (``<db folder>/mlartifacts``); both paths are git-ignored.
 
 :func:`tracked_run` logs the resolved config (params and ``config.yaml``) and provenance tags, never secrets, and ends
-the run FINISHED, FAILED (tag ``error``) or KILLED (Ctrl-C, SIGTERM). A SIGKILLed or crashed process cannot end its
-run; the next :func:`tracked_run` on the same host finds it (RUNNING, its pid gone) and marks it KILLED. Only the main
-process (rank 0 under torchrun/accelerate) logs; other ranks get ``None``.
+the run FINISHED, FAILED (tag ``error``) or KILLED (Ctrl-C, SIGTERM). The experiment is tagged as model training
+(:data:`EXPERIMENT_KIND`), not GenAI; a run's datasets are logged as MLflow inputs (:func:`log_split_inputs`).
+A SIGKILLed or crashed process cannot end its run; the next :func:`tracked_run` on the same host finds it (RUNNING,
+its pid gone) and marks it KILLED. Only the main process (rank 0 under torchrun/accelerate) logs; other ranks get
+``None``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +34,9 @@ __all__ = [
     "RunTerminated",
     "end_stale_runs",
     "is_main_process",
+    "log_metrics_to",
     "log_params",
+    "log_split_inputs",
     "resolve_tracking_uri",
     "scrub_secrets",
     "setup_tracking",
@@ -44,6 +48,10 @@ ARTIFACTS_DIR = "mlartifacts"
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _TRUNCATED = "...[truncated]"
+# MLflow 3's tag for what an experiment is (set by its UI when a user picks the type; read by its assistant). The 3.17
+# UI itself picks pages by its sidebar's GenAI / Model training switch, not by this tag (README: Compare variants).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class RunTerminated(SystemExit):
@@ -99,11 +107,12 @@ def setup_tracking(params: Params) -> str:
     uri = resolve_tracking_uri(params)
     name = params.mlflow.experiment
     mlflow.set_tracking_uri(uri)
+    kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     with _quiet_store_setup():
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return mlflow.create_experiment(name, artifact_location=_artifact_location(uri))
+                return mlflow.create_experiment(name, artifact_location=_artifact_location(uri), tags=kind)
             except MlflowException:  # another process created it in between
                 experiment = mlflow.get_experiment_by_name(name)
                 if experiment is None:
@@ -114,6 +123,8 @@ def setup_tracking(params: Params) -> str:
             f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or set mlflow.experiment "
             "to a new name"
         )
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # an experiment made before, or by someone else
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
@@ -129,6 +140,36 @@ def log_params(mapping: Mapping[str, Any], run_id: str | None = None) -> dict[st
     logged = {str(k): _truncate(str(v), MAX_PARAM_LENGTH) for k, v in scrub_secrets(mapping).items()}
     mlflow.log_params(logged, run_id=run_id)
     return logged
+
+
+def log_metrics_to(run_id: str, metrics: Mapping[str, float]) -> None:
+    """Log ``metrics`` (step 0) onto run ``run_id``, active or not, in one batch: how an evaluation puts its headline
+    numbers on the training run it evaluates, which has finished by then."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+
+
+def log_split_inputs(root: str | Path, splits: Iterable[tuple[str, str]], context: str) -> None:
+    """Log each (dataset, split) of ``root`` as an input of the active run: name ``<dataset>/<split>``, digest the
+    md5 of its file (what DVC records for it in ``data.dvc``'s listing), source the file, ``split`` and ``dataset`` as
+    input tags; ``context`` is training, validation or evaluation. Logging the same split twice is harmless."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource  # registered by mlflow.data at import
+
+    from med_idefics.data.schema import split_path
+    from med_idefics.files import file_md5
+
+    for dataset, split in dict.fromkeys(splits):
+        path = split_path(root, dataset, split)
+        source = LocalArtifactDatasetSource(str(path))
+        data = MetaDataset(source=source, name=f"{dataset}/{split}", digest=file_md5(path))
+        mlflow.log_input(data, context=context, tags={"dataset": dataset, "split": split})
 
 
 def _is_alive(pid: int) -> bool:

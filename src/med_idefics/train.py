@@ -1,8 +1,10 @@
 """Stage: LoRA fine-tuning as a tracked run — stage 1 (captioning), stage 2 (VQA, continuing the stage-1 adapter's
 weights) and single-stage (VQA from the bare base, the paper's baseline).
 
-One run = one MLflow run named by its variant, HF ``Trainer`` driven entirely by params, checkpoints every
-``save_steps`` that a rerun of the same command resumes from, the adapter saved in PEFT format (adapter only).
+One run = one MLflow run named by its variant (its train and eval splits logged as dataset inputs), HF ``Trainer``
+driven entirely by params, checkpoints every ``save_steps`` that a rerun of the same command resumes from, the adapter
+saved in PEFT format (adapter only). Beside the adapter: ``train_summary.json`` (numbers only: a DVC metric) and
+``run_info.json`` (variant, stage, MLflow run id, whether it resumed: :mod:`med_idefics.results`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from med_idefics.config import ConfigError, Params, StageConfig, precision_label
 from med_idefics.data.schema import read_records, records_digest
 from med_idefics.files import tree_digest, write_json
 from med_idefics.modeling.adapters import is_remote, resolve_adapter
+from med_idefics.results import run_id_of, write_run_info
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
@@ -124,6 +127,7 @@ def train(params: Params, request: TrainRequest) -> dict[str, Any]:
     with tracked_run(params, run_name=prepared.variant, tags=tags, dvc_stage=request.dvc_stage) as run:
         if run is not None:
             log_params({"precision": precision_label(params.quantization)}, run.info.run_id)
+            _log_inputs(params, prepared.spec)
         summary = _train(params, request, prepared, run)
         if is_main_process() and run is not None:
             _log_outputs(request.out_dir, summary)
@@ -164,8 +168,16 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
 
     if trainer.is_world_process_zero():
         _save_adapter(model, out_dir / ADAPTER_DIR)
-        summary = _summary(prepared, trainer, result, final_eval, seconds, resumed=resume, run=run)
+        summary = _summary(prepared, trainer, result, final_eval, seconds)
         write_json(out_dir / SUMMARY_FILE, summary)
+        run_id = run.info.run_id if run is not None else None
+        info = {
+            "variant": prepared.variant,
+            "stage": request.stage,
+            "run_id": run_id,
+            "resumed_from_checkpoint": resume,
+        }
+        write_run_info(out_dir, info)
         if run is not None:
             import mlflow
 
@@ -218,11 +230,10 @@ def _save_adapter(model, target: Path) -> None:
     staging.rename(target)
 
 
-def _summary(prepared, trainer, result, final_eval, seconds, resumed, run) -> dict[str, Any]:
+def _summary(prepared, trainer, result, final_eval, seconds) -> dict[str, Any]:
+    """Numbers only (a DVC metric); the ids go to ``run_info.json``."""
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
-        "variant": prepared.variant,
-        "run_id": run.info.run_id if run is not None else None,
         "optimizer_steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "n_train": len(prepared.train_records),
@@ -233,8 +244,15 @@ def _summary(prepared, trainer, result, final_eval, seconds, resumed, run) -> di
         "eval_loss": final_eval.get("eval_loss"),
         "train_seconds": round(seconds, 2),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-        "resumed_from_checkpoint": bool(resumed),
     }
+
+
+def _log_inputs(params: Params, spec: StageSpec) -> None:
+    from med_idefics.tracking import log_split_inputs
+
+    source = getattr(params.data, spec.task)
+    log_split_inputs(params.data.root, [(source.dataset, source.train_split)], "training")
+    log_split_inputs(params.data.root, [(source.dataset, source.eval_split)], "validation")
 
 
 def _log_outputs(out_dir: Path, summary: dict[str, Any]) -> None:
@@ -247,9 +265,8 @@ def _log_outputs(out_dir: Path, summary: dict[str, Any]) -> None:
 
 def _init_adapter_tags(ref: str, local: Path) -> dict[str, str]:
     tags = {"init_adapter": ref}
-    summary = local.parent / SUMMARY_FILE
-    if summary.is_file():
-        tags["stage1_run_id"] = str(json.loads(summary.read_text()).get("run_id"))
+    if run_id_of(local.parent):
+        tags["stage1_run_id"] = run_id_of(local.parent)
     elif ref.startswith("runs:/"):
         tags["stage1_run_id"] = ref.removeprefix("runs:/").split("/")[0]
     return tags

@@ -47,10 +47,10 @@ def run_main() -> None:
     """Entry point: turn the project's own user errors into a one-line message and exit status 2."""
     from med_idefics.data.schema import DatasetError
     from med_idefics.predictions import PredictionsError
-    from med_idefics.report import ReportError  # also med_idefics.review.GradingError, a subclass
+    from med_idefics.results import ResultsError  # also med_idefics.review.GradingError, a subclass
 
     try:
         main(standalone_mode=True)
-    except (ConfigError, DatasetError, PredictionsError, ReportError) as err:
+    except (ConfigError, DatasetError, PredictionsError, ResultsError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -65,4 +65,5 @@ def evaluate_command(variant, suite, name, predictions_dir, metrics_dir, outputs
             headline = f"abstention {metrics['abstention_rate']:.3f}"
         else:
             headline = f"exact match {metrics['exact_match']:.3f}, F1 {metrics['f1']:.3f}"
-        click.echo(f"{metrics['variant']}/{suite_name}: n={metrics['n']}, {headline} → {result.metrics_path}")
+        where = result.metrics_path
+        click.echo(f"{where.parent.name}/{suite_name}: n={metrics['n']}, {headline} → {where}")

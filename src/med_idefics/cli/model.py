@@ -14,10 +14,10 @@ from med_idefics.cli.app import main, params_options
 )
 def base_command(params, out_dir: str | None) -> None:
     """Resolve params `model.base` into model.base_dir: build + pretrain the tiny base offline, or point at a
-    local folder / hub model."""
-    from med_idefics.base import build_base
+    local folder / hub model; tracked as the MLflow run `base`."""
+    from med_idefics.base_run import build_tracked_base
 
-    result = build_base(params, out_dir)
+    result = build_tracked_base(params, out_dir)
     where = out_dir or params.model.base_dir
     if params.model.base == "tiny":
         click.echo(

@@ -1,4 +1,5 @@
-"""``med-idefics report`` (med_idefics.report) and ``med-idefics review export | import`` (med_idefics.review)."""
+"""``med-idefics report`` (med_idefics.report), ``med-idefics review export | import`` (med_idefics.review) and
+``med-idefics compare`` (med_idefics.compare)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,23 @@ def review_import_command(
         f"{summary['human_accuracy_ci_high']:.2f}] ({summary['n_right']}/{summary['n']} right, "
         f"{summary['selection']} questions) → run {summary['eval_run_id']}"
     )
+
+
+@main.command("compare")
+@metrics_dir_option
+@click.option(
+    "--suite",
+    "suites",
+    multiple=True,
+    type=click.Choice(SUITE_NAMES),
+    help="A suite to show (repeatable)  [default: every suite evaluated]",
+)
+def compare_command(metrics_dir: str, suites: tuple[str, ...]) -> None:
+    """Print the evaluated variants side by side: per suite, each headline metric with its 95 % interval."""
+    from rich.console import Console
+
+    from med_idefics.compare import comparison_tables
+
+    console = Console()
+    for table in comparison_tables(metrics_dir, list(suites)):
+        console.print(table)

@@ -44,9 +44,9 @@ def train_command(stage, params, out_dir, init_adapter, train_size, variant, dvc
     summary = train(params, request)
     if summary:
         click.echo(
-            f"{summary['variant']}: {summary['optimizer_steps']} steps, loss {summary['first_loss']:.4f} → "
-            f"{summary['last_loss']:.4f}, eval loss {summary['eval_loss']}, {summary['train_seconds']} s "
-            f"→ {request.out_dir / 'adapter'}"
+            f"{request.variant or variant_name(stage, train_size)}: {summary['optimizer_steps']} steps, loss "
+            f"{summary['first_loss']:.4f} → {summary['last_loss']:.4f}, eval loss {summary['eval_loss']}, "
+            f"{summary['train_seconds']} s → {request.out_dir / 'adapter'}"
         )
 
 

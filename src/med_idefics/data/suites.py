@@ -93,6 +93,22 @@ def attach_images(records: Sequence[Mapping], images: Sequence[bytes], rng: np.r
     return [{**record, "image": images[int(i)]} for record, i in zip(records, picks, strict=True)]
 
 
+def suite_splits(params: Params, name: str) -> list[tuple[str, str]]:
+    """The (dataset, split) pairs suite ``name`` reads: its questions first, then where its images come from."""
+    data = params.data
+    vqa_eval = (data.vqa.dataset, data.vqa.eval_split)
+    splits = {
+        VQA_RAD: [vqa_eval],
+        PATH_VQA: [(data.ood.dataset, data.ood.split)],
+        SWAP: [vqa_eval],
+        EXPERT_PROMPT: [vqa_eval],
+        MED_HALT: [(data.nonsense.dataset, data.nonsense.split), vqa_eval],
+    }
+    if name not in splits:
+        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    return splits[name]
+
+
 def load_suite(params: Params, name: str) -> Suite:
     """The records and prefix of suite ``name`` from the splits params names (see the module docstring)."""
     data = params.data

@@ -1,0 +1,152 @@
+"""After `make demo`: the variants can be compared where researchers look — the MLflow store at the repo root and
+`dvc exp show`. Each evaluated variant is one MLflow row (its training run, or the base's run) carrying the headline
+metrics with their intervals; evaluation runs keep one predictions table each; datasets are logged inputs; the report
+run holds files, not dozens of metrics; DVC declares only numbers as metrics. Marked `demo` (deselected by `make test`:
+a fresh clone has no pipeline outputs); a missing output fails, naming the command that makes it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from med_idefics.config import load_params
+from med_idefics.data.schema import split_path
+from med_idefics.data.suites import suite_splits
+from med_idefics.files import file_md5
+from med_idefics.results import CI_SUFFIXES, read_json, read_run_info
+from med_idefics.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+pytestmark = pytest.mark.demo
+HEADLINE = "closed_accuracy"
+
+
+@pytest.fixture(scope="module")
+def root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def params(root):
+    return load_params(root / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def client(root) -> MlflowClient:
+    db = root / "mlflow.db"
+    assert db.is_file(), f"{db} missing: run `make demo` first"
+    return MlflowClient(tracking_uri=f"sqlite:///{db}")
+
+
+@pytest.fixture(scope="module")
+def experiment(client, params):
+    found = client.get_experiment_by_name(params.mlflow.experiment)
+    assert found is not None, f"no experiment {params.mlflow.experiment!r}: run `make demo` first"
+    return found
+
+
+@pytest.fixture(scope="module")
+def variants(root) -> dict[str, dict]:
+    """Evaluated variant → its metrics/<variant>/run_info.json."""
+    found = {path.parent.name: read_run_info(path.parent) for path in (root / "metrics").glob("*/run_info.json")}
+    assert {"base", "single-stage", "two-stage"} <= set(found), f"evaluated: {sorted(found)}; run `make demo`"
+    return found
+
+
+def test_the_experiment_opens_as_model_training(experiment):
+    assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND
+
+
+def test_every_variant_is_one_row_with_its_headline_metrics_and_intervals(root, client, experiment, variants):
+    for variant, info in variants.items():
+        run_id = info.get("training_run_id")
+        assert run_id, f"{variant}: no training (or base) run recorded in metrics/{variant}/run_info.json"
+        row = client.get_run(run_id)
+        assert row.info.experiment_id == experiment.experiment_id and row.data.tags.get("variant") == variant
+        scores = read_json(root / "metrics" / variant / "vqa-rad.json")
+        for key in (HEADLINE, *(HEADLINE + suffix for suffix in CI_SUFFIXES)):
+            assert row.data.metrics[f"vqa-rad/{key}"] == pytest.approx(scores[key]), (variant, key)
+    # the runs table's search box finds exactly these rows' kind: runs with the headline metric
+    query = f"metrics.`vqa-rad/{HEADLINE}` >= 0"
+    rows = {r.info.run_id for r in client.search_runs([experiment.experiment_id], query, max_results=1000)}
+    assert {info["training_run_id"] for info in variants.values()} <= rows
+    assert not {info for v in variants.values() for info in v["eval_runs"].values()} & rows  # never the nested ones
+
+
+def test_the_base_has_a_run_with_its_provenance(root, client, params, variants):
+    run = client.get_run(variants["base"]["training_run_id"])
+    assert run.info.run_name == "base" and run.info.status == "FINISHED"
+    assert run.data.tags["base.source"] in ("tiny", "hub", "local")
+    if run.data.tags["base.source"] == "hub":
+        assert run.data.tags["base.hub_id"] == params.model.base and run.data.tags["base.revision"]
+    else:
+        from med_idefics.files import folder_sha256
+
+        base = Path(run.data.tags.get("base.path") or root / params.model.base_dir)
+        assert run.data.tags["base.sha256"] == folder_sha256(base, exclude="run_info.json")
+    assert read_run_info(root / params.model.base_dir)["run_id"] == run.info.run_id
+
+
+def test_training_and_evaluation_runs_log_their_datasets_with_digests(root, client, params, variants):
+    def inputs(run_id: str) -> dict[str, str]:
+        return {i.dataset.name: i.dataset.digest for i in client.get_run(run_id).inputs.dataset_inputs}
+
+    data = params.data
+    for variant in ("single-stage", "two-stage"):
+        expected = {f"{data.vqa.dataset}/{split}" for split in (data.vqa.train_split, data.vqa.eval_split)}
+        assert set(inputs(variants[variant]["training_run_id"])) == expected, variant
+    for variant, info in variants.items():
+        for suite, run_id in info["eval_runs"].items():
+            splits = suite_splits(params, suite)
+            expected = {f"{d}/{s}": file_md5(split_path(root / data.root, d, s)) for d, s in splits}
+            assert inputs(run_id) == expected, (variant, suite)
+
+
+def test_each_evaluation_run_has_one_predictions_table(client, variants):
+    for variant, info in variants.items():
+        for suite, run_id in info["eval_runs"].items():
+            run = client.get_run(run_id)
+            tables = [a for a in json.loads(run.data.tags["mlflow.loggedArtifacts"]) if a["type"] == "table"]
+            assert tables == [{"path": "predictions.json", "type": "table"}], (variant, suite)
+            table = json.loads(Path(client.download_artifacts(run_id, "predictions.json")).read_text())
+            assert {"question", "answer", "prediction", "correct"} <= set(table["columns"]), (variant, suite)
+            assert len(table["data"]) == int(run.data.metrics["n"]), (variant, suite)
+
+
+def test_the_report_run_holds_files_not_dozens_of_metrics(client, experiment):
+    (report,) = client.search_runs(
+        [experiment.experiment_id], "attributes.run_name = 'report'", order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )  # fmt: skip
+    assert len(report.data.metrics) <= 5, sorted(report.data.metrics)
+    files = {a.path for a in client.list_artifacts(report.info.run_id)}
+    assert {"results.md", "figure2.png", "figure3.png", "paired_tests.json"} <= files
+
+
+def test_dvc_exp_show_has_no_string_valued_metric(root):
+    dvc = Path(sys.executable).parent / "dvc"
+    done = subprocess.run([str(dvc), "exp", "show", "--json"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    strings = []
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}[{index}]")
+        elif isinstance(node, str):
+            strings.append(f"{where} = {node!r}")
+
+    checked = 0
+    for experiment in json.loads(done.stdout):
+        for metrics_file, content in ((experiment.get("data") or {}).get("metrics") or {}).items():
+            walk(content.get("data", {}), metrics_file)
+            checked += 1
+    assert checked > 0, "dvc exp show listed no metrics files: run `make demo`"
+    assert not strings, strings[:10]
