@@ -1,6 +1,7 @@
 """The real datasets' sources and their schemas, and reading one split of one from the hub or from local files.
 
-A source is a hub id, or a local copy in the hub's schema: a folder laid out like the hub repository
+A source is a hub id, a release in its authors' own format (:mod:`med_idefics.data.releases`), or a local copy in
+the hub's schema: a folder laid out like the hub repository
 (``data/train-00000-of-00001.parquet``, ``test.jsonl``, an image folder with ``metadata.jsonl``, …) or a single
 ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv`` file holding one split. Everything is read with ``datasets`` in
 streaming mode (nothing cached, a ``--limit`` reads only what it keeps), images undecoded so that a corrupt one is
@@ -22,7 +23,7 @@ LOCAL_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".cs
 @dataclass(frozen=True)
 class SourceSpec:
     name: str  # the dataset's folder under data/
-    hub_id: str
+    hub_id: str | None  # None: only its authors' release is supported (--source)
     kind: str  # vqa | caption | text: how a row becomes a record (med_idefics.data.importers)
     required: tuple[str, ...]  # columns every split must have
     splits: tuple[str, ...] = ()  # source splits, stored under the same names
@@ -46,12 +47,13 @@ SOURCES = {
     for spec in (
         SourceSpec("vqa-rad", "flaviagiammarino/vqa-rad", VQA, ("image", "question", "answer"), ("train", "test")),
         SourceSpec("path-vqa", "flaviagiammarino/path-vqa", VQA, ("image", "question", "answer"), _SPLITS_3),
+        SourceSpec("slake", None, VQA, ("image", "question", "answer"), _SPLITS_3),
         SourceSpec("roco", "eltorio/ROCO-radiology", CAPTION, ("image", "image_id", "caption"), _SPLITS_3),
         SourceSpec(
             "med-halt",
             "openlifescienceai/Med-HALT",
             TEXT,
-            ("question", "correct_answer"),
+            ("question", "options"),  # the answer: correct_answer, options[correct_index], or the "I do not know" option
             config="reasoning_fake",
             config_split="train",  # each Med-HALT config is one "train" split
         ),
@@ -67,6 +69,7 @@ class SourceSplit:
     columns: list[str]
     rows: Iterator[dict]
     base_dir: Path | None  # relative image paths resolve here
+    extra_columns: tuple[str, ...] = ()  # source columns kept in the records as extra string columns
 
 
 def hf_token() -> str | bool:
