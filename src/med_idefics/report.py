@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from med_idefics.config import Params
+from med_idefics.data.splits import split_name
 from med_idefics.data.suites import EXPERT_PROMPT, MED_HALT, PATH_VQA, SUITES, SWAP, VQA_RAD
 from med_idefics.files import write_atomic
 
@@ -224,7 +225,8 @@ def render_markdown(params: Params, scores: dict, human: dict, tests: list, figu
         "# Results",
         "",
         f"Profile `{params.profile}`. Each value is a mean with its 95 % percentile-bootstrap interval "
-        f"({params.eval.bootstrap_resamples} resamples, seed {params.eval.seed}); {MISSING} = not evaluated.",
+        f"({params.eval.bootstrap_resamples} resamples, seed {params.eval.seed}); {MISSING} = not evaluated. "
+        f"VQA split: {split_name(params.data.vqa)} (`data.vqa.split`).",
         "",
         "## Figure 2: variants × suites",
         "",
