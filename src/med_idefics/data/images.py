@@ -57,35 +57,80 @@ def to_png_bytes(image: Image.Image, compress_level: int = 6) -> bytes:
 
 class ImageCache:
     """PNG bytes of the images an import has already converted, keyed by file path or content hash, so an image
-    shared by many questions is decoded and encoded once. Least recently used entries go first once the cache holds
-    ``max_bytes``: memory stays bounded however many distinct images a source has. Rejections are cached too."""
+    shared by many questions is decoded and encoded once, with memory bounded however many images a source has.
 
-    def __init__(self, max_bytes: int = 256 * 1024 * 1024, compress_level: int = 6) -> None:
-        self.max_bytes = max_bytes
+    A release lists its questions up front, so :meth:`expect` is told how often each image file is used: such an
+    image is kept until its last question (at most ``max_expected_bytes`` of them, oldest dropped first). Images of
+    sources read as a stream (hub, parquet) are kept in a small least-recently-used buffer of ``max_bytes``, which
+    catches the consecutive questions about one image that such files hold. Rejections are remembered too.
+    """
+
+    def __init__(
+        self, max_bytes: int = 32 * 2**20, max_expected_bytes: int = 512 * 2**20, compress_level: int = 6
+    ) -> None:
         self.compress_level = compress_level
-        self.size = 0
         self.hits = self.misses = 0
-        self._entries: OrderedDict[tuple, bytes | ImageRejected] = OrderedDict()
+        self._uses: dict[tuple, int] = {}  # key → questions still to come (expected images only)
+        self._expected = _Lru(max_expected_bytes)
+        self._recent = _Lru(max_bytes)
+
+    def expect(self, paths: Mapping[str, int]) -> None:
+        """Image file → how many questions of this import use it."""
+        for path, uses in paths.items():
+            key = _cache_key(path, None)
+            if key is not None:
+                self._uses[key] = self._uses.get(key, 0) + uses
 
     def png(self, value: object, base_dir: str | Path | None = None) -> bytes:
         """``value`` (anything :func:`normalize_image` accepts) as stored PNG bytes; raises :class:`ImageRejected`."""
         key = _cache_key(value, base_dir)
-        if key is not None and key in self._entries:
+        expected = key in self._uses
+        if expected:
+            self._uses[key] -= 1
+        entry = None if key is None else (self._expected.get(key) if expected else self._recent.get(key))
+        if entry is not None:
             self.hits += 1
-            self._entries.move_to_end(key)
-            return _result(self._entries[key])
-        self.misses += 1
-        try:
-            entry: bytes | ImageRejected = to_png_bytes(normalize_image(value, base_dir), self.compress_level)
-        except ImageRejected as err:
-            entry = err
-        if key is not None:
-            self._entries[key] = entry
-            self.size += len(entry) if isinstance(entry, bytes) else 0
-            while self.size > self.max_bytes and len(self._entries) > 1:
-                _, dropped = self._entries.popitem(last=False)
-                self.size -= len(dropped) if isinstance(dropped, bytes) else 0
+        else:
+            self.misses += 1
+            try:
+                entry = to_png_bytes(normalize_image(value, base_dir), self.compress_level)
+            except ImageRejected as err:
+                entry = err
+        if expected and self._uses[key] <= 0:
+            self._expected.pop(key)  # its last question: no need to keep it
+        elif expected:
+            self._expected.put(key, entry)
+        elif key is not None:
+            self._recent.put(key, entry)
         return _result(entry)
+
+
+class _Lru:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.size = max_bytes, 0
+        self._entries: OrderedDict[tuple, bytes | ImageRejected] = OrderedDict()
+
+    def get(self, key: tuple) -> bytes | ImageRejected | None:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        return self._entries.get(key)
+
+    def put(self, key: tuple, entry: bytes | ImageRejected) -> None:
+        if key in self._entries:
+            return
+        self._entries[key] = entry
+        self.size += _size(entry)
+        while self.size > self.max_bytes and self._entries:
+            _, dropped = self._entries.popitem(last=False)
+            self.size -= _size(dropped)
+
+    def pop(self, key: tuple) -> None:
+        if key in self._entries:
+            self.size -= _size(self._entries.pop(key))
+
+
+def _size(entry: bytes | ImageRejected) -> int:
+    return len(entry) if isinstance(entry, bytes) else 0
 
 
 def _result(entry: bytes | ImageRejected) -> bytes:

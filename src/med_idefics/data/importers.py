@@ -135,6 +135,8 @@ def import_dataset(
             )
         opened[stored] = split_source
     cache = ImageCache(compress_level=IMPORT_COMPRESS_LEVEL)
+    for split_source in opened.values():
+        cache.expect(split_source.image_uses or {})
     reports = {stored: SplitReport(spec.name, stored, split_source.where) for stored, split_source in opened.items()}
     records = {
         stored: import_split(spec, split_source, reports[stored], caption_prompt, (limits or {}).get(stored), cache)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,4 +266,5 @@ def _load_json_list(path: Path) -> list[dict]:
 
 def _split(where: str, rows: list[dict], image_dir: Path, extras: tuple[str, ...]) -> SourceSplit:
     columns = ["id", "image", "question", "answer", "answer_type", *extras]
-    return SourceSplit(where, columns, iter(rows), image_dir, extras)
+    uses = Counter(row["image"] for row in rows if row["image"] is not None)
+    return SourceSplit(where, columns, iter(rows), image_dir, extras, dict(uses))
