@@ -178,3 +178,15 @@ def test_a_failure_after_some_batches_were_written_leaves_the_old_data(tmp_path,
         import_dataset("vqa-rad", root, caption_prompt=PROMPT, source=str(source))
     assert {p.name: p.read_bytes() for p in (root / "vqa-rad").iterdir()} == before
     assert sorted(p.name for p in root.iterdir()) == ["vqa-rad"]
+
+
+def test_streamed_images_are_reused_by_content_and_release_images_dropped_after_their_last_question(tmp_path):
+    from med_idefics.data.images import ImageCache, to_png_bytes
+
+    cache, data = ImageCache(), to_png_bytes(Image.new("RGB", (10, 10), (1, 2, 3)))
+    assert cache.png(data) == cache.png(bytes(data)) and (cache.misses, cache.hits) == (1, 1)
+    jpeg(tmp_path / "a.jpg")
+    cache.expect({str(tmp_path / "a.jpg"): 2})
+    first = cache.png(str(tmp_path / "a.jpg"))
+    assert cache.png("a.jpg", tmp_path) == first and cache.misses == 2  # the same file, relative to its folder
+    assert cache._expected.size == 0  # both of its questions are done: nothing kept
