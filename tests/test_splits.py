@@ -79,7 +79,7 @@ def leaky_data(tmp_path, make_vqa_records, repo_root):
 def test_training_and_suites_see_the_configured_split(leaky_data, repo_root):
     from med_idefics.train import _records
 
-    tmp_path, overrides = leaky_data
+    _, overrides = leaky_data
     official = load_params(repo_root / "params.yaml", overrides)
     disjoint = load_params(repo_root / "params.yaml", [*overrides, "data.vqa.split=image-disjoint"])
     assert split_name(official.data.vqa) == "official"
