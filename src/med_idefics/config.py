@@ -113,6 +113,24 @@ class TrainSource:
     eval_size: int | None
 
 
+VQA_SPLITS = ("official", "image-disjoint")  # data.vqa.split; the re-split lives in med_idefics.data.splits
+
+
+@dataclass
+class VqaSource(TrainSource):
+    """The VQA data, and how its train/test split and an optional validation split are drawn."""
+
+    split: str  # official | image-disjoint
+    split_seed: int  # seeds the image-disjoint re-split and the validation carve-out
+    validation_fraction: float  # 0 = no validation split; else this share of train's images is held out
+
+    def __post_init__(self) -> None:
+        if self.split not in VQA_SPLITS:
+            raise ConfigError(f"data.vqa.split must be one of {', '.join(VQA_SPLITS)}; got {self.split!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"data.vqa.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+
+
 @dataclass
 class DemoDataConfig:
     seed: int
@@ -133,7 +151,7 @@ class DataConfig:
     caption_prompt: str
     prompt_prefix: str
     captions: TrainSource
-    vqa: TrainSource
+    vqa: VqaSource
     ood: SplitRef
     nonsense: SplitRef
     demo: DemoDataConfig

@@ -32,6 +32,7 @@ from typing import Any
 
 from med_idefics import results
 from med_idefics.config import ConfigError, Params, precision_label
+from med_idefics.data.splits import split_name
 from med_idefics.data.suites import MED_HALT, Suite, load_suite, suite_splits
 from med_idefics.files import write_json
 from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
@@ -195,6 +196,7 @@ def evaluate_suite(params, request, target: Target, suite: Suite, model, process
         "adapter": target.adapter or "none",
         "training_run_id": target.training_run_id or "none",
         "precision": precision_tag(params),
+        "vqa_split": split_name(params.data.vqa),
     }
     run_name = f"eval-{target.name}-{suite.name}"
     with tracked_run(params, run_name, tags=tags, parent_run_id=parent, dvc_stage=request.dvc_stage) as run:

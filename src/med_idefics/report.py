@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from med_idefics.config import Params, precision_label
+from med_idefics.data.splits import split_name
 from med_idefics.data.suites import EXPERT_PROMPT, MED_HALT, PATH_VQA, SUITES, SWAP, VQA_RAD
 from med_idefics.files import write_atomic, write_json
 from med_idefics.results import (
@@ -215,7 +216,8 @@ def render_markdown(params: Params, scores: dict, human: dict, tests: list, figu
         "# Results",
         "",
         f"Profile `{params.profile}`. Each value is a mean with its 95 % percentile-bootstrap interval "
-        f"({params.eval.bootstrap_resamples} resamples, seed {params.eval.seed}); {MISSING} = not evaluated.",
+        f"({params.eval.bootstrap_resamples} resamples, seed {params.eval.seed}); {MISSING} = not evaluated. "
+        f"VQA split: {split_name(params.data.vqa)} (`data.vqa.split`).",
         f"Precision `{precision_label(params.quantization)}`, in training and evaluation alike.",
         "",
         "## Figure 2: variants × suites",

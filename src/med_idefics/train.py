@@ -18,6 +18,7 @@ from typing import Any
 
 from med_idefics.config import ConfigError, Params, StageConfig, precision_label
 from med_idefics.data.schema import read_records, records_digest
+from med_idefics.data.splits import load_vqa_splits, split_name
 from med_idefics.files import tree_digest, write_json
 from med_idefics.modeling.adapters import is_remote, resolve_adapter
 from med_idefics.results import run_id_of, write_run_info
@@ -85,8 +86,7 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     base_dir = Path(params.model.base_dir)
     if not (base_dir / "config.json").is_file() and not (base_dir / "base.json").is_file():
         raise ConfigError(f"no base model in {base_dir} (model.base_dir): run `med-idefics base` (or `dvc repro base`)")
-    train_records = read_records(params.data.root, source.dataset, source.train_split, limit=train_size)
-    eval_records = read_records(params.data.root, source.dataset, source.eval_split, limit=source.eval_size)
+    train_records, eval_records = _records(params, spec.task, train_size)
     if not train_records:
         raise ConfigError(f"{source.dataset}/{source.train_split} has no records")
     init_dir = None
@@ -116,12 +116,26 @@ def _checked_processor(params: Params, spec: StageSpec, records: list[dict]):
     return processor
 
 
+def _records(params: Params, task: str, train_size: int | None) -> tuple[list[dict], list[dict]]:
+    """(train, eval-loss) records. VQA: the configured split (data.splits); with a validation split, training uses
+    train minus validation and the eval loss is monitored on validation instead of test."""
+    source = getattr(params.data, task)
+    if task == "captions":
+        train = read_records(params.data.root, source.dataset, source.train_split, limit=train_size)
+        return train, read_records(params.data.root, source.dataset, source.eval_split, limit=source.eval_size)
+    splits = load_vqa_splits(params)
+    monitor = splits.validation or splits.test
+    return splits.train[:train_size], monitor[: source.eval_size]
+
+
 def train(params: Params, request: TrainRequest) -> dict[str, Any]:
     """Run one training stage; returns the summary written to ``<out_dir>/train_summary.json``."""
     prepared = prepare(params, request)
     from med_idefics.tracking import is_main_process, log_params, tracked_run
 
     tags = {"variant": prepared.variant, "stage": request.stage}
+    if prepared.spec.task == "vqa":
+        tags["vqa_split"] = split_name(params.data.vqa)
     if prepared.init_adapter_dir is not None:
         tags |= _init_adapter_tags(request.init_adapter or "outputs/stage1/adapter", prepared.init_adapter_dir)
     with tracked_run(params, run_name=prepared.variant, tags=tags, dvc_stage=request.dvc_stage) as run:

@@ -1,4 +1,4 @@
-"""``med-idefics data vqa-rad | path-vqa | roco | med-halt``: import a real dataset (med_idefics.data.importers)."""
+"""``med-idefics data vqa-rad | slake | path-vqa | roco | med-halt``: import a real dataset (data.importers)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,31 @@ from med_idefics.cli.app import params_options
 from med_idefics.cli.data import data_group
 from med_idefics.data.sources import SOURCES
 
+RELEASE_HELP = {
+    "vqa-rad": " Or the official release (the folder with 'VQA_RAD Dataset Public.json' and 'VQA_RAD Image Folder/'), "
+    "or the MEVF layout (trainset.json, testset.json).",
+    "slake": "The SLAKE release: the folder with train.json, validate.json, test.json and imgs/.",
+    "path-vqa": " Or the release's question files: the folder with {train,val,test}_vqa.pkl (images: --images).",
+    "med-halt": " The released reasoning_fake.csv (no correct-answer column) is read as is.",
+}
 
-def import_options(name: str, *, with_splits: bool = True):
+
+def import_options(name: str, *, with_splits: bool = True, with_images: bool = False):
     """The options every import command shares; ``name`` is the dataset (a key of SOURCES)."""
     spec = SOURCES[name]
+    hub = (
+        f"Hub id (default {spec.hub_id}; token from $HF_TOKEN), a local folder in its layout, "
+        "or one .parquet/.json/.jsonl/.csv file holding one split."
+        if spec.hub_id
+        else ""
+    )
     options = [
         click.option(
             "--source",
             default=None,
-            metavar="HUB_ID_OR_PATH",
-            help=f"Hub id (default {spec.hub_id}; token from $HF_TOKEN), a local folder in its layout, "
-            "or one .parquet/.json/.jsonl/.csv file holding one split.",
+            required=spec.hub_id is None,
+            metavar="HUB_ID_OR_PATH" if spec.hub_id else "PATH",
+            help=hub + RELEASE_HELP.get(name, ""),
         ),
         click.option(
             "--limit",
@@ -35,6 +49,15 @@ def import_options(name: str, *, with_splits: bool = True):
         ),
         click.option("--no-dvc", is_flag=True, help="Do not `dvc add` the data root afterwards."),
     ]
+    if with_images:
+        options.append(
+            click.option(
+                "--images",
+                default=None,
+                type=click.Path(file_okay=False),
+                help="The release's image folder, when it is not beside the question files.",
+            )
+        )
     if with_splits:
         options.insert(
             1,
@@ -57,16 +80,27 @@ def import_options(name: str, *, with_splits: bool = True):
 
 
 @data_group.command("vqa-rad")
-@import_options("vqa-rad")
+@import_options("vqa-rad", with_images=True)
 def vqa_rad_command(params, **options) -> None:
-    """Import VQA-RAD (radiology VQA; closed = yes/no, or the source's own answer_type, e.g. OctoMed/VQA-RAD)."""
+    """Import VQA-RAD (radiology VQA; the source's own answer_type when it has one, else closed = yes/no).
+
+    Official release: train = phrase_type freeform + para (1,797), test = test_freeform + test_para (451).
+    """
     _run("vqa-rad", params, **options)
 
 
+@data_group.command("slake")
+@import_options("slake", with_images=True)
+@click.option("--lang", default="en", type=click.Choice(["en", "zh"]), help="SLAKE's question language (q_lang).")
+def slake_command(params, **options) -> None:
+    """Import SLAKE 1.0 from its release (one language; modality, location, content_type kept as extra columns)."""
+    _run("slake", params, **options)
+
+
 @data_group.command("path-vqa")
-@import_options("path-vqa")
+@import_options("path-vqa", with_images=True)
 def path_vqa_command(params, **options) -> None:
-    """Import PathVQA (pathology VQA; the out-of-distribution test set)."""
+    """Import PathVQA (pathology VQA; the out-of-distribution test set). Release split val is stored as validation."""
     _run("path-vqa", params, **options)
 
 
@@ -86,7 +120,8 @@ def roco_command(params, **options) -> None:
     "--config", default=SOURCES["med-halt"].config, help="Med-HALT config; stored as data/med-halt/<config>.parquet."
 )
 def med_halt_command(params, config: str, **options) -> None:
-    """Import Med-HALT's nonsense (fake) questions: text only, answer = correct_answer."""
+    """Import Med-HALT's nonsense (fake) questions: text only; answer = correct_answer where a copy has one, else
+    the "I do not know" option (the released reasoning_fake.csv: every question is nonsense)."""
     _run("med-halt", params, config=config, **options)
 
 
@@ -99,6 +134,8 @@ def _run(
     no_dvc: bool,
     splits: tuple[str, ...] = (),
     config: str | None = None,
+    images: str | None = None,
+    lang: str = "en",
 ) -> None:
     from med_idefics.data.importers import import_dataset
     from med_idefics.data.versioning import dvc_track
@@ -113,6 +150,8 @@ def _run(
         splits=splits or None,
         config=config,
         limits=_parse_limits(limits, chosen),
+        images=images,
+        lang=lang,
     )
     for report in reports.values():
         click.echo(report.summary())

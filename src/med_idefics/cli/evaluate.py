@@ -17,7 +17,10 @@ SUITE_NAMES = ("vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt")
     "models:/<name>@<alias>.",
 )
 @click.option(
-    "--suite", "suite", default="all", help=f"all, or one or more (comma-separated) of: {', '.join(SUITE_NAMES)}."
+    "--suite",
+    "suite",
+    default="all",
+    help=f"all, or one or more (comma-separated) of: {', '.join(SUITE_NAMES)}; or slake (by name, once imported).",
 )
 @click.option(
     "--name",

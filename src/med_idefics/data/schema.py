@@ -1,4 +1,8 @@
-"""The one record schema every dataset is stored in, and atomic parquet I/O for ``data/<dataset>/<split>.parquet``."""
+"""The one record schema every dataset is stored in, and atomic parquet I/O for ``data/<dataset>/<split>.parquet``.
+
+Records may carry extra string columns (SLAKE's modality, VQA-RAD's question_type, …) after the required ones; they are
+stored as written and ignored by :func:`read_split`, which returns the required columns only.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +34,10 @@ RECORD_SCHEMA = pa.schema(
 COLUMNS = tuple(RECORD_SCHEMA.names)
 
 YES_NO = frozenset({"yes", "no"})
+# A split is written in row groups of at most this many image bytes or records, so an import never holds more than
+# one batch of records in memory; splits under both limits are one row group (byte-identical to a one-shot write).
+BATCH_BYTES = 64 * 1024 * 1024
+BATCH_RECORDS = 8192
 
 
 class DatasetError(ValueError):
@@ -45,7 +53,8 @@ def split_path(root: str | Path, dataset: str, split: str) -> Path:
     return Path(root) / dataset / f"{split}.parquet"
 
 
-def records_to_table(records: Iterable[Mapping]) -> pa.Table:
+def records_to_table(records: Iterable[Mapping], extra_columns: Sequence[str] = ()) -> pa.Table:
+    """Records → a table of the required columns, then ``extra_columns`` (nullable strings) in that order."""
     rows = list(records)
     for row in rows:
         missing = [c for c in COLUMNS if c not in row]
@@ -53,14 +62,24 @@ def records_to_table(records: Iterable[Mapping]) -> pa.Table:
             raise DatasetError(f"record {row.get('id', '?')}: missing field(s) {missing}")
         if row["answer_type"] not in ANSWER_TYPES:
             raise DatasetError(f"record {row['id']}: answer_type must be closed or open, got {row['answer_type']!r}")
-    return pa.Table.from_pylist([{c: row[c] for c in COLUMNS} for row in rows], schema=RECORD_SCHEMA)
+    schema = RECORD_SCHEMA
+    for column in extra_columns:
+        schema = schema.append(pa.field(column, pa.string()))
+    return pa.Table.from_pylist([{c: row.get(c) for c in schema.names} for row in rows], schema=schema)
+
+
+def extra_columns_of(record: Mapping) -> list[str]:
+    """The record's columns beyond the required ones, in its own order."""
+    return [c for c in record if c not in COLUMNS]
 
 
 def write_splits(root: str | Path, dataset: str, splits: Mapping[str, Iterable[Mapping]]) -> dict[str, Path]:
     """Write every split of ``dataset`` at once: into a temp dir first, then renamed into place.
 
-    A failure leaves ``root/dataset`` as it was; files are written deterministically (byte-identical for
-    identical records) so DVC hashes are reproducible.
+    Each split may be a list or a lazy iterable (an import streams its records): it is consumed in batches
+    (:data:`BATCH_BYTES`, :data:`BATCH_RECORDS`), so memory holds one batch, never the whole split. An exception
+    raised while a split is consumed leaves ``root/dataset`` as it was; files are written deterministically
+    (byte-identical for identical records) so DVC hashes are reproducible.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -72,8 +91,7 @@ def write_splits(root: str | Path, dataset: str, splits: Mapping[str, Iterable[M
                 shutil.copy2(existing, staging / existing.name)
         written = {}
         for split, records in splits.items():
-            table = records_to_table(records)
-            pq.write_table(table, staging / f"{split}.parquet", compression="zstd", use_dictionary=False)
+            write_parquet(staging / f"{split}.parquet", records)
             written[split] = final / f"{split}.parquet"
         backup = None
         if final.exists():
@@ -87,6 +105,35 @@ def write_splits(root: str | Path, dataset: str, splits: Mapping[str, Iterable[M
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_parquet(path: Path, records: Iterable[Mapping]) -> int:
+    """Write ``records`` to ``path`` batch by batch (extra columns: those of the first record); returns the count."""
+    writer, extras, batch, batch_bytes, count = None, None, [], 0, 0
+
+    def flush() -> None:
+        nonlocal writer
+        table = records_to_table(batch, extras or ())
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema, compression="zstd", use_dictionary=False)
+        writer.write_table(table)
+
+    try:
+        for record in records:
+            if extras is None:
+                extras = extra_columns_of(record)
+            batch.append(record)
+            batch_bytes += len(record.get("image") or b"")
+            count += 1
+            if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_RECORDS:
+                flush()
+                batch, batch_bytes = [], 0
+        if batch or writer is None:
+            flush()
+    finally:
+        if writer is not None:
+            writer.close()
+    return count
 
 
 def read_split(root: str | Path, dataset: str, split: str) -> pa.Table:

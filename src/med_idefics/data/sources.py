@@ -1,6 +1,7 @@
 """The real datasets' sources and their schemas, and reading one split of one from the hub or from local files.
 
-A source is a hub id, or a local copy in the hub's schema: a folder laid out like the hub repository
+A source is a hub id, a release in its authors' own format (:mod:`med_idefics.data.releases`), or a local copy in
+the hub's schema: a folder laid out like the hub repository
 (``data/train-00000-of-00001.parquet``, ``test.jsonl``, an image folder with ``metadata.jsonl``, …) or a single
 ``.parquet`` / ``.json`` / ``.jsonl`` / ``.csv`` file holding one split. Everything is read with ``datasets`` in
 streaming mode (nothing cached, a ``--limit`` reads only what it keeps), images undecoded so that a corrupt one is
@@ -22,7 +23,7 @@ LOCAL_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".cs
 @dataclass(frozen=True)
 class SourceSpec:
     name: str  # the dataset's folder under data/
-    hub_id: str
+    hub_id: str | None  # None: only its authors' release is supported (--source)
     kind: str  # vqa | caption | text: how a row becomes a record (med_idefics.data.importers)
     required: tuple[str, ...]  # columns every split must have
     splits: tuple[str, ...] = ()  # source splits, stored under the same names
@@ -46,12 +47,16 @@ SOURCES = {
     for spec in (
         SourceSpec("vqa-rad", "flaviagiammarino/vqa-rad", VQA, ("image", "question", "answer"), ("train", "test")),
         SourceSpec("path-vqa", "flaviagiammarino/path-vqa", VQA, ("image", "question", "answer"), _SPLITS_3),
+        SourceSpec("slake", None, VQA, ("image", "question", "answer"), _SPLITS_3),
         SourceSpec("roco", "eltorio/ROCO-radiology", CAPTION, ("image", "image_id", "caption"), _SPLITS_3),
         SourceSpec(
             "med-halt",
             "openlifescienceai/Med-HALT",
             TEXT,
-            ("question", "correct_answer"),
+            (
+                "question",
+                "options",
+            ),  # the answer: correct_answer, options[correct_index], or the "I do not know" option
             config="reasoning_fake",
             config_split="train",  # each Med-HALT config is one "train" split
         ),
@@ -67,6 +72,8 @@ class SourceSplit:
     columns: list[str]
     rows: Iterator[dict]
     base_dir: Path | None  # relative image paths resolve here
+    extra_columns: tuple[str, ...] = ()  # source columns kept in the records as extra string columns
+    image_uses: dict[str, int] | None = None  # image file → questions using it, when known up front (releases)
 
 
 def hf_token() -> str | bool:
@@ -110,17 +117,43 @@ def _load(source: str, path: Path, split: str, config: str | None):
         files = data_files[split]
         named = [str(Path(f).relative_to(path)) for f in files if Path(f).suffix.lower() in LOCAL_BUILDERS]
         where = f"{path} (split {split}: {', '.join(named[:3])}{', …' if len(named) > 3 else ''})"
+        if all(Path(f).suffix.lower() == ".parquet" for f in files):
+            return where, path, ParquetRows([Path(f) for f in files])
         return where, path, datasets.load_dataset(builder.name, data_files=files, split="train", streaming=True)
     if path.is_file():
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DatasetError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_BUILDERS)} or a folder")
+        if builder == "parquet":
+            return str(path), path.parent, ParquetRows([path])
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
         return str(path), path.parent, dataset
     if path.suffix.lower() in LOCAL_BUILDERS or source.startswith((".", "/", "~")):
         raise DatasetError(f"{source}: no such file or folder; pass an existing path or a hub id to --source")
     dataset = datasets.load_dataset(source, name=config, split=split, streaming=True, token=hf_token())
     return _hub_where(source, config, split), None, dataset
+
+
+class ParquetRows:
+    """Local parquet files read row by row with pyarrow, a few rows at a time, images left as their ``{bytes, path}``
+    structs (undecoded). ``datasets``' streaming reader pre-buffers whole files: a 55,000-record ROCO import held
+    every image in memory that way (benchmarks/import_memory.py)."""
+
+    features = None  # nothing to cast: pyarrow never decodes images
+    BATCH_ROWS = 64
+
+    def __init__(self, files: list[Path]) -> None:
+        import pyarrow.parquet as pq
+
+        self.files = files
+        self.column_names = list(pq.read_schema(files[0]).names)
+
+    def __iter__(self) -> Iterator[dict]:
+        import pyarrow.parquet as pq
+
+        for file in self.files:
+            for batch in pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=self.BATCH_ROWS):
+                yield from batch.to_pylist()
 
 
 def _hub_where(source: str, config: str | None, split: str) -> str:

@@ -10,6 +10,8 @@ Every suite uses a *whole* split named in params (never a sample):
   identical image, questions about one image stay together on another one, and the same seed gives the same pairs;
 - ``expert-prompt``: the VQA eval split with ``eval.expert_prompt`` in front of the usual prefix: the user turn reads
   ``<expert prompt> <data.prompt_prefix> <question>`` (the paper prepended its radiologist persona to the question);
+- ``slake`` (only when asked for by name, once SLAKE is imported: ``med-idefics data slake``): SLAKE's test split,
+  ``<data.root>/slake/test.parquet``, as it is; ``all`` leaves it out, so profiles without SLAKE data still run;
 - ``med-halt``: the nonsense questions (``data.nonsense``; they have no image), each shown with an image drawn (seeded,
   with replacement) from the distinct images of the VQA eval split. Scored by abstention, not by answer overlap.
 
@@ -26,9 +28,13 @@ import numpy as np
 
 from med_idefics.config import ConfigError, Params
 from med_idefics.data.schema import DatasetError, read_records
+from med_idefics.data.splits import vqa_test
 
 VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT = "vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt"
-SUITES = (VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT)
+SUITES = (VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT)  # `all`
+SLAKE = "slake"
+OPTIONAL_SUITES = (SLAKE,)  # by name only: they need data no profile imports by default
+SLAKE_DATASET, SLAKE_SPLIT = "slake", "test"  # where `med-idefics data slake` stores SLAKE's test questions
 ALL = "all"
 _STREAMS = {SWAP: 0, MED_HALT: 1}
 _MAX_DERANGEMENT_TRIES = 10_000  # a uniform permutation is a derangement with probability ~1/e; never reached
@@ -46,9 +52,10 @@ def parse_suites(spec: str) -> list[str]:
     if spec == ALL:
         return list(SUITES)
     names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SUITES]
+    unknown = [name for name in names if name not in (*SUITES, *OPTIONAL_SUITES)]
     if unknown or not names:
-        raise ConfigError(f"unknown suite(s) {unknown or [spec]}; choose from {', '.join(SUITES)} or {ALL}")
+        known = ", ".join((*SUITES, *OPTIONAL_SUITES))
+        raise ConfigError(f"unknown suite(s) {unknown or [spec]}; choose from {known} or {ALL}")
     return list(dict.fromkeys(names))
 
 
@@ -118,7 +125,7 @@ def load_suite(params: Params, name: str) -> Suite:
         return np.random.default_rng([params.eval.seed, _STREAMS[name]])
 
     def vqa_eval() -> list[dict]:
-        return read_records(data.root, data.vqa.dataset, data.vqa.eval_split)
+        return vqa_test(params)  # data.vqa.eval_split, or its image-disjoint re-split (data.vqa.split)
 
     if name == VQA_RAD:
         records = vqa_eval()
@@ -128,11 +135,13 @@ def load_suite(params: Params, name: str) -> Suite:
         records = swap_images(vqa_eval(), rng(), where=f"{data.vqa.dataset}/{data.vqa.eval_split}")
     elif name == EXPERT_PROMPT:
         records, prefix = vqa_eval(), expert_prefix(params.eval.expert_prompt, prefix)
+    elif name == SLAKE:
+        records = read_records(data.root, SLAKE_DATASET, SLAKE_SPLIT)
     elif name == MED_HALT:
         questions = read_records(data.root, data.nonsense.dataset, data.nonsense.split)
         records = attach_images(questions, distinct_images(vqa_eval()), rng())
     else:
-        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join((*SUITES, *OPTIONAL_SUITES))}")
     if not records:
         raise DatasetError(f"suite {name}: its split has no records; check data.* in params.yaml")
     without_image = [r["id"] for r in records if r.get("image") is None]

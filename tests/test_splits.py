@@ -1,0 +1,129 @@
+"""Image-disjoint re-split, the validation carve-out, their params keys, their use by training and evaluation, and
+the leakage check (`med-idefics data check`)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from med_idefics.cli import main
+from med_idefics.config import ConfigError, load_params
+from med_idefics.data.leakage import check_stored
+from med_idefics.data.schema import write_splits
+from med_idefics.data.splits import carve_validation, image_disjoint, image_key, load_vqa_splits, split_name
+from med_idefics.data.suites import load_suite, parse_suites
+
+
+def leaky(make_vqa_records, n_images: int = 12, per_image: int = 3, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """train and test sharing images the way VQA-RAD's official split does: by question, not by image."""
+    base = make_vqa_records([(f"q{i}?", "yes") for i in range(n_images)], seed=seed, size=8)
+    records = [
+        {**base[i], "id": f"r{i}-{j}", "question": f"question {j} about image {i}?"}
+        for i in range(n_images)
+        for j in range(per_image)
+    ]
+    test = [r for k, r in enumerate(records) if k % 4 == 0]
+    train = [r for k, r in enumerate(records) if k % 4 != 0]
+    return [{**r, "split": "train"} for r in train], [{**r, "split": "test"} for r in test]
+
+
+def images_of(records) -> set[str]:
+    return {image_key(r) for r in records}
+
+
+def test_image_disjoint_resplit_is_disjoint_deterministic_and_close_to_the_official_size(make_vqa_records):
+    train, test = leaky(make_vqa_records)
+    assert images_of(train) & images_of(test)  # the official-style split leaks
+    new_train, new_test = image_disjoint(train, test, seed=0)
+    assert not images_of(new_train) & images_of(new_test)
+    assert sorted(r["id"] for r in new_train + new_test) == sorted(r["id"] for r in train + test)
+    assert len(test) - 3 < len(new_test) <= len(test)  # whole images of 3 questions each
+    assert {r["split"] for r in new_test} == {"test"} and {r["split"] for r in new_train} == {"train"}
+    assert image_disjoint(train, test, seed=0) == (new_train, new_test)
+    assert image_disjoint(train, test, seed=1)[1] != new_test
+
+
+def test_validation_is_carved_from_train_by_image(make_vqa_records):
+    train, _ = leaky(make_vqa_records, n_images=20, per_image=2)
+    rest, validation = carve_validation(train, 0.2, seed=0)
+    assert validation and not images_of(rest) & images_of(validation)
+    assert len(rest) + len(validation) == len(train) and {r["split"] for r in validation} == {"validation"}
+    assert carve_validation(train, 0.0, seed=0) == (train, [])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("data.vqa.split=by-image", "data.vqa.split"), ("data.vqa.validation_fraction=1.0", "validation_fraction")],
+)
+def test_split_keys_are_checked(repo_root, override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_params(repo_root / "params.yaml", [override])
+
+
+def test_every_shipped_profile_uses_the_official_split(repo_root):
+    import yaml
+
+    for path in (repo_root / "params.yaml", *sorted((repo_root / "configs").glob("*.yaml"))):
+        assert yaml.safe_load(path.read_text())["data"]["vqa"]["split"] == "official", path
+
+
+@pytest.fixture
+def leaky_data(tmp_path, make_vqa_records, repo_root):
+    train, test = leaky(make_vqa_records)
+    write_splits(tmp_path / "data", "toy", {"train": train, "test": test})
+    overrides = [f"data.root={tmp_path / 'data'}", "data.vqa.dataset=toy", "data.vqa.train_split=train",
+                 "data.vqa.eval_split=test"]  # fmt: skip
+    return tmp_path, overrides
+
+
+def test_training_and_suites_see_the_configured_split(leaky_data, repo_root):
+    from med_idefics.train import _records
+
+    _, overrides = leaky_data
+    official = load_params(repo_root / "params.yaml", overrides)
+    disjoint = load_params(repo_root / "params.yaml", [*overrides, "data.vqa.split=image-disjoint"])
+    assert split_name(official.data.vqa) == "official"
+    assert split_name(disjoint.data.vqa) == "image-disjoint (seed 0)"
+    suite = load_suite(disjoint, "vqa-rad").records
+    assert suite == load_vqa_splits(disjoint).test
+    assert not images_of(suite) & images_of(load_vqa_splits(disjoint).train)
+
+    validating = load_params(repo_root / "params.yaml", [*overrides, "data.vqa.validation_fraction=0.25"])
+    splits = load_vqa_splits(validating)
+    train, monitored = _records(validating, "vqa", None)
+    assert train == splits.train and monitored == splits.validation[: validating.data.vqa.eval_size]
+    assert not {r["id"] for r in train} & {r["id"] for r in splits.validation}
+    assert "validation 0.25 of train by image" in split_name(validating.data.vqa)
+
+
+def test_data_check_reports_leaks_and_strict_fails_on_them(leaky_data, repo_root):
+    tmp_path, overrides = leaky_data
+    report = check_stored(tmp_path / "data", "toy")
+    (pair,) = report.pairs
+    assert pair.shared_images == 9 and pair.second_questions_on_shared == 9
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    args = ["data", "check", "toy", "--params", str(repo_root / "params.yaml"), *sets]
+    result = CliRunner().invoke(main, [*args, "--strict"])
+    assert result.exit_code == 1 and "train ↔ test: 9 shared images" in result.output
+    assert CliRunner().invoke(main, args).exit_code == 0
+    result = CliRunner().invoke(main, [*args, "--strict", "--set", "data.vqa.split=image-disjoint"])
+    assert result.exit_code == 0, result.output
+    assert "image-disjoint (seed 0)" in result.output and "train ↔ test: 0 shared images" in result.output
+
+
+def test_data_check_counts_duplicates_and_missing_images(tmp_path, make_vqa_records):
+    records = make_vqa_records([("Is it?", "yes"), ("What?", "liver")], size=8)
+    no_image = {**records[1], "id": "text-only", "image": None}
+    duplicate = {**records[0], "id": "again", "question": " is IT? "}
+    write_splits(tmp_path, "toy", {"train": [*records, no_image, duplicate]})
+    (split,) = check_stored(tmp_path, "toy").splits
+    assert (split.questions, split.duplicate_triples, split.missing_image) == (4, 1, ["text-only"])
+
+
+def test_slake_is_a_suite_by_name_only(tmp_path, make_vqa_records, repo_root):
+    assert "slake" not in parse_suites("all") and parse_suites("slake") == ["slake"]
+    params = load_params(repo_root / "params.yaml", [f"data.root={tmp_path}"])
+    with pytest.raises(Exception, match="med-idefics data slake"):
+        load_suite(params, "slake")
+    write_splits(tmp_path, "slake", {"test": make_vqa_records([("Which organ?", "liver")], split="test")})
+    assert [r["answer"] for r in load_suite(params, "slake").records] == ["liver"]
