@@ -22,7 +22,8 @@ def base_command(params, out_dir: str | None) -> None:
     if params.model.base == "tiny":
         click.echo(
             f"{where}: tiny base, {result['parameters']:,} parameters, {result['steps']} steps in "
-            f"{result['seconds']} s; caption eval loss {result['eval_loss_before']} → {result['eval_loss_after']}"
+            f"{result['seconds']} s; general-domain eval loss {result['eval_loss_before']:.3f} → "
+            f"{result['eval_loss_after']:.3f}"
         )
     elif result["source"] not in ("hub", "local"):
         click.echo(f"{where}: {result['source']} base (random weights), {result['parameters']:,} parameters")

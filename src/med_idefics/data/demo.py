@@ -3,7 +3,7 @@
 A miniature of the paper's world, split by what each stage may have seen:
 
 - ``general`` / ``general-validation``: the *general domain* the tiny base is pretrained on, as Idefics2 was on web
-  data — everyday pictures (a coloured shape on a photograph, black dots) with captions, instruction-style questions
+  data — everyday pictures (a coloured, patterned square and black dots) with captions, instruction-style questions
   (yes/no and short answers, some behind an assistant persona), nonsense questions answered "i do not know", and a
   repeat-the-words task over the whole vocabulary (a language model knows the words of medicine as text). No medical
   image, caption or question is ever in it;
@@ -33,7 +33,7 @@ from med_idefics.data.demo_images import (
     COLOURS,
     MODALITIES,
     ORGANS,
-    SHAPES,
+    PATTERNS,
     SIDES,
     STAINS,
     render_general,
@@ -72,16 +72,19 @@ _NONSENSE_TEMPLATES = (
     "in which year was the {} elected president?",
 )
 _NONSENSE_SUBJECTS = ("left ventricle", "liver", "brain", "spleen", "kidney", "lung", "stomach", "pancreas")
-_GENERAL_NONSENSE_SUBJECTS = ("circle", "square", "triangle", "dot", "shape", "picture", "photograph", "colour")
+_GENERAL_NONSENSE_SUBJECTS = ("square", "dot", "pattern", "stripe", "shape", "picture", "photograph", "colour")
 # Assistant personas before some general questions: the base learns to answer the question whatever preamble it gets
-# (Idefics2's instruction data has many), so a persona at evaluation is not a new kind of input.
-_PERSONAS = (
-    "you are an expert photographer evaluating the picture, answer the question succinctly based on the image.",
-    "you are a helpful assistant, answer the question briefly.",
-    "answer briefly.",
-)
-_PERSONA_SHARE = 0.25
+# (Idefics2's instruction data has many), so a persona at evaluation — the paper's expert radiologist — is a familiar
+# kind of input with unfamiliar words in its slots, not a new kind of input.
+_PERSONA = "you are an expert {} evaluating the {}, answer the question succinctly based on the {}image."
+_PROFESSIONS = ("photographer", "painter", "designer", "teacher", "engineer", "scientist")
+_SUBJECTS = ("picture", "photo", "scene", "drawing", "example")
+_IMAGE_ADJECTIVES = ("", "given ", "coloured ", "attached ")
+_SHORT_PERSONAS = ("you are a helpful assistant, answer the question briefly.", "answer briefly.")
+_PERSONA_SHARE = 0.4
 _REPEAT_PROMPT = "repeat these words:"
+# Words a language model knows from text although no picture shows them (the expert persona's, for one).
+_TEXT_ONLY_WORDS = ("radiologist", "medical", "case", "clinical", "patient", "scan", "doctor", "finding")
 
 T = TypeVar("T")
 
@@ -131,8 +134,8 @@ def radiology_design(rng: np.random.Generator, n: int) -> list[DemoImage]:
 
 
 def general_design(rng: np.random.Generator, n: int) -> list[DemoImage]:
-    """Everyday pictures: ``look`` is the shape's colour, ``organ`` the shape, ``count`` black dots on one side."""
-    return _design(rng, n, COLOURS, SHAPES)
+    """Everyday pictures: ``look`` is the square's colour, ``organ`` its pattern, ``count`` black dots on one side."""
+    return _design(rng, n, COLOURS, PATTERNS)
 
 
 def _design(rng: np.random.Generator, n: int, looks: Sequence[str], kinds: Sequence[str]) -> list[DemoImage]:
@@ -158,8 +161,8 @@ def caption(image: DemoImage) -> str:
 
 
 def general_caption(image: DemoImage) -> str:
-    """e.g. ``a red circle with two dots on the left side.``"""
-    return f"a {image.look} {image.organ} with {_findings(image, 'dot')}."
+    """e.g. ``a red striped square with two dots on the left side.``"""
+    return f"a {image.look} {image.organ} square with {_findings(image, 'dot')}."
 
 
 def _findings(image: DemoImage, thing: str) -> str:
@@ -195,10 +198,10 @@ def general_questions(image: DemoImage) -> list[tuple[str, str]]:
     """The general-domain twins of :func:`radiology_questions`: same forms, everyday words."""
     closed, open_ = _lesion_questions(image, "dot")
     closed += [
-        (f"is the shape {image.asked_look}?", _yes_no(image.look == image.asked_look)),
-        (f"does this image show a {image.asked_organ}?", _yes_no(image.organ == image.asked_organ)),
+        (f"is this a {image.asked_look} square?", _yes_no(image.look == image.asked_look)),
+        (f"does this image show a {image.asked_organ} pattern?", _yes_no(image.organ == image.asked_organ)),
     ]
-    open_ += [("what colour is the shape?", image.look), ("which shape is shown?", image.organ)]
+    open_ += [("what colour is the square?", image.look), ("which pattern is shown?", image.organ)]
     return closed + open_
 
 
@@ -259,15 +262,24 @@ def caption_records(split: str, n: int, size: int, seed: int, prompt: str) -> li
 
 def lexicon(caption_prompt: str) -> list[str]:
     """Every word the demo's training texts use — general and medical — for the base's repeat-the-words task."""
-    texts = [caption_prompt, GENERAL_CAPTION_PROMPT, _REPEAT_PROMPT, *_PERSONAS]
-    domains = ((MODALITIES, ORGANS, caption, radiology_questions), (COLOURS, SHAPES, general_caption, general_questions))
+    personas = [_PERSONA.format(p, s, a) for p in _PROFESSIONS for s in _SUBJECTS for a in _IMAGE_ADJECTIVES]
+    texts = [caption_prompt, GENERAL_CAPTION_PROMPT, _REPEAT_PROMPT, *_SHORT_PERSONAS, *personas]
+    domains = ((MODALITIES, ORGANS, caption, radiology_questions), (COLOURS, PATTERNS, general_caption, general_questions))
     for looks, kinds, describe, ask in domains:
         for count, side in [(0, None), *((c, s) for c in range(1, len(_COUNT_WORDS)) for s in SIDES)]:
             image = DemoImage(looks[0], kinds[0], count, side, looks[-1], kinds[-1], SIDES[0])
             texts += [describe(image), *(f"{q} {a}" for q, a in ask(image))]
-    texts += [*MODALITIES, *ORGANS, *COLOURS, *SHAPES]  # every value, not only those the example images name
+    texts += [*MODALITIES, *ORGANS, *COLOURS, *PATTERNS]  # every value, not only those the example images name
+    texts += _TEXT_ONLY_WORDS
     words = {word.strip(".,?:") for text in texts for word in text.lower().split()}
     return sorted(w for w in words if w)
+
+
+def _persona(rng: np.random.Generator) -> str:
+    if rng.random() < 0.75:
+        words = (_PROFESSIONS, _SUBJECTS, _IMAGE_ADJECTIVES)
+        return _PERSONA.format(*(str(options[rng.integers(len(options))]) for options in words))
+    return _SHORT_PERSONAS[rng.integers(len(_SHORT_PERSONAS))]
 
 
 def general_records(split: str, n: int, size: int, seed: int, caption_prompt: str) -> list[dict]:
@@ -282,7 +294,7 @@ def general_records(split: str, n: int, size: int, seed: int, caption_prompt: st
     for i, (image, png) in enumerate(zip(images, _render(rng, size, images, general=True), strict=True)):
         pairs = [(GENERAL_CAPTION_PROMPT, general_caption(image))]
         for question, answer in general_questions(image):
-            persona = _PERSONAS[rng.integers(len(_PERSONAS))] if rng.random() < _PERSONA_SHARE else ""
+            persona = _persona(rng) if rng.random() < _PERSONA_SHARE else ""
             pairs.append((f"{persona} {question}".strip(), answer))
         pairs.append((nonsense[i % len(nonsense)], NONSENSE_ANSWER))
         repeated = str(rng.choice(words))

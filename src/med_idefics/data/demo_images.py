@@ -36,7 +36,8 @@ STAINS = ("immunohistochemistry", "h&e")
 MAX_LESIONS = 3
 
 # Lesion slots in the left half, as fractions of the image side (x, y); the right half mirrors them.
-_LEFT_SLOTS = np.array([(0.25, 0.30), (0.25, 0.70), (0.40, 0.50)])
+# The innermost slot stays 0.16 from the midline, so that a single lesion's side is plain to see (at 0.40 it was not).
+_LEFT_SLOTS = np.array([(0.22, 0.25), (0.22, 0.75), (0.34, 0.50)])
 _LESION_RADIUS = (0.07, 0.085)  # fraction of the image side: 4.5-5.4 px at 64 px
 _SLOT_JITTER = 0.015
 
@@ -131,8 +132,15 @@ def _texture_crops(rng: np.random.Generator, textures: Sequence[np.ndarray], siz
     return np.stack(crops) if crops else np.zeros((0, size, size))
 
 
-def lesion_alpha(rng: np.random.Generator, size: int, counts: Sequence[int], sides: Sequence[str | None]) -> np.ndarray:
-    """(n, size, size) alphas: ``counts[i]`` discs in distinct slots of the ``sides[i]`` half of image i."""
+def lesion_alpha(
+    rng: np.random.Generator,
+    size: int,
+    counts: Sequence[int],
+    sides: Sequence[str | None],
+    radius: tuple[float, float] = _LESION_RADIUS,
+) -> np.ndarray:
+    """(n, size, size) alphas: ``counts[i]`` discs (``radius``: a range, as fractions of the side) in distinct slots
+    of the ``sides[i]`` half of image i."""
     counts = np.asarray(counts, dtype=int)
     if ((counts < 0) | (counts > MAX_LESIONS)).any() or any(
         s not in SIDES for c, s in zip(counts, sides, strict=True) if c
@@ -143,7 +151,7 @@ def lesion_alpha(rng: np.random.Generator, size: int, counts: Sequence[int], sid
     centres = _LEFT_SLOTS + rng.uniform(-_SLOT_JITTER, _SLOT_JITTER, size=(n, n_slots, 2))
     right = np.array([side == "right" for side in sides], dtype=bool)
     centres[right, :, 0] = 1.0 - centres[right, :, 0]
-    radii = rng.uniform(*_LESION_RADIUS, size=(n, n_slots)) * size
+    radii = rng.uniform(*radius, size=(n, n_slots)) * size
     coords = (np.arange(size) + 0.5) / size
     alpha = np.zeros((n, size, size))
     for slot in range(n_slots):  # discs only where a slot is used: most images have none or one
@@ -206,47 +214,58 @@ def render_pathology(
 # The general domain: what the tiny base is pretrained on before it ever sees a medical image.
 
 COLOURS = ("red", "green", "blue")
-SHAPES = ("circle", "square", "triangle")
-# Light fills, so that black dots stand out on a shape in every channel.
+PATTERNS = ("plain", "striped", "checkered")
+# Light fills on a light background: the black dots are the only dark pixels, in every channel.
 _RGB = {"red": (0.95, 0.45, 0.42), "green": (0.45, 0.90, 0.45), "blue": (0.45, 0.55, 0.98)}
-_DOT = (0.05, 0.05, 0.05)  # dots are black; lesions are white: the base learns to count blobs, not to see lesions
+_DOT = (0.02, 0.02, 0.02)  # dots are black; lesions are white: the base learns to count blobs, not to see lesions
+# Dots are larger than lesions: their dark area is a strong cue for how many there are, which the base then learns
+# reliably (at lesion size the count was learned in some pretraining runs and stayed at chance in others).
+_DOT_RADIUS = (0.095, 0.11)
+_PATTERN_DARKEN = 0.72  # the darker half of a pattern's cells; still far lighter than a dot
 
 
 @cache
 def _photo_textures(size: int) -> tuple[np.ndarray, ...]:
-    """Everyday photographs bundled with scikit-image, washed out to pale backgrounds at 2x ``size``."""
+    """Everyday photographs bundled with scikit-image, at 2x ``size``."""
     photos = (skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.astronaut())
-    return tuple(0.55 + 0.4 * _resized(photo / 255.0, 2 * size) for photo in photos)
+    return tuple(_resized(photo / 255.0, 2 * size) for photo in photos)
 
 
 @cache
-def shape_masks(size: int) -> dict[str, np.ndarray]:
-    """Alpha masks of the central shape: a disc, a square and an upward triangle, each about half the image."""
-    x, y = _grid(size)
-    triangle = (y < 0.78) & (np.abs(x - 0.5) < (y - 0.22) * 0.6)
-    masks = {
-        "circle": _ellipse(size, (0.5, 0.5), (0.30, 0.30)),
-        "square": _ellipse(size, (0.5, 0.5), (0.28, 0.28), power=12.0),
-        "triangle": gaussian_filter(triangle.astype(np.float64), 0.5),
+def pattern_masks(size: int) -> dict[str, np.ndarray]:
+    """Where a pattern's fill is darkened: nowhere (plain), vertical bands (striped), a checkerboard (checkered)."""
+    period = max(4, size // 8)
+    cells = (np.arange(size) // (period // 2)) % 2
+    return {
+        "plain": np.zeros((size, size)),
+        "striped": np.broadcast_to(cells[None, :], (size, size)).astype(np.float64),
+        "checkered": (cells[:, None] ^ cells[None, :]).astype(np.float64),
     }
-    return {name: np.clip(mask, 0.0, 1.0) for name, mask in masks.items()}
 
 
 def render_general(
     rng: np.random.Generator,
     size: int,
     colours: Sequence[str],
-    shapes: Sequence[str],
+    patterns: Sequence[str],
     counts: Sequence[int],
     sides: Sequence[str | None],
 ) -> np.ndarray:
-    """(n, size, size, 3) uint8 everyday pictures: a ``colours[i]`` ``shapes[i]`` on a pale photograph, with
-    ``counts[i]`` black dots in the ``sides[i]`` half (the same slots as radiology lesions)."""
+    """(n, size, size, 3) uint8 everyday pictures: a large ``colours[i]`` square filled with ``patterns[i]`` on a
+    light background, with ``counts[i]`` black dots in the ``sides[i]`` half (the slots of radiology lesions)."""
     if not len(colours):
         return np.zeros((0, size, size, 3), dtype=np.uint8)
-    background = rng.uniform(0.25, 0.35, size=(len(colours), 1, 1, 1)) + np.zeros((1, size, size, 3))
-    fill = np.array([_RGB[c] for c in colours])[:, None, None, :] + rng.uniform(-0.06, 0.06, (len(colours), 1, 1, 3))
-    mask = np.stack([shape_masks(size)[s] for s in shapes])[..., None]
-    image = background + mask * (fill - background)
-    image += lesion_alpha(rng, size, counts, sides)[..., None] * (np.array(_DOT) - image)
+    n = len(colours)
+    # Backgrounds from black to white, half of them a washed-out photograph: the base sees all kinds of pictures
+    # (as Idefics2 did), so a radiograph is an unfamiliar subject, not an unfamiliar kind of input.
+    level = rng.uniform(0.05, 0.95, size=(n, 1, 1, 1))
+    photos = _photo_textures(size)
+    texture = _texture_crops(rng, [photos[i] for i in rng.integers(0, len(photos), size=n)], size).mean(-1)[..., None]
+    background = level + rng.integers(0, 2, size=(n, 1, 1, 1)) * 0.3 * (texture - texture.mean((1, 2), keepdims=True))
+    background = np.clip(np.broadcast_to(background, (n, size, size, 3)), 0.0, 1.0)
+    fill = np.array([_RGB[c] for c in colours])[:, None, None, :] + rng.uniform(-0.04, 0.04, (n, 1, 1, 3))
+    shade = 1.0 - (1.0 - _PATTERN_DARKEN) * np.stack([pattern_masks(size)[p] for p in patterns])[..., None]
+    square = _ellipse(size, (0.5, 0.5), (0.40, 0.40), power=12.0)[None, ..., None]
+    image = background + square * (fill * shade - background)
+    image += lesion_alpha(rng, size, counts, sides, _DOT_RADIUS)[..., None] * (np.array(_DOT) - image)
     return _to_rgb8(image + 0.01 * rng.standard_normal(image.shape), grey=False)

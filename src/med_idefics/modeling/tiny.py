@@ -89,6 +89,11 @@ def build_processor(
 def tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Idefics2Config:
     """Idefics2 config from params ``model.tiny``; token ids from ``tokenizer``.
 
+    Weights start at std 1/sqrt(width) (a default linear layer's scale), not transformers' 0.02, which is tuned for
+    4096-wide layers: at width 64 it starts every attention uniform and shrinks each layer's signal about 6x, and the
+    tiny base stayed blind to everything but colour (a linear probe on its connector output read the dot count at
+    chance after 1,500 pretraining steps, though the vision encoder's features gave it perfectly).
+
     Sizes not in params: vision MLP 2 x hidden (SigLIP has ~3.7x; the vision tower runs on every patch of every
     image, so its MLP is the cheapest place to save a few percent of each pretraining step), perceiver without
     grouped key/values (kv heads = heads, so its matrix dims stay multiples of 64)."""
@@ -104,6 +109,7 @@ def tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ide
         "num_key_value_heads": cfg.text_kv_heads,
         "max_position_embeddings": 1024,
         "rms_norm_eps": 1e-5,
+        "initializer_range": cfg.text_hidden**-0.5,
         "tie_word_embeddings": False,
         "pad_token_id": ids["pad"],
         "bos_token_id": ids["bos"],
@@ -116,6 +122,7 @@ def tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ide
         "num_attention_heads": cfg.vision_heads,
         "image_size": cfg.image_size,
         "patch_size": cfg.patch_size,
+        "initializer_range": cfg.vision_hidden**-0.5,
     }
     perceiver = {
         "hidden_size": cfg.text_hidden,
@@ -125,6 +132,7 @@ def tiny_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ide
         "resampler_n_heads": cfg.perceiver_heads,
         "resampler_head_dim": cfg.perceiver_head_dim,
         "num_key_value_heads": cfg.perceiver_heads,
+        "initializer_range": cfg.text_hidden**-0.5,
     }
     return Idefics2Config(
         text_config=text,
@@ -146,11 +154,22 @@ def build_model(processor: Idefics2Processor, cfg: TinyModelConfig, seed: int) -
     config = tiny_config(cfg, tokenizer)
     torch.manual_seed(seed)
     model = Idefics2ForConditionalGeneration(config)
+    init_resampler(model)
     generation = model.generation_config
     generation.eos_token_id = tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
     generation.pad_token_id = tokenizer.pad_token_id
     generation.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def init_resampler(model: Idefics2ForConditionalGeneration) -> None:
+    """Draw the perceiver resampler's latent queries from N(0, 1), as Flamingo's resampler does.
+
+    transformers initialises every latent to ones (right for loading Idefics2-8b's trained latents, wrong for training
+    from scratch): identical queries get identical outputs and gradients, so they never diverge and the resampler
+    passes one pooled vector, ``perceiver_latents`` times over."""
+    with torch.no_grad():
+        model.model.connector.perceiver_resampler.latents.normal_(0.0, 1.0)
 
 
 def build_tiny(
