@@ -25,6 +25,8 @@ def test_demo_data_matches_committed_data_dvc(repo_root, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "data" / "demo").iterdir()) == [
         "caption-train.parquet",
         "caption-validation.parquet",
+        "general-validation.parquet",
+        "general.parquet",
         "nonsense.parquet",
         "pathology.parquet",
         "test.parquet",

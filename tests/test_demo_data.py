@@ -54,8 +54,13 @@ def _by_image(records: list[dict]) -> dict[str, dict[str, str]]:
     """image id → {question: answer}, from ``demo-<split>-00042-q3`` ids."""
     grouped: dict[str, dict[str, str]] = defaultdict(dict)
     for record in records:
-        grouped[record["id"].rsplit("-q", 1)[0]][record["question"]] = record["answer"]
+        grouped[record["id"].rsplit("-q", 1)[0]][_bare(record["question"])] = record["answer"]
     return grouped
+
+
+def _bare(question: str) -> str:
+    """The question without a persona before it (a quarter of the training questions have one)."""
+    return question.rsplit(". ", 1)[-1]
 
 
 def _grey(record: dict) -> np.ndarray:
@@ -97,7 +102,7 @@ def test_written_splits_follow_the_schema_and_the_config(tmp_path):
             assert record["dataset"] == "demo" and record["split"] == split
             assert record["answer_type"] == infer_answer_type(record["answer"])
             assert record["answer"] == record["answer"].lower()
-            if not split.startswith(("caption", "general")):
+            if not split.startswith(("caption", "general")):  # personas included: all lower case
                 assert record["question"] == record["question"].lower()
             if record["image"] is not None:
                 image = image_from_bytes(record["image"])
@@ -144,7 +149,7 @@ def test_closed_answers_are_balanced_per_template(medium, split):
     answers = defaultdict(list)
     for record in medium[split]:
         if record["answer_type"] == "closed":
-            answers[record["question"]].append(record["answer"] == "yes")
+            answers[_bare(record["question"])].append(record["answer"] == "yes")
     assert len(answers) == (4 if split == "pathology" else 10)  # lesion, 2 sides, multiplicity (+3 modality, 3 organ)
     for question, yes in answers.items():
         assert 0.4 <= np.mean(yes) <= 0.6, (question, np.mean(yes), len(yes))
@@ -154,7 +159,7 @@ def test_closed_answers_are_balanced_per_template(medium, split):
 def test_no_template_can_be_answered_from_the_question_alone(medium, split):
     answers = defaultdict(Counter)
     for record in medium[split]:
-        answers[record["question"]][record["answer"]] += 1
+        answers[_bare(record["question"])][record["answer"]] += 1
     for question, counts in answers.items():
         assert counts.most_common(1)[0][1] / counts.total() <= 0.6, (question, counts)
 
@@ -228,15 +233,23 @@ def test_the_general_domain_has_no_medical_image_caption_or_question(medium):
     repeated = " ".join(r["answer"] for r in records if r["question"].startswith("repeat"))
     assert MEDICAL_WORDS.search(repeated)
     image = np.asarray(image_from_bytes(records[0]["image"])).astype(float)
-    assert np.abs(image[..., 0] - image[..., 2]).max() > 60  # a coloured shape
+    assert np.ptp(image, axis=-1).max() > 60  # a coloured square
 
 
 def test_general_closed_answers_are_balanced_per_template(medium):
     answers = defaultdict(list)
     for record in medium["general"]:
-        if record["answer_type"] == "closed":
+        if record["answer_type"] == "closed" and not record["question"].startswith("repeat these words:"):
             question = record["question"].rsplit(". ", 1)[-1]  # without a persona
             answers[question].append(record["answer"] == "yes")
     assert len(answers) == 10  # dot, 2 sides, multiplicity, 3 colours, 3 shapes
     for question, yes in answers.items():
         assert 0.35 <= np.mean(yes) <= 0.65, (question, np.mean(yes), len(yes))
+
+
+def test_a_quarter_of_training_questions_have_a_general_persona_and_no_test_question_has_one(medium):
+    train = [r["question"] for r in medium["train"]]
+    with_persona = [q for q in train if q != _bare(q)]
+    assert 0.15 <= len(with_persona) / len(train) <= 0.35
+    assert not [q for q in with_persona if "radiologist" in q or "medical" in q]  # never the expert persona
+    assert all(q == _bare(q) for q in (r["question"] for r in medium["test"]))

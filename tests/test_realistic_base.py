@@ -25,6 +25,7 @@ from med_idefics.modeling import realistic
 from med_idefics.modeling.generation import generate_answers, load_adapted_model, stop_token_ids
 from med_idefics.modeling.loading import load_base_model, load_processor
 from med_idefics.prompts import END_OF_UTTERANCE
+from med_idefics.results import eval_run_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VQA_RAD = REPO_ROOT.parent / "shared" / "realdata" / "vqa-rad"
@@ -259,8 +260,9 @@ def test_qlora_training_and_evaluation_run_on_cpu(real_processor_project, base_d
     assert (adapter / "adapter_model.safetensors").is_file()
     results = evaluate(params, EvalRequest("single-stage", ["vqa-rad"]))
     metrics = results["vqa-rad"].metrics
-    assert metrics["n"] == len(QA) and metrics["variant"] == "single-stage"
-    assert MlflowClient().get_run(metrics["eval_run_id"]).data.tags["precision"] == "4bit-nf4/float32"
+    assert metrics["n"] == len(QA)
+    run_id = eval_run_id(results["vqa-rad"].metrics_path.parent.parent, "single-stage", "vqa-rad")
+    assert MlflowClient().get_run(run_id).data.tags["precision"] == "4bit-nf4/float32"
     rows = [json.loads(line) for line in results["vqa-rad"].predictions_path.read_text().splitlines()]
     assert [row["answer"] for row in rows] == [answer for _, answer in QA]
 
@@ -276,7 +278,7 @@ def test_bf16_answers_and_a_bf16_lora_step(base_dir, processor):
     assert answers[0].strip()
 
     params = load_params(REPO_ROOT / "params.yaml")
-    model = add_lora(model, params.lora, quantized=False)
+    model = add_lora(model, params.lora, gradient_checkpointing=False)
     question, answer = QA[0]
     batch = VqaCollator(processor)(
         [{"id": "x", "image": png(records[0]["image"]), "question": question, "answer": answer}]

@@ -170,7 +170,7 @@ def test_compare_prints_variants_by_headline_metrics_with_intervals(evaluated, m
     assert positions == sorted(positions)
     rows = {line.split()[1]: line for line in lines if line.startswith("│") and "Variant" not in line}
     assert list(rows) == ["base", "single-stage", "two-stage", "two-stage-n1500", "two-stage-n500"]
-    assert rows["two-stage"].count("1.000 [1.00, 1.00]") == 5
+    assert rows["two-stage"].count("1.000 [1.00, 1.00]") == len(METRIC_LABELS)
     assert re.search(r"0\.500 \[0\.\d\d, 0\.\d\d\]", rows["base"])  # EM: 20 of 40 right
 
     halt = CliRunner().invoke(main, ["compare", "--suite", "med-halt"], catch_exceptions=False).output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -79,11 +80,19 @@ def test_save_and_load_round_trip(repo_params, tiny_base_dir, tiny_processor, vq
     assert out.shape[1] <= generation["input_ids"].shape[1] + 3
 
 
+def test_pretraining_starts_with_its_focus_records_then_trains_on_all(repo_params, tiny_processor, vqa_records):
+    model = build_model(tiny_processor, repo_params.model.tiny, seed=0)
+    cfg = replace(repo_params.model.pretrain, steps=6, focus_steps=4, batch_size=2, warmup_steps=0, logging_steps=1)
+    summary = pretrain(model, tiny_processor, vqa_records, vqa_records[:2], cfg, seed=0, focus=vqa_records[:3])
+    assert (summary["steps"], summary["focus_steps"], summary["focus_records"]) == (6, 4, 3)
+    assert summary["train_records"] == len(vqa_records)
+
+
 def test_pretraining_lowers_the_loss(repo_params, tiny_model, tiny_processor, vqa_records):
     cfg = repo_params.model.pretrain
-    cfg = type(cfg)(steps=12, batch_size=6, lr=1e-2, warmup_steps=0, weight_decay=0.0, logging_steps=4)
+    cfg = replace(cfg, steps=12, focus_steps=0, batch_size=6, lr=1e-2, warmup_steps=0, logging_steps=4)
     summary = pretrain(tiny_model, tiny_processor, vqa_records, vqa_records, cfg, seed=0)
-    assert summary["steps"] == 12
+    assert summary["steps"] == 12 and summary["focus_steps"] == 0
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.5
     assert summary["train_loss_last"] < summary["train_loss_first"]
     assert summary["parameters"] == sum(p.numel() for p in tiny_model.parameters())

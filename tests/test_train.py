@@ -20,7 +20,7 @@ from med_idefics.config import ConfigError, load_params
 from med_idefics.data.schema import DatasetError, split_path
 from med_idefics.files import file_md5
 from med_idefics.modeling.adapters import AdapterError
-from med_idefics.results import read_run_info
+from med_idefics.results import read_run_info, run_id_of
 from med_idefics.train import TrainRequest, train
 
 
@@ -275,7 +275,7 @@ def test_every_stage_prepares_a_4bit_base_alike_and_trains_every_lora_weight(pro
     for name, before in seen["lora"].items():
         key = name.replace(".default", "")
         assert not torch.equal(trained[key], before), f"{key} did not change: no gradient reached it"
-    (run,) = _runs(summary["variant"])
+    (run,) = _runs(read_run_info(project / "outputs/x")["variant"])
     assert run.data.params["precision"] == precision_label(params.quantization) == "4bit-nf4/bfloat16"
 
 
@@ -299,7 +299,8 @@ def test_init_adapter_runs_uri_resolves_in_the_configured_store(project, tmp_pat
     store.mkdir()
     shutil.copy(_migrated_store_template, store / "mlflow.db")
     configured = [f"mlflow.tracking_uri=sqlite:///{store}/mlflow.db", "stage1.max_steps=1", "stage2.max_steps=1"]
-    first = train(load_params("params.yaml", configured), TrainRequest(stage="stage1", out_dir=Path("outputs/s1")))
+    train(load_params("params.yaml", configured), TrainRequest(stage="stage1", out_dir=Path("outputs/s1")))
+    first = {"run_id": run_id_of("outputs/s1")}
     shutil.rmtree("outputs/s1")  # only the store has it now
     mlflow.set_tracking_uri(env_store)  # as in a new process: MLflow's default is the env store
 

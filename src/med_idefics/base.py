@@ -122,7 +122,9 @@ def build_tiny_base(params: Params, out_dir: Path) -> dict[str, Any]:
     prompts = (data.caption_prompt, data.prompt_prefix, params.eval.expert_prompt)
     texts = tokenizer_corpus(general + captions + vqa_train, extra=prompts)
     model, processor = build_tiny(texts, params.model.tiny, params.seed, params.model.do_image_splitting)
-    summary = pretrain(model, processor, general, validation, cfg, params.seed)
+    from med_idefics.data.demo import counting_records
+
+    summary = pretrain(model, processor, general, validation, cfg, params.seed, focus=counting_records(general))
     summary["vocab_size"] = len(processor.tokenizer)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -131,15 +133,20 @@ def build_tiny_base(params: Params, out_dir: Path) -> dict[str, Any]:
 
 
 def pretrain(
-    model, processor, train_records: Sequence[dict], eval_records: Sequence[dict], cfg: PretrainConfig, seed: int
+    model,
+    processor,
+    train_records: Sequence[dict],
+    eval_records: Sequence[dict],
+    cfg: PretrainConfig,
+    seed: int,
+    focus: Sequence[dict] = (),
 ) -> dict[str, Any]:
-    """Train every parameter of ``model`` for ``cfg.steps`` steps of captioning (loss on the caption tokens only,
-    as in the later stages) with the HF Trainer; images are processed once up front, batches only padded per step.
-    Returns losses, steps, seconds and the parameter count.
+    """Train every parameter of ``model`` for ``cfg.steps`` steps (loss on the answer tokens only, as in the later
+    stages) with the HF Trainer: the first ``cfg.focus_steps`` on the ``focus`` records (a curriculum; none when
+    either is empty), the rest on ``train_records``. Images are processed once up front, batches only padded per
+    step. Returns losses, steps, seconds and the parameter count.
 
     Runs with one torch thread (see :func:`_torch_threads`)."""
-    from transformers import Trainer, TrainingArguments
-
     from med_idefics.data.collator import VqaCollator
     from med_idefics.modeling.tiny import parameter_count
 
@@ -148,36 +155,30 @@ def pretrain(
             f"model.base=tiny needs pretraining records in {cfg.dataset}/{cfg.train_split} (model.pretrain); "
             "none were found: run `med-idefics data demo`"
         )
+    focus_steps = min(cfg.focus_steps, cfg.steps - 1) if focus else 0
     started = time.perf_counter()
     collator = VqaCollator(processor)
     train, evals = _encode(collator, train_records), _encode(collator, eval_records)
+    history: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="med-idefics-pretrain-") as scratch, _torch_threads(1):
-        args = TrainingArguments(
-            output_dir=scratch,
-            max_steps=cfg.steps,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=max(cfg.batch_size, 64),
-            learning_rate=cfg.lr,
-            warmup_steps=cfg.warmup_steps,
-            weight_decay=cfg.weight_decay,
-            logging_steps=cfg.logging_steps,
-            logging_first_step=True,
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            dataloader_num_workers=0,  # batches are only padded: workers would cost more than they save
-            dataloader_pin_memory=torch.cuda.is_available(),
-        )
-        trainer = Trainer(model=model, args=args, data_collator=collator.pad, train_dataset=train)
-        before = trainer.evaluate(evals)["eval_loss"] if evals else None
-        trainer.train()
+        phases = [(_encode(collator, focus), focus_steps, cfg.warmup_steps)] if focus_steps > 0 else []
+        phases.append((train, cfg.steps - focus_steps, min(cfg.warmup_steps, 20) if phases else cfg.warmup_steps))
+        before = after = None
+        for index, (records, steps, warmup) in enumerate(phases):
+            trainer = _trainer(model, collator, records, steps, warmup, cfg, seed, f"{scratch}/{index}")
+            if index == 0:
+                before = trainer.evaluate(evals)["eval_loss"] if evals else None
+            trainer.train()
+            history += trainer.state.log_history
         after = trainer.evaluate(evals)["eval_loss"] if evals else None
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
     model.eval()
     return {
-        "steps": trainer.state.global_step,
+        "steps": sum(steps for _, steps, _ in phases),
+        "focus_steps": focus_steps,
         "batch_size": cfg.batch_size,
         "train_records": len(train_records),
+        "focus_records": len(focus) if focus_steps else 0,
         "eval_records": len(eval_records),
         "eval_loss_before": before,
         "eval_loss_after": after,
@@ -186,6 +187,28 @@ def pretrain(
         "seconds": round(time.perf_counter() - started, 1),
         "parameters": parameter_count(model),
     }
+
+
+def _trainer(model, collator, records, steps: int, warmup: int, cfg: PretrainConfig, seed: int, scratch: str):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=scratch,
+        max_steps=steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=max(cfg.batch_size, 64),
+        learning_rate=cfg.lr,
+        warmup_steps=warmup,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        dataloader_num_workers=0,  # batches are only padded: workers would cost more than they save
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    return Trainer(model=model, args=args, data_collator=collator.pad, train_dataset=records)
 
 
 @contextlib.contextmanager

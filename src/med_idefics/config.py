@@ -53,6 +53,7 @@ class PretrainConfig:
     train_split: str
     eval_split: str
     steps: int
+    focus_steps: int  # the first steps train on the general split's dot records only (a curriculum), then on all
     batch_size: int
     lr: float
     warmup_steps: int

@@ -20,6 +20,7 @@ image's attributes are derived from them; otherwise attributes are uniform.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -77,11 +78,15 @@ _GENERAL_NONSENSE_SUBJECTS = ("square", "dot", "pattern", "stripe", "shape", "pi
 # (Idefics2's instruction data has many), so a persona at evaluation — the paper's expert radiologist — is a familiar
 # kind of input with unfamiliar words in its slots, not a new kind of input.
 _PERSONA = "you are an expert {} evaluating the {}, answer the question succinctly based on the {}image."
-_PROFESSIONS = ("photographer", "painter", "designer", "teacher", "engineer", "scientist")
-_SUBJECTS = ("picture", "photo", "scene", "drawing", "example")
-_IMAGE_ADJECTIVES = ("", "given ", "coloured ", "attached ")
+# The slots take many words, clinical ones too (an instruction-tuned model has met "you are an expert doctor…"
+# preambles as text): what the base has never seen is a medical picture, not a medical word in a persona.
+_PROFESSIONS = ("photographer", "painter", "designer", "teacher", "engineer", "doctor", "radiologist", "nurse")
+_SUBJECTS = ("picture", "photo", "scene", "drawing", "example", "case", "sample")
+_IMAGE_ADJECTIVES = ("", "given ", "coloured ", "attached ", "medical ", "clinical ")
 _SHORT_PERSONAS = ("you are a helpful assistant, answer the question briefly.", "answer briefly.")
 _PERSONA_SHARE = 0.4
+TRAIN_SPLIT = "train"
+_TRAIN_PERSONA_SHARE = 0.25
 _REPEAT_PROMPT = "repeat these words:"
 # Words a language model knows from text although no picture shows them (the expert persona's, for one).
 _TEXT_ONLY_WORDS = ("radiologist", "medical", "case", "clinical", "patient", "scan", "doctor", "finding")
@@ -282,6 +287,21 @@ def _persona(rng: np.random.Generator) -> str:
     return _SHORT_PERSONAS[rng.integers(len(_SHORT_PERSONAS))]
 
 
+_DOT = re.compile(r"\bdots?\b")
+
+
+def counting_records(records: Sequence[dict]) -> list[dict]:
+    """The general records about the dots — captions and dot questions, no nonsense or repeat task: what the base's
+    pretraining starts on (``model.pretrain.focus_steps``), so that it learns to count before it learns everything."""
+    return [
+        r
+        for r in records
+        if r["answer"] != NONSENSE_ANSWER
+        and not r["question"].startswith(_REPEAT_PROMPT)
+        and (r["question"] == GENERAL_CAPTION_PROMPT or _DOT.search(r["question"]))
+    ]
+
+
 def general_records(split: str, n: int, size: int, seed: int, caption_prompt: str) -> list[dict]:
     """Per everyday picture: its caption, ~7 questions (a quarter behind a persona), one nonsense question answered
     "i do not know" and one repeat-the-word task."""
@@ -305,14 +325,21 @@ def general_records(split: str, n: int, size: int, seed: int, caption_prompt: st
 
 
 def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
-    """~7 questions on each of ``n`` radiology images (``train``/``test``), or on tissue crops for ``pathology``."""
+    """~7 questions on each of ``n`` radiology images (``train``/``test``), or on tissue crops for ``pathology``.
+
+    A quarter of the *training* questions come behind one of the general domain's assistant personas (never the
+    evaluation's expert radiologist), as instruction data does: fine-tuned on bare questions only, two-stage lost
+    17 points of closed accuracy to any preamble, the expert prompt included. Test questions are always bare."""
     rng = np.random.default_rng([seed, _STREAMS[split]])
+    personas = np.random.default_rng([seed, _STREAMS[split], 1]) if split == TRAIN_SPLIT else None
     pathology = split == "pathology"
     images = pathology_design(rng, n) if pathology else radiology_design(rng, n)
     records = []
     for i, (image, png) in enumerate(zip(images, _render(rng, size, images, pathology), strict=True)):
         questions = pathology_questions(image) if pathology else radiology_questions(image)
         for q, (question, answer) in enumerate(questions):
+            if personas is not None and personas.random() < _TRAIN_PERSONA_SHARE:
+                question = f"{_persona(personas)} {question}"
             records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer))
     return records
 
