@@ -78,11 +78,14 @@ _GENERAL_NONSENSE_SUBJECTS = ("square", "dot", "pattern", "stripe", "shape", "pi
 # (Idefics2's instruction data has many), so a persona at evaluation — the paper's expert radiologist — is a familiar
 # kind of input with unfamiliar words in its slots, not a new kind of input.
 _PERSONA = "you are an expert {} evaluating the {}, answer the question succinctly based on the {}image."
-# The slots take many words, clinical ones too (an instruction-tuned model has met "you are an expert doctor…"
-# preambles as text): what the base has never seen is a medical picture, not a medical word in a persona.
-_PROFESSIONS = ("photographer", "painter", "designer", "teacher", "engineer", "doctor", "radiologist", "nurse")
-_SUBJECTS = ("picture", "photo", "scene", "drawing", "example", "case", "sample")
-_IMAGE_ADJECTIVES = ("", "given ", "coloured ", "attached ", "medical ", "clinical ")
+# The slots take many words, clinical ones too in the general domain (an instruction-tuned model has met "you are an
+# expert doctor…" preambles as text): what the base has never seen is a medical picture, not a medical word in a
+# persona. The medical training questions' personas leave the clinical words out: none of them is the evaluation's
+# expert radiologist prompt.
+_PROFESSIONS = ("photographer", "painter", "designer", "teacher", "engineer")
+_SUBJECTS = ("picture", "photo", "scene", "drawing", "example")
+_IMAGE_ADJECTIVES = ("", "given ", "coloured ", "attached ")
+_CLINICAL = (("doctor", "radiologist", "nurse"), ("case", "sample"), ("medical ", "clinical "))
 _SHORT_PERSONAS = ("you are a helpful assistant, answer the question briefly.", "answer briefly.")
 _PERSONA_SHARE = 0.4
 TRAIN_SPLIT = "train"
@@ -267,7 +270,8 @@ def caption_records(split: str, n: int, size: int, seed: int, prompt: str) -> li
 
 def lexicon(caption_prompt: str) -> list[str]:
     """Every word the demo's training texts use — general and medical — for the base's repeat-the-words task."""
-    personas = [_PERSONA.format(p, s, a) for p in _PROFESSIONS for s in _SUBJECTS for a in _IMAGE_ADJECTIVES]
+    slots = [(*general, *extra) for general, extra in zip((_PROFESSIONS, _SUBJECTS, _IMAGE_ADJECTIVES), _CLINICAL, strict=True)]
+    personas = [_PERSONA.format(p, s, a) for p in slots[0] for s in slots[1] for a in slots[2]]
     texts = [caption_prompt, GENERAL_CAPTION_PROMPT, _REPEAT_PROMPT, *_SHORT_PERSONAS, *personas]
     domains = ((MODALITIES, ORGANS, caption, radiology_questions), (COLOURS, PATTERNS, general_caption, general_questions))
     for looks, kinds, describe, ask in domains:
@@ -280,9 +284,11 @@ def lexicon(caption_prompt: str) -> list[str]:
     return sorted(w for w in words if w)
 
 
-def _persona(rng: np.random.Generator) -> str:
+def _persona(rng: np.random.Generator, clinical: bool = True) -> str:
     if rng.random() < 0.75:
         words = (_PROFESSIONS, _SUBJECTS, _IMAGE_ADJECTIVES)
+        if clinical:
+            words = tuple((*general, *extra) for general, extra in zip(words, _CLINICAL, strict=True))
         return _PERSONA.format(*(str(options[rng.integers(len(options))]) for options in words))
     return _SHORT_PERSONAS[rng.integers(len(_SHORT_PERSONAS))]
 
@@ -339,7 +345,7 @@ def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
         questions = pathology_questions(image) if pathology else radiology_questions(image)
         for q, (question, answer) in enumerate(questions):
             if personas is not None and personas.random() < _TRAIN_PERSONA_SHARE:
-                question = f"{_persona(personas)} {question}"
+                question = f"{_persona(personas, clinical=False)} {question}"
             records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer))
     return records
 
