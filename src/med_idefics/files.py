@@ -30,21 +30,6 @@ def write_json(path: str | Path, data: Mapping) -> Path:
     return write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def tree_digest(path: str | Path) -> str:
-    """A blake2b digest of a file, or of every file under a folder (relative names and contents): equal digests,
-    equal trees."""
-    path = Path(path)
-    digest = hashlib.blake2b(digest_size=16)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def file_md5(path: str | Path) -> str:
     """The md5 of a file's bytes: what DVC 3 records for it (``hash: md5``), so it matches ``dvc`` listings."""
     digest = hashlib.md5()  # an identifier, as DVC uses it; not security

@@ -19,7 +19,7 @@ from typing import Any
 from med_idefics.config import ConfigError, Params, StageConfig, precision_label
 from med_idefics.data.schema import read_records, records_digest
 from med_idefics.data.splits import load_vqa_splits, split_name
-from med_idefics.files import tree_digest, write_json
+from med_idefics.files import folder_sha256, write_json
 from med_idefics.modeling.adapters import is_remote, resolve_adapter
 from med_idefics.results import run_id_of, write_run_info
 
@@ -219,7 +219,7 @@ def _fingerprint(params: Params, request: TrainRequest, prepared: Prepared) -> d
         "n_train": len(prepared.train_records),
         "data": records_digest(prepared.train_records + prepared.eval_records),
         "base": base_digest(params.model.base_dir),
-        "init_adapter": tree_digest(prepared.init_adapter_dir) if prepared.init_adapter_dir else None,
+        "init_adapter": folder_sha256(prepared.init_adapter_dir) if prepared.init_adapter_dir else None,
     }
 
 

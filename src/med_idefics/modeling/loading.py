@@ -68,9 +68,9 @@ def base_digest(base_dir: str | Path) -> str:
     """What identifies the base for resuming: the digest of ``base_dir`` (the tiny base's weights, or a pointer with
     its hub id and revision); for a pointer to a local folder also that folder's file names, sizes and times (its
     weights are too large to hash at every start)."""
-    from med_idefics.files import tree_digest
+    from med_idefics.files import folder_sha256
 
-    digest = tree_digest(base_dir)
+    digest = folder_sha256(base_dir)
     pointer = read_pointer(base_dir)
     if pointer is not None and pointer["source"] == "local":
         target = Path(pointer["path"])
