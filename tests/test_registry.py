@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 
 from med_idefics.cli import main
 from med_idefics.cli.registry import predict_command  # noqa: F401  (registers the commands on main)
-from med_idefics.config import load_params
+from med_idefics.config import ConfigError, load_params
 from med_idefics.data.images import normalize_image, to_png_bytes
 from med_idefics.predictions import write_predictions
 from med_idefics.registry import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote, register
@@ -25,6 +25,7 @@ from med_idefics.results import write_run_info
 from med_idefics.tracking import setup_tracking
 
 NAME = "med-idefics-vqa"
+SELECTION_SUITE = "validation"  # params registry.suite: promotion never looks at a test suite
 FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789abcdef"
 
 
@@ -41,15 +42,19 @@ def make_adapter(folder: Path, base_dir: Path, target_modules: str, seed: int) -
     return folder
 
 
-def write_metrics(root: Path, variant: str, closed_accuracy: float, eval_run_id: str | None = None) -> None:
+def write_metrics(
+    root: Path, variant: str, closed_accuracy: float, eval_run_id: str | None = None, test: float | None = None
+) -> None:
+    """``validation.json`` (what promotion ranks on) with ``closed_accuracy``, and ``vqa-rad.json`` (the test split)
+    with ``test`` (default: the same)."""
     folder = root / "metrics" / variant
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = {"n": 40, "exact_match": 0.5}
-    for name in ("closed_accuracy_strict", "closed_accuracy"):  # promotion ranks on the strict one (params)
-        metrics |= {name: closed_accuracy, f"{name}_ci_low": closed_accuracy - 0.1,
-                    f"{name}_ci_high": closed_accuracy + 0.1}  # fmt: skip
-    (folder / "vqa-rad.json").write_text(json.dumps(metrics))
-    write_run_info(folder, {"variant": variant, "eval_runs": {"vqa-rad": eval_run_id}})
+    for suite, value in (("validation", closed_accuracy), ("vqa-rad", closed_accuracy if test is None else test)):
+        metrics = {"n": 40, "exact_match": 0.5}
+        for name in ("closed_accuracy_strict", "closed_accuracy"):  # promotion ranks on the strict one (params)
+            metrics |= {name: value, f"{name}_ci_low": value - 0.1, f"{name}_ci_high": value + 0.1}
+        (folder / f"{suite}.json").write_text(json.dumps(metrics))
+    write_run_info(folder, {"variant": variant, "eval_runs": {"validation": eval_run_id, "vqa-rad": eval_run_id}})
 
 
 @pytest.fixture
@@ -93,6 +98,7 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir):
     two_version = registrations["two-stage"].version
     two = versions[two_version]
     assert two.tags["variant"] == "two-stage" and two.tags["training_run_id"] == "train-two-stage"
+    assert float(two.tags["validation.closed_accuracy"]) == 0.75 and "validation.eval_run_id" in two.tags
     assert float(two.tags["vqa-rad.closed_accuracy"]) == 0.75 and "vqa-rad.eval_run_id" in two.tags
     assert two.description.count("\n") == 0 and "two-stage" in two.description and "0.750" in two.description
     run = MlflowClient().get_run(two.run_id)
@@ -150,10 +156,10 @@ def _fake_version(
     ``closed_accuracy`` the strict one, ``paper`` the paper's (default: the same)."""
     with mlflow.start_run(run_name=f"fake-{variant}", experiment_id=setup_tracking(load_params("params.yaml"))) as run:
         pass
-    tags = {"variant": variant}
+    tags, suite = {"variant": variant}, SELECTION_SUITE
     if closed_accuracy is not None:
-        tags |= {"vqa-rad.closed_accuracy_strict": repr(closed_accuracy), "vqa-rad.eval_run_id": eval_run_id or "none",
-                 "vqa-rad.closed_accuracy": repr(closed_accuracy if paper is None else paper)}  # fmt: skip
+        tags |= {f"{suite}.closed_accuracy_strict": repr(closed_accuracy), f"{suite}.eval_run_id": eval_run_id or "none",
+                 f"{suite}.closed_accuracy": repr(closed_accuracy if paper is None else paper)}  # fmt: skip
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # already there
         client.create_registered_model(NAME)
     return str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags).version)
@@ -164,7 +170,7 @@ def _eval_run(correct: list[bool]) -> str:
     rows = [{"id": f"q{i}", "question": f"is {i} there?", "answer": "yes", "answer_type": "closed",
              "prediction": "yes" if ok else "no", "raw_generation": ""} for i, ok in enumerate(correct)]  # fmt: skip
     with mlflow.start_run(run_name="eval", experiment_id=setup_tracking(load_params("params.yaml"))) as run:
-        path = write_predictions(Path(f"predictions-{run.info.run_id}") / "vqa-rad.jsonl", rows)
+        path = write_predictions(Path(f"predictions-{run.info.run_id}") / f"{SELECTION_SUITE}.jsonl", rows)
         mlflow.log_artifact(str(path), artifact_path="predictions")
     return run.info.run_id
 
@@ -199,6 +205,32 @@ def test_promotion_needs_evidence_beats_the_champion_and_is_idempotent(project):
     logged = mlflow.artifacts.load_dict(f"runs:/{decision['run_id']}/promotion.json")
     assert logged["chosen"] == better
     assert sorted(c["version"] for c in logged["candidates"]) == sorted({first, better, worse})  # not `unevaluated`
+
+
+def test_promotion_chooses_on_the_validation_split_never_on_test(trained):
+    params = load_params("params.yaml")
+    assert params.registry.suite == SELECTION_SUITE and params.data.vqa.validation_fraction > 0
+    write_metrics(trained, "single-stage", 0.80, test=0.60)  # better on validation
+    write_metrics(trained, "two-stage", 0.70, test=0.95)  # much better on test: must not matter
+    registered = {r.variant: r.version for r in register(params)}
+    decision = promote(params)
+    assert decision["suite"] == "validation" and decision["chosen"] == registered["single-stage"]
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == registered["single-stage"]
+
+
+def test_promotion_on_validation_needs_a_validation_split_and_a_dry_run_moves_nothing(project):
+    params, client = load_params("params.yaml"), MlflowClient()
+    without = load_params("params.yaml", ["data.vqa.validation_fraction=0"])
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        promote(without)
+    first = _fake_version(client, "single-stage", 0.60)
+    dry = promote(params, dry_run=True)
+    assert dry["dry_run"] and dry["outcome"] == PROMOTED and dry["chosen"] == first and dry["champion_after"] is None
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(NAME, "champion")  # nothing moved
+    assert "promotion.outcome" not in client.get_model_version(NAME, first).tags
+    result = CliRunner().invoke(main, ["promote", "--dry-run"])
+    assert result.exit_code == 0 and result.stdout.startswith("dry run, nothing moved: promoted"), result.output
 
 
 def test_promotion_ranks_on_strict_closed_accuracy_not_the_papers_substring_test(project):

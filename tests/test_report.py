@@ -101,6 +101,8 @@ def test_report_tables_tests_figures_and_run(evaluated, params):
     written = build_report(params)
     text = (evaluated / "reports" / "results.md").read_text()
     assert written["report"].resolve() == evaluated / "reports" / "results.md"
+    assert "the registry promotes on `validation` closed_accuracy_strict, the validation split" in text
+    assert "no test suite chooses a model" in text
 
     # the Figure-2 table: every variant × suite, values with intervals, "—" for what was not evaluated
     assert "| Suite | Variant | n | Closed acc. (strict) | EM | F1 | BLEU | Closed acc. (paper) | Open recall |" in text

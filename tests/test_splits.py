@@ -11,7 +11,7 @@ from med_idefics.config import ConfigError, load_params
 from med_idefics.data.leakage import check_stored
 from med_idefics.data.schema import write_splits
 from med_idefics.data.splits import carve_validation, image_disjoint, image_key, load_vqa_splits, split_name
-from med_idefics.data.suites import load_suite, parse_suites
+from med_idefics.data.suites import has_validation, load_suite, parse_suites
 
 
 def leaky(make_vqa_records, n_images: int = 12, per_image: int = 3, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -80,6 +80,7 @@ def test_training_and_suites_see_the_configured_split(leaky_data, repo_root):
     from med_idefics.train import _records
 
     _, overrides = leaky_data
+    overrides = [*overrides, "data.vqa.validation_fraction=0"]
     official = load_params(repo_root / "params.yaml", overrides)
     disjoint = load_params(repo_root / "params.yaml", [*overrides, "data.vqa.split=image-disjoint"])
     assert split_name(official.data.vqa) == "official"
@@ -96,12 +97,29 @@ def test_training_and_suites_see_the_configured_split(leaky_data, repo_root):
     assert "validation 0.25 of train by image" in split_name(validating.data.vqa)
 
 
+@pytest.mark.parametrize("split", ["official", "image-disjoint"])
+def test_the_validation_suite_asks_the_carved_out_questions_and_is_in_all_only_when_carved(leaky_data, repo_root, split):
+    _, overrides = leaky_data
+    params = load_params(repo_root / "params.yaml", [*overrides, f"data.vqa.split={split}"])
+    assert params.data.vqa.validation_fraction > 0  # shipped: promotion chooses on it
+    splits = load_vqa_splits(params)
+    suite = load_suite(params, "validation")
+    assert suite.records == splits.validation and suite.prefix == params.data.prompt_prefix
+    assert not images_of(suite.records) & images_of(splits.train)  # never trained on
+    assert not images_of(suite.records) & images_of(load_suite(params, "vqa-rad").records) or split == "official"
+    assert parse_suites("all", has_validation(params))[-1] == "validation"
+    without = load_params(repo_root / "params.yaml", [*overrides, "data.vqa.validation_fraction=0"])
+    assert "validation" not in parse_suites("all", has_validation(without))
+    with pytest.raises(ConfigError, match="validation_fraction is 0"):
+        load_suite(without, "validation")
+
+
 def test_data_check_reports_leaks_and_strict_fails_on_them(leaky_data, repo_root):
     tmp_path, overrides = leaky_data
     report = check_stored(tmp_path / "data", "toy")
     (pair,) = report.pairs
     assert pair.shared_images == 9 and pair.second_questions_on_shared == 9
-    sets = [arg for o in overrides for arg in ("--set", o)]
+    sets = [arg for o in [*overrides, "data.vqa.validation_fraction=0"] for arg in ("--set", o)]
     args = ["data", "check", "toy", "--params", str(repo_root / "params.yaml"), *sets]
     result = CliRunner().invoke(main, [*args, "--strict"])
     assert result.exit_code == 1 and "train ↔ test: 9 shared images" in result.output

@@ -249,18 +249,25 @@ def candidate(model_version, suite: str, metric: str) -> Candidate | None:
                      None if eval_run in (None, "none") else eval_run)  # fmt: skip
 
 
-def promote(params: Params, predictions_dir: Path = PREDICTIONS_DIR, dvc_stage: str | None = None) -> dict[str, Any]:
-    """Move ``registry.alias`` to the best evaluated version if it beats the champion; returns the decision."""
+def promote(
+    params: Params, predictions_dir: Path = PREDICTIONS_DIR, dvc_stage: str | None = None, dry_run: bool = False
+) -> dict[str, Any]:
+    """Move ``registry.alias`` to the best evaluated version if it beats the champion; returns the decision.
+
+    ``dry_run``: decide and return the decision, but move no alias, write no tag and start no run."""
     import mlflow
     from mlflow import MlflowClient
 
     from med_idefics.tracking import setup_tracking, tracked_run
 
+    check_selection_suite(params)
     setup_tracking(params)
     client, reg = MlflowClient(), params.registry
     versions = _versions(client, reg.model_name)
     candidates = sorted(filter(None, (candidate(v, reg.suite, reg.metric) for v in versions)), key=_version_number)
     decision = decide(candidates, _alias_target(client, reg.model_name, reg.alias), params, Path(predictions_dir))
+    if dry_run:
+        return decision | {"dry_run": True, "run_id": None, "champion_after": decision["champion_before"]}
     run_tags = {"model_name": reg.model_name, "alias": reg.alias, "outcome": decision["outcome"]}
     with tracked_run(params, "promote", run_tags, dvc_stage=dvc_stage) as run:
         decision["run_id"] = run.info.run_id if run is not None else None
@@ -271,6 +278,17 @@ def promote(params: Params, predictions_dir: Path = PREDICTIONS_DIR, dvc_stage: 
         if run is not None:
             mlflow.log_dict(decision, "promotion.json")
     return decision
+
+
+def check_selection_suite(params: Params) -> None:
+    """Promotion ranks on ``registry.suite``; the ``validation`` suite exists only when the config carves one."""
+    from med_idefics.data.suites import VALIDATION, has_validation
+
+    if params.registry.suite == VALIDATION and not has_validation(params):
+        raise ConfigError(
+            f"registry.suite is {VALIDATION}, but data.vqa.validation_fraction is 0: there is no validation split to "
+            "choose a model on. Set data.vqa.validation_fraction > 0 (e.g. 0.1) and rerun training and evaluation."
+        )
 
 
 def decide(candidates: list[Candidate], champion: str | None, params: Params, predictions_dir: Path) -> dict:

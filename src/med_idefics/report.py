@@ -17,7 +17,7 @@ from pathlib import Path
 
 from med_idefics.config import Params, precision_label
 from med_idefics.data.splits import split_name
-from med_idefics.data.suites import EXPERT_PROMPT, MED_HALT, PATH_VQA, SUITES, SWAP, VQA_RAD
+from med_idefics.data.suites import EXPERT_PROMPT, MED_HALT, PATH_VQA, SUITES, SWAP, VALIDATION, VQA_RAD
 from med_idefics.files import write_atomic, write_json
 from med_idefics.results import (
     MED_HALT_LABELS,
@@ -209,6 +209,19 @@ def sweep_and_human(scores: dict, human: dict, figure: str, points: dict[int, di
     return lines
 
 
+def model_selection(params: Params) -> str:
+    """One sentence: which suite and metric the registry promotes on, and that test never chooses."""
+    reg = params.registry
+    on = f"`{reg.suite}` {reg.metric}"
+    if reg.suite == VALIDATION:
+        where = (
+            f"the validation split ({params.data.vqa.validation_fraction:g} of train's questions, held out by image "
+            "and never trained on)"
+        )
+        return f"Model selection: the registry promotes on {on}, {where}; no test suite chooses a model."
+    return f"Model selection: the registry promotes on {on}, a test suite: its numbers here are not held out."
+
+
 def render_markdown(params: Params, scores: dict, human: dict, tests: list, figures: tuple[str, str]) -> str:
     variants = ordered({v for v, _ in scores if sweep_size(v) is None}, VARIANTS)
     suites = ordered({s for _, s in scores}, SUITES)
@@ -219,6 +232,7 @@ def render_markdown(params: Params, scores: dict, human: dict, tests: list, figu
         f"({params.eval.bootstrap_resamples} resamples, seed {params.eval.seed}); {MISSING} = not evaluated. "
         f"VQA split: {split_name(params.data.vqa)} (`data.vqa.split`).",
         f"Precision `{precision_label(params.quantization)}`, in training and evaluation alike.",
+        model_selection(params),
         "",
         "## Figure 2: variants × suites",
         "",

@@ -20,7 +20,8 @@ SUITE_NAMES = ("vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt")
     "--suite",
     "suite",
     default="all",
-    help=f"all, or one or more (comma-separated) of: {', '.join(SUITE_NAMES)}; or slake (by name, once imported).",
+    help=f"all, or one or more (comma-separated) of: {', '.join(SUITE_NAMES)}, validation (in all when "
+    "data.vqa.validation_fraction > 0); or slake (by name, once imported).",
 )
 @click.option(
     "--name",
@@ -50,12 +51,12 @@ SUITE_NAMES = ("vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt")
 @params_options
 def evaluate_command(variant, suite, name, predictions_dir, metrics_dir, outputs_dir, dvc_stage, params) -> None:
     """Answer the evaluation suites with VARIANT (greedy, batched) and score them: one MLflow run per suite."""
-    from med_idefics.data.suites import parse_suites
+    from med_idefics.data.suites import has_validation, parse_suites
     from med_idefics.evaluate import EvalRequest, evaluate
 
     request = EvalRequest(
         variant=variant,
-        suites=parse_suites(suite),
+        suites=parse_suites(suite, has_validation(params)),
         name=name or None,  # MLproject passes "" for "not given"
         predictions_dir=Path(predictions_dir),
         metrics_dir=Path(metrics_dir),

@@ -49,14 +49,21 @@ def register_command(variants, outputs_dir, metrics_dir, records_dir, dvc_stage,
 )
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the decision to this JSON file.")
 @click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the run).")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print what promotion would decide (e.g. with --set registry.metric=closed_accuracy); move and tag nothing.",
+)
 @params_options
-def promote_command(predictions_dir, out, dvc_stage, params) -> None:
+def promote_command(predictions_dir, out, dvc_stage, dry_run, params) -> None:
     """Give the best evaluated version (params registry.suite / registry.metric) the alias registry.alias, if it
     beats the current one."""
     from med_idefics.registry import promote
 
-    decision = promote(params, Path(predictions_dir), dvc_stage)
-    click.echo(f"{decision['outcome']}: {decision['reason']} ({params.registry.alias} → {decision['champion_after']})")
+    decision = promote(params, Path(predictions_dir), dvc_stage, dry_run=dry_run)
+    prefix = "dry run, nothing moved: " if dry_run else ""
+    alias = f"{params.registry.alias} → {decision['champion_after']}"
+    click.echo(f"{prefix}{decision['outcome']}: {decision['reason']} ({alias})")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(decision, indent=2) + "\n")

@@ -12,6 +12,9 @@ Every suite uses a *whole* split named in params (never a sample):
   ``<expert prompt> <data.prompt_prefix> <question>`` (the paper prepended its radiologist persona to the question);
 - ``slake`` (only when asked for by name, once SLAKE is imported: ``med-idefics data slake``): SLAKE's test split,
   ``<data.root>/slake/test.parquet``, as it is; ``all`` leaves it out, so profiles without SLAKE data still run;
+- ``validation`` (in ``all`` when ``data.vqa.validation_fraction`` > 0): the validation split carved from train by
+  image (:mod:`med_idefics.data.splits`): what the registry promotes on (``registry.suite``), so a model is never chosen
+  on test;
 - ``med-halt``: the nonsense questions (``data.nonsense``; they have no image), each shown with an image drawn (seeded,
   with replacement) from the distinct images of the VQA eval split. Scored by abstention, not by answer overlap.
 
@@ -28,10 +31,11 @@ import numpy as np
 
 from med_idefics.config import ConfigError, Params
 from med_idefics.data.schema import DatasetError, read_records
-from med_idefics.data.splits import vqa_test
+from med_idefics.data.splits import IMAGE_DISJOINT, load_vqa_splits, vqa_test
 
 VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT = "vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt"
 SUITES = (VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT)  # `all`
+VALIDATION = "validation"  # in `all` only when the config carves a validation split
 SLAKE = "slake"
 OPTIONAL_SUITES = (SLAKE,)  # by name only: they need data no profile imports by default
 SLAKE_DATASET, SLAKE_SPLIT = "slake", "test"  # where `med-idefics data slake` stores SLAKE's test questions
@@ -47,14 +51,15 @@ class Suite:
     prefix: str  # the prompt prefix before every question (prompts.user_text)
 
 
-def parse_suites(spec: str) -> list[str]:
-    """``all`` → every suite; otherwise a comma-separated list of suite names."""
+def parse_suites(spec: str, validation: bool = False) -> list[str]:
+    """``all`` → every suite (and ``validation`` when ``validation``: the config has a validation split); otherwise a
+    comma-separated list of suite names."""
     if spec == ALL:
-        return list(SUITES)
+        return [*SUITES, *((VALIDATION,) if validation else ())]
     names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in (*SUITES, *OPTIONAL_SUITES)]
+    unknown = [name for name in names if name not in (*SUITES, VALIDATION, *OPTIONAL_SUITES)]
     if unknown or not names:
-        known = ", ".join((*SUITES, *OPTIONAL_SUITES))
+        known = ", ".join((*SUITES, VALIDATION, *OPTIONAL_SUITES))
         raise ConfigError(f"unknown suite(s) {unknown or [spec]}; choose from {known} or {ALL}")
     return list(dict.fromkeys(names))
 
@@ -100,11 +105,18 @@ def attach_images(records: Sequence[Mapping], images: Sequence[bytes], rng: np.r
     return [{**record, "image": images[int(i)]} for record, i in zip(records, picks, strict=True)]
 
 
+def has_validation(params: Params) -> bool:
+    """Whether the config carves a validation split (and so ``all`` includes the ``validation`` suite)."""
+    return params.data.vqa.validation_fraction > 0
+
+
 def suite_splits(params: Params, name: str) -> list[tuple[str, str]]:
     """The (dataset, split) pairs suite ``name`` reads: its questions first, then where its images come from."""
     data = params.data
     vqa_eval = (data.vqa.dataset, data.vqa.eval_split)
+    vqa_train = (data.vqa.dataset, data.vqa.train_split)
     splits = {
+        VALIDATION: [vqa_train, *([vqa_eval] if data.vqa.split == IMAGE_DISJOINT else [])],
         VQA_RAD: [vqa_eval],
         PATH_VQA: [(data.ood.dataset, data.ood.split)],
         SWAP: [vqa_eval],
@@ -112,7 +124,7 @@ def suite_splits(params: Params, name: str) -> list[tuple[str, str]]:
         MED_HALT: [(data.nonsense.dataset, data.nonsense.split), vqa_eval],
     }
     if name not in splits:
-        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join((*SUITES, VALIDATION))}")
     return splits[name]
 
 
@@ -135,13 +147,20 @@ def load_suite(params: Params, name: str) -> Suite:
         records = swap_images(vqa_eval(), rng(), where=f"{data.vqa.dataset}/{data.vqa.eval_split}")
     elif name == EXPERT_PROMPT:
         records, prefix = vqa_eval(), expert_prefix(params.eval.expert_prompt, prefix)
+    elif name == VALIDATION:
+        records = load_vqa_splits(params).validation
+        if not records:
+            raise ConfigError(
+                f"suite {VALIDATION}: data.vqa.validation_fraction is {params.data.vqa.validation_fraction:g}, so "
+                "there is no validation split; set it > 0 (e.g. 0.1) or leave the suite out"
+            )
     elif name == SLAKE:
         records = read_records(data.root, SLAKE_DATASET, SLAKE_SPLIT)
     elif name == MED_HALT:
         questions = read_records(data.root, data.nonsense.dataset, data.nonsense.split)
         records = attach_images(questions, distinct_images(vqa_eval()), rng())
     else:
-        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join((*SUITES, *OPTIONAL_SUITES))}")
+        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join((*SUITES, VALIDATION, *OPTIONAL_SUITES))}")
     if not records:
         raise DatasetError(f"suite {name}: its split has no records; check data.* in params.yaml")
     without_image = [r["id"] for r in records if r.get("image") is None]
