@@ -59,7 +59,7 @@ def _by_image(records: list[dict]) -> dict[str, dict[str, str]]:
 
 
 def _bare(question: str) -> str:
-    """The question without a persona before it (a quarter of the training questions have one)."""
+    """The question without a persona before it (half of the training questions have one)."""
     return question.rsplit(". ", 1)[-1]
 
 
@@ -132,9 +132,17 @@ def test_captions_describe_what_the_image_shows(medium):
     assert all(seen[word] >= 10 for word in ("ct", "mri", "x-ray", "brain", "chest", "abdomen")), seen
 
 
-def test_vqa_has_about_seven_questions_per_image(medium):
-    per_image = [len(qa) for qa in _by_image(medium["train"]).values()]
+def test_vqa_has_about_seven_questions_per_test_image_and_asks_each_training_check_both_ways(medium):
+    per_image = [len(qa) for qa in _by_image(medium["test"]).values()]
     assert min(per_image) >= 5 and 6.5 <= np.mean(per_image) <= 8.5
+    checks = re.compile(r"(is this an? \S+ image|does this image show the \S+|is the lesion on the \S+)\?$")
+    for qa in _by_image(medium["train"]).values():
+        forms = defaultdict(set)
+        for question, answer in qa.items():
+            if checks.search(question):
+                form = re.sub(r"(an? \S+ image|the \S+)\?$", "X?", _bare(question))
+                forms[form].add(answer)
+        assert len(forms) >= 2 and all(answers == {"yes", "no"} for answers in forms.values()), forms
 
 
 def test_nonsense_is_text_only_and_answered_by_abstaining(medium):
@@ -242,14 +250,22 @@ def test_general_closed_answers_are_balanced_per_template(medium):
         if record["answer_type"] == "closed" and not record["question"].startswith("repeat these words:"):
             question = record["question"].rsplit(". ", 1)[-1]  # without a persona
             answers[question].append(record["answer"] == "yes")
-    assert len(answers) == 10  # dot, 2 sides, multiplicity, 3 colours, 3 shapes
+    things = {q: answers.pop(q) for q in list(answers) if re.fullmatch(r"is there a (?!dot\?)\w+\?", q)}
+    square = things.pop("is there a square?")
+    assert square and all(square)  # always yes
+    assert len(things) == 8 and not any(yes for answers_ in things.values() for yes in answers_)  # a cat: never
+    assert len(answers) == 16, sorted(answers)  # dot, 2 sides, multiplicity; 3 colours, 3 patterns, 2 wordings each
+    templates = defaultdict(list)  # the wording is drawn; the yes/no balance is per check
     for question, yes in answers.items():
+        templates[question.replace(" image?", " square?").replace("show the ", "show a ")] += yes
+    assert len(templates) == 10
+    for question, yes in templates.items():
         assert 0.35 <= np.mean(yes) <= 0.65, (question, np.mean(yes), len(yes))
 
 
-def test_a_quarter_of_training_questions_have_a_general_persona_and_no_test_question_has_one(medium):
+def test_half_of_the_training_questions_have_a_general_persona_and_no_test_question_has_one(medium):
     train = [r["question"] for r in medium["train"]]
     with_persona = [q for q in train if q != _bare(q)]
-    assert 0.15 <= len(with_persona) / len(train) <= 0.35
+    assert 0.4 <= len(with_persona) / len(train) <= 0.6
     assert not [q for q in with_persona if "radiologist" in q or "medical" in q]  # never the expert persona
     assert all(q == _bare(q) for q in (r["question"] for r in medium["test"]))

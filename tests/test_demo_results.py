@@ -47,12 +47,6 @@ def test_swapping_images_costs_at_least_25_points(repo_root):
     assert swapped <= plain - 0.25, f"swap {swapped:.3f} vs plain {plain:.3f}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #8 criterion 5 is not met yet: the expert prompt costs two-stage 10-17 points of closed accuracy "
-    "(the comparison questions: 'is the lesion on the left?', 'does this image show the brain?'); strict, so a run "
-    "that meets it fails here until this mark is removed",
-)
 def test_the_expert_prompt_stays_within_5_points_of_the_plain_prompt(repo_root):
     plain, expert = _closed(repo_root, "two-stage"), _closed(repo_root, "two-stage", "expert-prompt")
     assert abs(expert - plain) <= 0.05, f"expert {expert:.3f} vs plain {plain:.3f}"

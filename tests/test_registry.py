@@ -158,8 +158,11 @@ def _fake_version(
         pass
     tags, suite = {"variant": variant}, SELECTION_SUITE
     if closed_accuracy is not None:
-        tags |= {f"{suite}.closed_accuracy_strict": repr(closed_accuracy), f"{suite}.eval_run_id": eval_run_id or "none",
-                 f"{suite}.closed_accuracy": repr(closed_accuracy if paper is None else paper)}  # fmt: skip
+        tags |= {
+            f"{suite}.closed_accuracy_strict": repr(closed_accuracy),
+            f"{suite}.eval_run_id": eval_run_id or "none",
+        }
+        tags[f"{suite}.closed_accuracy"] = repr(closed_accuracy if paper is None else paper)
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # already there
         client.create_registered_model(NAME)
     return str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags).version)

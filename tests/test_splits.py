@@ -98,7 +98,7 @@ def test_training_and_suites_see_the_configured_split(leaky_data, repo_root):
 
 
 @pytest.mark.parametrize("split", ["official", "image-disjoint"])
-def test_the_validation_suite_asks_the_carved_out_questions_and_is_in_all_only_when_carved(leaky_data, repo_root, split):
+def test_the_validation_suite_asks_the_held_out_questions_and_is_in_all_only_when_carved(leaky_data, repo_root, split):
     _, overrides = leaky_data
     params = load_params(repo_root / "params.yaml", [*overrides, f"data.vqa.split={split}"])
     assert params.data.vqa.validation_fraction > 0  # shipped: promotion chooses on it

@@ -9,7 +9,9 @@ A miniature of the paper's world, split by what each stage may have seen:
   image, caption or question is ever in it;
 - ``caption-train`` / ``caption-validation``: medical captions (the ROCO analogue, stage 1) naming modality, organ,
   lesion count and side;
-- ``train`` / ``test``: a small medical VQA set (the VQA-RAD analogue, stage 2), ~7 questions per image;
+- ``train`` / ``test``: a small medical VQA set (the VQA-RAD analogue, stage 2): ~7 questions per test image; on a
+  training image every yes/no check is asked both ways (~10 questions), so the answer can never come from the picture
+  alone;
 - ``pathology``: out-of-distribution tissue crops; ``nonsense``: Med-HALT-style questions without an image.
 
 The answers need the image: every attribute is a large visual cue (see :mod:`med_idefics.data.demo_images`), and the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -89,8 +91,13 @@ _CLINICAL = (("doctor", "radiologist", "nurse"), ("case", "sample"), ("medical "
 _SHORT_PERSONAS = ("you are a helpful assistant, answer the question briefly.", "answer briefly.")
 _PERSONA_SHARE = 0.4
 TRAIN_SPLIT = "train"
-_TRAIN_PERSONA_SHARE = 0.25
+_TRAIN_PERSONA_SHARE = 0.5
 _REPEAT_PROMPT = "repeat these words:"
+# Everyday things no demo picture shows: "is there a cat?" gets "no", "is there a square?" "yes". Without them every
+# general yes/no question named something in the picture, and the base answered a yes/no question about an unfamiliar
+# thing ("is there a lesion?") with the start of a caption ("a red") on about half of the medical closed questions.
+_EVERYDAY = ("cat", "car", "tree", "house", "bird", "flower", "cup", "chair")
+_OBJECT_QUESTION = "is there a {}?"
 # Words a language model knows from text although no picture shows them (the expert persona's, for one).
 _TEXT_ONLY_WORDS = ("radiologist", "medical", "case", "clinical", "patient", "scan", "doctor", "finding")
 
@@ -202,15 +209,37 @@ def radiology_questions(image: DemoImage) -> list[tuple[str, str]]:
     return closed + open_
 
 
-def general_questions(image: DemoImage) -> list[tuple[str, str]]:
-    """The general-domain twins of :func:`radiology_questions`: same forms, everyday words."""
+def contrast(image: DemoImage, rng: np.random.Generator) -> DemoImage:
+    """The image with every yes/no check asking the other way: a value it does not show where the check named the one
+    it shows, and the one it shows where the check named another."""
+
+    def flip(options: Sequence[str], shown: str | None, asked: str | None) -> str | None:
+        if asked is None:
+            return None
+        return shown if asked != shown else str(rng.choice([o for o in options if o != shown]))
+
+    return replace(image, asked_look=flip(MODALITIES, image.look, image.asked_look),
+                   asked_organ=flip(ORGANS, image.organ, image.asked_organ),
+                   asked_side=flip(SIDES, image.side, image.asked_side) if image.count else image.asked_side)  # fmt: skip
+
+
+def general_questions(image: DemoImage, rng: np.random.Generator | None = None) -> list[tuple[str, str]]:
+    """The general-domain twins of :func:`radiology_questions`: same forms, everyday words. With ``rng``, the colour and
+    pattern checks take one of two wordings each (the radiology form, "is this a red image?", or an everyday one)."""
     closed, open_ = _lesion_questions(image, "dot")
+    thing, article = ("square", "a") if rng is None or rng.random() < 0.5 else ("image", "the")
     closed += [
-        (f"is this a {image.asked_look} square?", _yes_no(image.look == image.asked_look)),
-        (f"does this image show a {image.asked_organ} pattern?", _yes_no(image.organ == image.asked_organ)),
+        (f"is this a {image.asked_look} {thing}?", _yes_no(image.look == image.asked_look)),
+        (f"does this image show {article} {image.asked_organ} pattern?", _yes_no(image.organ == image.asked_organ)),
     ]
     open_ += [("what colour is the square?", image.look), ("which pattern is shown?", image.organ)]
     return closed + open_
+
+
+def object_question(rng: np.random.Generator) -> tuple[str, str]:
+    """A yes/no question about the square (yes) or an everyday thing the picture does not show (no), half each."""
+    thing = "square" if rng.random() < 0.5 else str(_EVERYDAY[rng.integers(len(_EVERYDAY))])
+    return _OBJECT_QUESTION.format(thing), _yes_no(thing == "square")
 
 
 def pathology_questions(image: DemoImage) -> list[tuple[str, str]]:
@@ -279,7 +308,7 @@ def lexicon(caption_prompt: str) -> list[str]:
             image = DemoImage(looks[0], kinds[0], count, side, looks[-1], kinds[-1], SIDES[0])
             texts += [describe(image), *(f"{q} {a}" for q, a in ask(image))]
     texts += [*MODALITIES, *ORGANS, *COLOURS, *PATTERNS]  # every value, not only those the example images name
-    texts += _TEXT_ONLY_WORDS
+    texts += [*_TEXT_ONLY_WORDS, *(_OBJECT_QUESTION.format(w) for w in ("square", *_EVERYDAY))]
     words = {word.strip(".,?:") for text in texts for word in text.lower().split()}
     return sorted(w for w in words if w)
 
@@ -309,7 +338,7 @@ def counting_records(records: Sequence[dict]) -> list[dict]:
 
 
 def general_records(split: str, n: int, size: int, seed: int, caption_prompt: str) -> list[dict]:
-    """Per everyday picture: its caption, ~7 questions (a quarter behind a persona), one nonsense question answered
+    """Per everyday picture: its caption, ~8 questions (40 % behind a persona), one nonsense question answered
     "i do not know" and one repeat-the-word task."""
     rng = np.random.default_rng([seed, _STREAMS[split]])
     images = general_design(rng, n)
@@ -319,7 +348,7 @@ def general_records(split: str, n: int, size: int, seed: int, caption_prompt: st
     records = []
     for i, (image, png) in enumerate(zip(images, _render(rng, size, images, general=True), strict=True)):
         pairs = [(GENERAL_CAPTION_PROMPT, general_caption(image))]
-        for question, answer in general_questions(image):
+        for question, answer in [*general_questions(image, rng), object_question(rng)]:
             persona = _persona(rng) if rng.random() < _PERSONA_SHARE else ""
             pairs.append((f"{persona} {question}".strip(), answer))
         pairs.append((nonsense[i % len(nonsense)], NONSENSE_ANSWER))
@@ -331,18 +360,26 @@ def general_records(split: str, n: int, size: int, seed: int, caption_prompt: st
 
 
 def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
-    """~7 questions on each of ``n`` radiology images (``train``/``test``), or on tissue crops for ``pathology``.
+    """~7 questions on each of ``n`` radiology images (~10 in ``train``, 7 in ``test``), or on tissue crops for
+    ``pathology``.
 
-    A quarter of the *training* questions come behind one of the general domain's assistant personas (never the
+    Half of the *training* questions come behind one of the general domain's assistant personas (never the
     evaluation's expert radiologist), as instruction data does: fine-tuned on bare questions only, two-stage lost
-    17 points of closed accuracy to any preamble, the expert prompt included. Test questions are always bare."""
+    17 points of closed accuracy to any preamble, the expert prompt included; with a quarter, 9–10 points at seed 42.
+    On a training image each yes/no check (modality, organ, side) is asked both ways, once naming what the image shows
+    and once naming something else (:func:`contrast`): with one check per image, both fine-tuned variants answered the
+    organ and side checks near chance at some seeds. Test questions are always bare, one check of each kind."""
     rng = np.random.default_rng([seed, _STREAMS[split]])
-    personas = np.random.default_rng([seed, _STREAMS[split], 1]) if split == TRAIN_SPLIT else None
+    train = split == TRAIN_SPLIT
+    personas = np.random.default_rng([seed, _STREAMS[split], 1]) if train else None
+    contrasts = np.random.default_rng([seed, _STREAMS[split], 2])
     pathology = split == "pathology"
     images = pathology_design(rng, n) if pathology else radiology_design(rng, n)
     records = []
     for i, (image, png) in enumerate(zip(images, _render(rng, size, images, pathology), strict=True)):
         questions = pathology_questions(image) if pathology else radiology_questions(image)
+        if train:  # each check asked both ways: the answer cannot come from the picture alone
+            questions += [q for q in radiology_questions(contrast(image, contrasts)) if q not in questions]
         for q, (question, answer) in enumerate(questions):
             if personas is not None and personas.random() < _TRAIN_PERSONA_SHARE:
                 question = f"{_persona(personas, clinical=False)} {question}"
