@@ -15,7 +15,7 @@ from med_idefics.config import ConfigError, DemoDataConfig, load_params
 from med_idefics.data.collator import build_generation_batch, record_image
 from med_idefics.data.demo import write_demo_dataset
 from med_idefics.data.schema import split_path
-from med_idefics.data.suites import SUITES, load_suite, suite_splits
+from med_idefics.data.suites import SUITES, VALIDATION, load_suite, suite_splits
 from med_idefics.evaluate import (
     Target,
     generate_answers,
@@ -36,7 +36,7 @@ SMALL = DemoDataConfig(
     n_general_validation_images=1,
     n_caption_train=4,
     n_caption_validation=1,
-    n_vqa_train_images=2,
+    n_vqa_train_images=4,
     n_vqa_test_images=2,
     n_pathology_images=1,
     n_nonsense=2,
@@ -74,12 +74,23 @@ def repo_root_module() -> Path:
 
 
 def _overrides(root: Path) -> dict:
-    return {"data.root": str(root / "data"), "model.base_dir": str(root / "base"), "eval.batch_size": 4,
-            "eval.max_new_tokens": 3, "eval.bootstrap_resamples": 1000, "data.prompt_prefix": "",
-            "quantization.load_in_4bit": False, "quantization.compute_dtype": "float32",
-            "data.vqa.dataset": "demo", "data.vqa.eval_split": "test", "data.ood.dataset": "demo",
-            "data.ood.split": "pathology", "data.nonsense.dataset": "demo",
-            "data.nonsense.split": "nonsense"}  # fmt: skip
+    return {
+        "data.root": str(root / "data"),
+        "model.base_dir": str(root / "base"),
+        "eval.batch_size": 4,
+        "eval.max_new_tokens": 3,
+        "eval.bootstrap_resamples": 1000,
+        "data.prompt_prefix": "",
+        "quantization.load_in_4bit": False,
+        "quantization.compute_dtype": "float32",
+        "data.vqa.dataset": "demo",
+        "data.vqa.eval_split": "test",
+        "data.ood.dataset": "demo",
+        "data.ood.split": "pathology",
+        "data.nonsense.dataset": "demo",
+        "data.nonsense.split": "nonsense",
+        "data.vqa.validation_fraction": 0.5,  # 4 small training images: 0.1 of them holds no whole image
+    }
 
 
 @pytest.fixture
@@ -119,12 +130,12 @@ def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params,
     assert result.exit_code == 0, result.output
 
     runs = {r.data.tags["suite"]: r for r in client.search_runs([experiment_id], "tags.variant = 'two-stage'")}
-    assert sorted(runs) == sorted(SUITES)
+    assert sorted(runs) == sorted([*SUITES, VALIDATION])  # `all` includes validation where the config carves it
     info = read_run_info(workspace / "metrics" / "two-stage")
     assert info["training_run_id"] == training_run
     assert info["eval_runs"] == {suite: run.info.run_id for suite, run in runs.items()}
     trained = client.get_run(training_run).data.metrics  # the variant's row: every suite's headline numbers
-    for suite in SUITES:
+    for suite in (*SUITES, VALIDATION):
         records = load_suite(params, suite).records
         lines = (workspace / "outputs" / "predictions" / "two-stage" / f"{suite}.jsonl").read_text().splitlines()
         rows = [json.loads(line) for line in lines]

@@ -99,10 +99,12 @@ def test_leakage_official_split_shares_202_images_image_disjoint_none(vqa_rad_ro
     overrides = [f"data.root={vqa_rad_root}", "data.vqa.dataset=vqa-rad", "data.vqa.split=image-disjoint"]
     params = load_params(repo_root / "params.yaml", overrides)
     splits = load_vqa_splits(params)
-    assert len(splits.train) + len(splits.test) == 1797 + 451
+    assert params.data.vqa.validation_fraction > 0 and splits.validation  # promotion's split, carved from train
+    assert len(splits.train) + len(splits.validation) + len(splits.test) == 1797 + 451
     assert 0.95 * 451 <= len(splits.test) <= 451  # close to the official test size
-    disjoint = check_splits("vqa-rad", splits.name, {"train": splits.train, "test": splits.test})
-    assert disjoint.pairs[0].shared_images == 0 and not disjoint.train_shares_held_out_images
+    named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    disjoint = check_splits("vqa-rad", splits.name, named)
+    assert [pair.shared_images for pair in disjoint.pairs] == [0, 0, 0] and not disjoint.train_shares_held_out_images
     assert load_vqa_splits(params).test == splits.test  # deterministic for the seed
 
 

@@ -149,10 +149,16 @@ def load_suite(params: Params, name: str) -> Suite:
         records, prefix = vqa_eval(), expert_prefix(params.eval.expert_prompt, prefix)
     elif name == VALIDATION:
         records = load_vqa_splits(params).validation
-        if not records:
+        fraction = params.data.vqa.validation_fraction
+        if not records and fraction <= 0:
             raise ConfigError(
-                f"suite {VALIDATION}: data.vqa.validation_fraction is {params.data.vqa.validation_fraction:g}, so "
-                "there is no validation split; set it > 0 (e.g. 0.1) or leave the suite out"
+                f"suite {VALIDATION}: data.vqa.validation_fraction is 0, so there is no validation split; set it > 0 "
+                "(e.g. 0.1) or leave the suite out"
+            )
+        if not records:
+            raise DatasetError(
+                f"suite {VALIDATION}: data.vqa.validation_fraction {fraction:g} of {data.vqa.dataset}/"
+                f"{data.vqa.train_split} holds no whole image (an image's questions stay together); raise the fraction"
             )
     elif name == SLAKE:
         records = read_records(data.root, SLAKE_DATASET, SLAKE_SPLIT)
