@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from med_idefics.cli import main
 from med_idefics.config import ConfigError, load_params
 from med_idefics.data.leakage import check_stored
-from med_idefics.data.schema import write_splits
+from med_idefics.data.schema import DatasetError, write_splits
 from med_idefics.data.splits import carve_validation, image_disjoint, image_key, load_vqa_splits, split_name
 from med_idefics.data.suites import has_validation, load_suite, parse_suites
 
@@ -112,6 +112,9 @@ def test_the_validation_suite_asks_the_held_out_questions_and_is_in_all_only_whe
     assert "validation" not in parse_suites("all", has_validation(without))
     with pytest.raises(ConfigError, match="validation_fraction is 0"):
         load_suite(without, "validation")
+    too_small = load_params(repo_root / "params.yaml", [*overrides, "data.vqa.validation_fraction=0.01"])
+    with pytest.raises(DatasetError, match="holds no whole image"):  # 0.01 of 27 questions: not one image's 3
+        load_suite(too_small, "validation")
 
 
 def test_data_check_reports_leaks_and_strict_fails_on_them(leaky_data, repo_root):
