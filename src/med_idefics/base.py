@@ -163,7 +163,7 @@ def pretrain(
     with tempfile.TemporaryDirectory(prefix="med-idefics-pretrain-") as scratch, _torch_threads(1):
         phases = [(_encode(collator, focus), focus_steps, cfg.warmup_steps)] if focus_steps > 0 else []
         phases.append((train, cfg.steps - focus_steps, min(cfg.warmup_steps, 20) if phases else cfg.warmup_steps))
-        before = after = None
+        before = None
         for index, (records, steps, warmup) in enumerate(phases):
             trainer = _trainer(model, collator, records, steps, warmup, cfg, seed, f"{scratch}/{index}")
             if index == 0:

@@ -299,8 +299,8 @@ def caption_records(split: str, n: int, size: int, seed: int, prompt: str) -> li
 
 def lexicon(caption_prompt: str) -> list[str]:
     """Every word the demo's training texts use — general and medical — for the base's repeat-the-words task."""
-    slots = [(*general, *extra) for general, extra in zip((_PROFESSIONS, _SUBJECTS, _IMAGE_ADJECTIVES), _CLINICAL, strict=True)]
-    personas = [_PERSONA.format(p, s, a) for p in slots[0] for s in slots[1] for a in slots[2]]
+    professions, subjects, adjectives = _persona_slots(clinical=True)
+    personas = [_PERSONA.format(p, s, a) for p in professions for s in subjects for a in adjectives]
     texts = [caption_prompt, GENERAL_CAPTION_PROMPT, _REPEAT_PROMPT, *_SHORT_PERSONAS, *personas]
     domains = ((MODALITIES, ORGANS, caption, radiology_questions), (COLOURS, PATTERNS, general_caption, general_questions))
     for looks, kinds, describe, ask in domains:
@@ -313,11 +313,15 @@ def lexicon(caption_prompt: str) -> list[str]:
     return sorted(w for w in words if w)
 
 
+def _persona_slots(clinical: bool) -> tuple[tuple[str, ...], ...]:
+    """The words each of the persona's three slots may take: everyday ones, and with ``clinical`` the clinical ones."""
+    slots = (_PROFESSIONS, _SUBJECTS, _IMAGE_ADJECTIVES)
+    return tuple((*words, *extra) for words, extra in zip(slots, _CLINICAL, strict=True)) if clinical else slots
+
+
 def _persona(rng: np.random.Generator, clinical: bool = True) -> str:
     if rng.random() < 0.75:
-        words = (_PROFESSIONS, _SUBJECTS, _IMAGE_ADJECTIVES)
-        if clinical:
-            words = tuple((*general, *extra) for general, extra in zip(words, _CLINICAL, strict=True))
+        words = _persona_slots(clinical)
         return _PERSONA.format(*(str(options[rng.integers(len(options))]) for options in words))
     return _SHORT_PERSONAS[rng.integers(len(_SHORT_PERSONAS))]
 
@@ -371,7 +375,7 @@ def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
     organ and side checks near chance at some seeds. Test questions are always bare, one check of each kind."""
     rng = np.random.default_rng([seed, _STREAMS[split]])
     train = split == TRAIN_SPLIT
-    personas = np.random.default_rng([seed, _STREAMS[split], 1]) if train else None
+    personas = np.random.default_rng([seed, _STREAMS[split], 1])
     contrasts = np.random.default_rng([seed, _STREAMS[split], 2])
     pathology = split == "pathology"
     images = pathology_design(rng, n) if pathology else radiology_design(rng, n)
@@ -381,7 +385,7 @@ def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
         if train:  # each check asked both ways: the answer cannot come from the picture alone
             questions += [q for q in radiology_questions(contrast(image, contrasts)) if q not in questions]
         for q, (question, answer) in enumerate(questions):
-            if personas is not None and personas.random() < _TRAIN_PERSONA_SHARE:
+            if train and personas.random() < _TRAIN_PERSONA_SHARE:
                 question = f"{_persona(personas, clinical=False)} {question}"
             records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer))
     return records

@@ -38,6 +38,7 @@ SUITES = (VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT)  # `all`
 VALIDATION = "validation"  # in `all` only when the config carves a validation split
 SLAKE = "slake"
 OPTIONAL_SUITES = (SLAKE,)  # by name only: they need data no profile imports by default
+KNOWN_SUITES = (*SUITES, VALIDATION, *OPTIONAL_SUITES)  # every name parse_suites and load_suite accept
 SLAKE_DATASET, SLAKE_SPLIT = "slake", "test"  # where `med-idefics data slake` stores SLAKE's test questions
 ALL = "all"
 _STREAMS = {SWAP: 0, MED_HALT: 1}
@@ -57,10 +58,9 @@ def parse_suites(spec: str, validation: bool = False) -> list[str]:
     if spec == ALL:
         return [*SUITES, *((VALIDATION,) if validation else ())]
     names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in (*SUITES, VALIDATION, *OPTIONAL_SUITES)]
+    unknown = [name for name in names if name not in KNOWN_SUITES]
     if unknown or not names:
-        known = ", ".join((*SUITES, VALIDATION, *OPTIONAL_SUITES))
-        raise ConfigError(f"unknown suite(s) {unknown or [spec]}; choose from {known} or {ALL}")
+        raise ConfigError(f"unknown suite(s) {unknown or [spec]}; choose from {', '.join(KNOWN_SUITES)} or {ALL}")
     return list(dict.fromkeys(names))
 
 
@@ -149,15 +149,14 @@ def load_suite(params: Params, name: str) -> Suite:
         records, prefix = vqa_eval(), expert_prefix(params.eval.expert_prompt, prefix)
     elif name == VALIDATION:
         records = load_vqa_splits(params).validation
-        fraction = params.data.vqa.validation_fraction
-        if not records and fraction <= 0:
+        if not has_validation(params):
             raise ConfigError(
                 f"suite {VALIDATION}: data.vqa.validation_fraction is 0, so there is no validation split; set it > 0 "
                 "(e.g. 0.1) or leave the suite out"
             )
         if not records:
             raise DatasetError(
-                f"suite {VALIDATION}: data.vqa.validation_fraction {fraction:g} of {data.vqa.dataset}/"
+                f"suite {VALIDATION}: data.vqa.validation_fraction {data.vqa.validation_fraction:g} of {data.vqa.dataset}/"
                 f"{data.vqa.train_split} holds no whole image (an image's questions stay together); raise the fraction"
             )
     elif name == SLAKE:
@@ -166,7 +165,7 @@ def load_suite(params: Params, name: str) -> Suite:
         questions = read_records(data.root, data.nonsense.dataset, data.nonsense.split)
         records = attach_images(questions, distinct_images(vqa_eval()), rng())
     else:
-        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join((*SUITES, VALIDATION, *OPTIONAL_SUITES))}")
+        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join(KNOWN_SUITES)}")
     if not records:
         raise DatasetError(f"suite {name}: its split has no records; check data.* in params.yaml")
     without_image = [r["id"] for r in records if r.get("image") is None]
