@@ -1,5 +1,6 @@
 """Training throughput: samples/s and peak memory of one LoRA training stage, through the stage's own code
-(params recipe → ``training_arguments``, ``VqaCollator``, ``add_lora``, HF ``Trainer``).
+(params recipe → ``training_arguments``, ``VqaCollator`` — texts encoded once, images and padding per step —
+``add_lora``, HF ``Trainer``).
 
     python benchmarks/train_throughput.py                        # CPU: the tiny Idefics2 of params model.tiny
     python benchmarks/train_throughput.py --base-dir outputs/base  # the pretrained tiny base
@@ -35,7 +36,7 @@ from med_idefics.config import load_params
 from med_idefics.data.collator import VqaCollator
 from med_idefics.modeling.loading import load_base_model
 from med_idefics.modeling.lora import add_lora, trainable_parameters
-from med_idefics.trainer_support import RecordDataset, training_arguments
+from med_idefics.trainer_support import training_arguments
 
 
 def peak_memory_gib() -> float:
@@ -86,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         targs.save_strategy = "no"
         targs.eval_strategy = "no"
         collator = VqaCollator(processor, params.data.prompt_prefix)
-        Trainer(model=model, args=targs, data_collator=collator, train_dataset=RecordDataset(records)).train()
+        encoded = collator.encode_texts(records)  # as the stages do, before the model trains (not timed)
+        Trainer(model=model, args=targs, data_collator=collator.collate_texts, train_dataset=encoded).train()
         targs.max_steps = args.steps
-        trainer = Trainer(model=model, args=targs, data_collator=collator, train_dataset=RecordDataset(records))
+        trainer = Trainer(model=model, args=targs, data_collator=collator.collate_texts, train_dataset=encoded)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()

@@ -37,7 +37,6 @@ TINY = "tiny"
 REAL_PROCESSOR = "tiny-real-processor"  # = med_idefics.modeling.realistic.NAME (tested)
 SUMMARY_FILE = "pretrain_summary.json"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-ENCODE_CHUNK = 256  # records per processor call when encoding the pretraining data once
 
 
 def build_base(params: Params, base_dir: str | Path | None = None) -> dict[str, Any]:
@@ -158,10 +157,10 @@ def pretrain(
     focus_steps = min(cfg.focus_steps, cfg.steps - 1) if focus else 0
     started = time.perf_counter()
     collator = VqaCollator(processor)
-    train, evals = _encode(collator, train_records), _encode(collator, eval_records)
+    train, evals = collator.encode(train_records), collator.encode(eval_records)
     history: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="med-idefics-pretrain-") as scratch, _torch_threads(1):
-        phases = [(_encode(collator, focus), focus_steps, cfg.warmup_steps)] if focus_steps > 0 else []
+        phases = [(collator.encode(focus), focus_steps, cfg.warmup_steps)] if focus_steps > 0 else []
         phases.append((train, cfg.steps - focus_steps, min(cfg.warmup_steps, 20) if phases else cfg.warmup_steps))
         before = None
         for index, (records, steps, warmup) in enumerate(phases):
@@ -222,10 +221,3 @@ def _torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _encode(collator, records: Sequence[dict]) -> list[dict[str, torch.Tensor]]:
-    examples = []
-    for start in range(0, len(records), ENCODE_CHUNK):
-        examples += collator.encode(records[start : start + ENCODE_CHUNK])
-    return examples

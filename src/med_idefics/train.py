@@ -70,7 +70,9 @@ class Prepared:
     train_records: list[dict]
     eval_records: list[dict]
     init_adapter_dir: Path | None
-    processor: Any  # the base's processor; every record above passed its collator's check
+    collator: Any  # the VqaCollator on the base's processor
+    train_texts: list[dict]  # the records above, text-encoded once (collator.encode_texts): each passed its checks
+    eval_texts: list[dict]
 
 
 def prepare(params: Params, request: TrainRequest) -> Prepared:
@@ -100,20 +102,14 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
         init_dir = resolve_adapter(ref, missing_hint=hint)
     elif request.init_adapter:
         raise ConfigError(f"--init-adapter is only for stage2; {request.stage} starts from the bare base")
-    processor = _checked_processor(params, spec, train_records + eval_records)
-    variant = request.variant or variant_name(request.stage, request.train_size)
-    return Prepared(spec, recipe, variant, train_records, eval_records, init_dir, processor)
-
-
-def _checked_processor(params: Params, spec: StageSpec, records: list[dict]):
-    """The base's processor, after every record passed the collator's check: a bad record fails here, naming it,
-    not mid-epoch (where a resume would replay the failure)."""
     from med_idefics.data.collator import VqaCollator
     from med_idefics.modeling.loading import load_processor
 
-    processor = load_processor(params.model.base_dir)
-    VqaCollator(processor, prompt_prefix=_prefix(params, spec)).check(records)
-    return processor
+    collator = VqaCollator(load_processor(params.model.base_dir), prompt_prefix=_prefix(params, spec))
+    # Encoded once, here: a bad record fails now, naming it, and each training step only adds images and pads.
+    train_texts, eval_texts = collator.encode_texts(train_records), collator.encode_texts(eval_records)
+    variant = request.variant or variant_name(request.stage, request.train_size)
+    return Prepared(spec, recipe, variant, train_records, eval_records, init_dir, collator, train_texts, eval_texts)
 
 
 def _records(params: Params, task: str, train_size: int | None) -> tuple[list[dict], list[dict]]:
@@ -152,10 +148,9 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
     import torch
     from transformers import Trainer
 
-    from med_idefics.data.collator import VqaCollator
     from med_idefics.modeling.loading import load_base_model
     from med_idefics.modeling.lora import add_lora
-    from med_idefics.trainer_support import MlflowStepLogger, NonFiniteLossGuard, RecordDataset, training_arguments
+    from med_idefics.trainer_support import MlflowStepLogger, NonFiniteLossGuard, training_arguments
 
     torch.manual_seed(params.seed)
     out_dir = request.out_dir
@@ -170,9 +165,9 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
     trainer = Trainer(
         model=model,
         args=args,
-        data_collator=VqaCollator(prepared.processor, prompt_prefix=_prefix(params, prepared.spec)),
-        train_dataset=RecordDataset(prepared.train_records),
-        eval_dataset=RecordDataset(prepared.eval_records) if prepared.eval_records else None,
+        data_collator=prepared.collator.collate_texts,
+        train_dataset=prepared.train_texts,
+        eval_dataset=prepared.eval_texts or None,
         callbacks=[NonFiniteLossGuard(), MlflowStepLogger(run)],
     )
     started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""HF ``Trainer`` plumbing shared by the training stages: arguments from params, the dataset wrapper, and callbacks
+"""HF ``Trainer`` plumbing shared by the training stages: arguments from params, and callbacks
 that log step metrics to the active MLflow run and stop on a non-finite loss."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from med_idefics.config import StageConfig
@@ -17,19 +16,6 @@ from med_idefics.modeling.lora import CHECKPOINTING_KWARGS
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the run is stopped and marked FAILED."""
-
-
-class RecordDataset(Dataset):
-    """Schema records (dicts) as a map-style dataset; the collator does the processing."""
-
-    def __init__(self, records: list[dict]):
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.records[index]
 
 
 def resolve_precision(precision: str) -> dict[str, bool]:

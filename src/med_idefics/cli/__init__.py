@@ -1,6 +1,17 @@
 """Command-line interface: parses arguments and calls the stage modules; holds no logic of its own."""
 
-from med_idefics.cli import data, data_import, evaluate, model, profile, registry, report, score, train  # noqa: F401
+from med_idefics.cli import (  # noqa: F401
+    data,
+    data_import,
+    evaluate,
+    model,
+    profile,
+    registry,
+    report,
+    repro,
+    score,
+    train,
+)
 from med_idefics.cli.app import main, run_main
 
 __all__ = ["main", "run_main"]

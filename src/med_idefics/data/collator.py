@@ -47,7 +47,8 @@ class VqaCollator:
 
     Stage 1 uses the caption records as they are (their question is the caption prompt); stage 2 and single-stage
     use VQA records with the optional ``prompt_prefix`` from params. :meth:`encode` and :meth:`pad` are the two
-    halves of ``__call__``, so a caller may encode a dataset once and only pad per step.
+    halves of ``__call__``, so a caller may encode a dataset once and only pad per step (the tiny base's
+    pretraining); the LoRA stages encode the texts once (:meth:`encode_texts`) and the images per step.
     """
 
     def __init__(self, processor: ProcessorMixin, prompt_prefix: str = "") -> None:
@@ -65,11 +66,20 @@ class VqaCollator:
     def __call__(self, records: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         return self.pad(self.encode(records))
 
-    def check(self, records: Sequence[Mapping], chunk: int = 256) -> None:
-        """Raise :class:`DatasetError` naming the first record this collator would fail on — no image, or a prompt
-        whose tokens are not a prefix of the training text's, or no ``<end_of_utterance>`` after the answer — by
-        the same tokenization as :meth:`encode` but without the images, so a whole split is checked in seconds
-        before training starts (rather than failing mid-epoch, and again on every resume)."""
+    def encode(self, records: Sequence[Mapping]) -> list[dict[str, torch.Tensor]]:
+        """One unpadded example per record: 1-D ``input_ids``/``labels``, ``pixel_values`` (images, C, H, W)."""
+        return [self.with_image(text) for text in self.encode_texts(records)]
+
+    def encode_texts(self, records: Sequence[Mapping], chunk: int = 256) -> list[dict]:
+        """The text half of :meth:`encode`, for a whole split at once: per record its 1-D ``input_ids`` and
+        ``labels``, with its ``id`` and (still unprocessed) ``image`` bytes for :meth:`with_image`.
+
+        Raises :class:`DatasetError` naming the first record this collator cannot train on — no image, a prompt
+        whose tokens are not a prefix of the training text's, no ``<end_of_utterance>`` after the answer — so a
+        training stage encodes its splits once before any model is loaded: a bad record fails there, not mid-epoch
+        (where a resume would replay the failure), and each step only pads (:meth:`collate_texts`). Images are left
+        to the step: a split of large images would not fit in memory processed."""
+        texts = []
         for start in range(0, len(records), chunk):
             part = records[start : start + chunk]
             for record in part:
@@ -77,31 +87,28 @@ class VqaCollator:
                     record_image(record)  # raises, naming the record
             full = [render_prompt(self.processor, r["question"], self.prompt_prefix, r["answer"]) for r in part]
             prompts = [render_prompt(self.processor, r["question"], self.prompt_prefix) for r in part]
-            full_ids = self.processor(text=full)["input_ids"]
+            batch = self.processor(text=full, padding=True, padding_side="right", return_tensors="pt")
             prompt_ids = self.processor(text=prompts)["input_ids"]
-            for record, ids, prompt in zip(part, full_ids, prompt_ids, strict=True):
-                self.answer_labels(torch.tensor(ids), prompt, record)
+            for i, record in enumerate(part):
+                length = int(batch["attention_mask"][i].sum())  # right padding: the real tokens come first
+                input_ids = batch["input_ids"][i, :length]
+                labels = self.answer_labels(input_ids, prompt_ids[i], record)
+                texts.append({"id": record.get("id"), "image": record["image"], "input_ids": input_ids, "labels": labels})
+        return texts
 
-    def encode(self, records: Sequence[Mapping]) -> list[dict[str, torch.Tensor]]:
-        """One unpadded example per record: 1-D ``input_ids``/``labels``, ``pixel_values`` (images, C, H, W)."""
-        full = [render_prompt(self.processor, r["question"], self.prompt_prefix, r["answer"]) for r in records]
-        prompts = [render_prompt(self.processor, r["question"], self.prompt_prefix) for r in records]
-        batch = self.processor(text=full, padding=True, padding_side="right", return_tensors="pt")
-        prompt_ids = self.processor(text=prompts)["input_ids"]
-        examples = []
-        for i, record in enumerate(records):
-            length = int(batch["attention_mask"][i].sum())  # right padding: the real tokens come first
-            input_ids = batch["input_ids"][i, :length]
-            pixel_values, pixel_attention_mask = self.image_features(record)
-            examples.append(
-                {
-                    "input_ids": input_ids,
-                    "labels": self.answer_labels(input_ids, prompt_ids[i], record),
-                    "pixel_values": pixel_values,
-                    "pixel_attention_mask": pixel_attention_mask,
-                }
-            )
-        return examples
+    def with_image(self, text: Mapping) -> dict[str, torch.Tensor]:
+        """A text-encoded record (:meth:`encode_texts`) as a model example: its image processed (cached)."""
+        pixel_values, pixel_attention_mask = self.image_features(text)
+        return {
+            "input_ids": text["input_ids"],
+            "labels": text["labels"],
+            "pixel_values": pixel_values,
+            "pixel_attention_mask": pixel_attention_mask,
+        }
+
+    def collate_texts(self, texts: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        """A training batch from text-encoded records: the Trainer's ``data_collator`` over :meth:`encode_texts`."""
+        return self.pad([self.with_image(text) for text in texts])
 
     def image_features(self, record: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
         """The processed image of a record, cached by its bytes: VQA datasets ask several questions per image, and

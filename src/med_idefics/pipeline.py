@@ -1,0 +1,198 @@
+"""``med-idefics repro --jobs N``: the DVC pipeline with up to N independent stages running at once.
+
+``dvc repro`` runs one stage at a time; on the demo's 2 CPU cores the stage-2 trainings, the sweep and the
+evaluations then wait for each other although none reads what another writes. Here every stage of ``dvc.yaml`` still
+runs through DVC — ``dvc --wait-for-lock repro --single-item <stage>`` decides whether it is up to date, runs its
+command, records it in ``dvc.lock`` and caches its outputs — and this module only chooses when: a stage starts once
+every stage it depends on (DVC's own graph) has finished, the one with the longest chain of stages after it first.
+DVC releases its repository lock while a stage's command runs and holds read/write locks on that stage's deps and
+outs, so stages without a path in common run side by side; the MLflow store (SQLite) serialises their writes.
+
+Each stage's output goes to ``<log_dir>/<stage>.log``; the console gets a line when a stage starts or ends and, while
+stages run, their latest progress line. A failed stage stops new starts, lets the running ones finish and prints the
+end of its log. Last, a plain ``dvc repro`` confirms that the pipeline is up to date (and runs whatever is not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOG_DIR = Path("outputs/logs")
+PROGRESS_EVERY = 30.0  # seconds between progress lines while stages run
+TAIL_LINES = 30  # lines of a failed stage's log shown on the console
+UP_TO_DATE = "didn't change, skipping"  # what `dvc repro` says of a stage it need not run
+
+
+class PipelineError(RuntimeError):
+    """A stage failed (its log says why) or the pipeline cannot be read."""
+
+
+def stage_graph(repo_root: str | Path = ".") -> dict[str, list[str]]:
+    """``dvc.yaml``'s stages in file order, each with the stages it depends on (data sources such as ``data.dvc`` are
+    not stages to run: the stages that read them check them)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo_root)) as repo:
+            graph = repo.index.graph
+            stages = [s for s in repo.index.stages if not s.is_data_source]
+            names = {s: s.addressing for s in stages}
+            return {names[s]: [names[d] for d in graph.successors(s) if d in names] for s in stages}
+    except DvcException as err:
+        raise PipelineError(f"cannot read the DVC pipeline in {repo_root}: {err}") from err
+
+
+def chain_lengths(graph: dict[str, list[str]]) -> dict[str, int]:
+    """Per stage, the number of stages on the longest path from it to the end of the pipeline (itself included):
+    the critical path first, so that the last stages do not wait for a long chain started late."""
+    dependents: dict[str, list[str]] = {name: [] for name in graph}
+    for name, deps in graph.items():
+        for dep in deps:
+            dependents[dep].append(name)
+    lengths: dict[str, int] = {}
+
+    def length(name: str) -> int:
+        if name not in lengths:
+            lengths[name] = 1 + max((length(d) for d in dependents[name]), default=0)
+        return lengths[name]
+
+    for name in graph:
+        length(name)
+    return lengths
+
+
+@dataclass
+class _Running:
+    process: subprocess.Popen
+    log: Path
+    started: float = field(default_factory=time.monotonic)
+
+
+def repro(jobs: int, log_dir: Path = LOG_DIR, echo: Callable[[str], None] = print) -> None:
+    """``med-idefics repro``: this repository's pipeline, up to ``jobs`` stages at once. With more than one, the
+    MLflow store (and the experiment) the stages share is set up first, so that two stages starting together never
+    race to create its tables."""
+    if jobs > 1:
+        from med_idefics.config import load_params
+        from med_idefics.tracking import setup_tracking
+
+        setup_tracking(load_params())
+    run_pipeline(jobs, log_dir, echo=echo)
+
+
+def run_pipeline(
+    jobs: int,
+    log_dir: Path = LOG_DIR,
+    graph: dict[str, list[str]] | None = None,
+    dvc: tuple[str, ...] = ("dvc",),
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Run every stage of ``graph`` (default: this repository's ``dvc.yaml``), up to ``jobs`` at once, then
+    ``dvc repro``. Raises :class:`PipelineError` when a stage fails."""
+    if jobs < 1:
+        raise PipelineError(f"--jobs must be at least 1, got {jobs}")
+    graph = stage_graph() if graph is None else graph
+    dangling = sorted({dep for deps in graph.values() for dep in deps if dep not in graph})
+    if dangling:
+        raise PipelineError(f"stages depend on {dangling}, which are not stages of the pipeline")
+    order = {name: i for i, name in enumerate(graph)}
+    priority = chain_lengths(graph)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    waiting, done, failed = set(graph), set(), []
+    running: dict[str, _Running] = {}
+    started = last_progress = time.monotonic()
+    try:
+        while waiting or running:
+            for name, job in list(running.items()):
+                code = job.process.poll()
+                if code is None:
+                    continue
+                del running[name]
+                seconds = time.monotonic() - job.started
+                if code == 0:
+                    done.add(name)
+                    note = " (up to date)" if UP_TO_DATE in job.log.read_text(errors="replace") else ""
+                    echo(f"[{_clock(started)}] done {name} in {seconds:.0f} s{note}")
+                else:
+                    failed.append(name)
+                    echo(f"[{_clock(started)}] FAILED {name} (exit {code}, {seconds:.0f} s); the end of {job.log}:")
+                    echo(_tail(job.log))
+            ready = [n for n in waiting if all(d in done for d in graph[n])] if not failed else []
+            for name in sorted(ready, key=lambda n: (-priority[n], order[n]))[: jobs - len(running)]:
+                waiting.discard(name)
+                running[name] = _start(name, log_dir, dvc)
+                echo(f"[{_clock(started)}] start {name} (log: {running[name].log})")
+            if failed and not running:
+                break
+            if running and time.monotonic() - last_progress >= PROGRESS_EVERY:
+                last_progress = time.monotonic()
+                for name, job in running.items():
+                    echo(f"[{_clock(started)}]   {name}: {_last_line(job.log)}")
+            time.sleep(0.2)
+    except BaseException:
+        _stop(running)
+        raise
+    if failed:
+        raise PipelineError(
+            f"stage {failed[0]} failed (log: {log_dir / (failed[0] + '.log')}); the stages after it did not run"
+        )
+    echo(f"[{_clock(started)}] all {len(graph)} stages done; checking with `dvc repro`")
+    if subprocess.run([*dvc, "repro"]).returncode != 0:
+        raise PipelineError("`dvc repro` failed after the stages ran (its output is above)")
+
+
+def _start(name: str, log_dir: Path, dvc: tuple[str, ...]) -> _Running:
+    log = log_dir / f"{name}.log"
+    with open(log, "wb") as handle:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [*dvc, "--wait-for-lock", "repro", "--single-item", name],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: a Ctrl-C is forwarded by _stop, to the whole stage
+        )
+    return _Running(process, log)
+
+
+def _stop(running: dict[str, _Running]) -> None:
+    """Interrupt the running stages (DVC and the stage command alike: their MLflow runs end as KILLED, not RUNNING)
+    and wait for them."""
+    for job in running.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.process.pid, signal.SIGINT)
+    for job in running.values():
+        try:
+            job.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.process.pid, signal.SIGKILL)
+            job.process.wait()
+
+
+def _clock(started: float) -> str:
+    seconds = int(time.monotonic() - started)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+def _last_line(log: Path, width: int = 100) -> str:
+    """The latest line of a log, progress bars included (tqdm rewrites its line with carriage returns)."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, log.stat().st_size - 4096))
+            text = handle.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    pieces = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
+    return pieces[-1][:width] if pieces else ""
+
+
+def _tail(log: Path, lines: int = TAIL_LINES) -> str:
+    text = log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.split("\n") if line.strip()][-lines:])
