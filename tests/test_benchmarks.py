@@ -24,3 +24,39 @@ def test_train_throughput_qlora_trains_a_4bit_base(train_throughput, capsys):
     layers = re.search(r"QLoRA \((\d+) 4-bit nf4 layers\)", out)
     assert layers and int(layers.group(1)) > 0, out
     assert re.search(r"^\s+1\s+2\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.MULTILINE), out  # one timed step of 2
+
+
+def test_demo_run_reports_the_criteria_from_a_finished_demos_files(repo_root, monkeypatch, tmp_path):
+    """benchmarks/demo_run.py's table row: each figure read from the metrics and paired-test files."""
+    import json
+
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    demo_run = importlib.import_module("demo_run")
+    values = {
+        ("two-stage", "vqa-rad"): {"closed_accuracy": 0.85, "exact_match": 0.90},
+        ("two-stage", "swap"): {"closed_accuracy": 0.55},
+        ("two-stage", "expert-prompt"): {"closed_accuracy": 0.87},
+        ("two-stage", "med-halt"): {"abstention_rate": 0.2},
+        ("base", "vqa-rad"): {"closed_accuracy": 0.70},
+        ("base", "med-halt"): {"abstention_rate": 0.9},
+        ("single-stage", "vqa-rad"): {"closed_accuracy": 0.75, "exact_match": 0.80},
+        ("two-stage-n500", "vqa-rad"): {"exact_match": 0.86},
+        ("two-stage-n100", "vqa-rad"): {"exact_match": 0.79},
+    }
+    for (variant, suite), numbers in values.items():
+        (tmp_path / "metrics" / variant).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "metrics" / variant / f"{suite}.json").write_text(json.dumps(numbers))
+    claim = {"title": "Two-stage vs single-stage", "test": {"exact_match": {"diff": 0.1, "p_value": 0.003}}}
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "paired_tests.json").write_text(json.dumps({"claims": [claim]}))
+
+    row = demo_run.table_row(7, 2, demo_run.criteria(tmp_path), "14 passed", 251.4)
+    assert row == (
+        "| 7 | 2 | 0.850 ✓ | 0.700 / 0.90 ✗ | +0.100 (3.0e-03) ✓ | 30.0 pts ✓ | -2.0 pts ✓ "
+        "| 0.800 → 0.790 → 0.860 → 0.900 ✓ | 14 passed | 251 s |"
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text("profile: demo\nseed: 42\nmodel:\n  seed: 1\n")
+    demo_run.set_seed(params, 2026)
+    assert params.read_text() == "profile: demo\nseed: 2026\nmodel:\n  seed: 1\n"
+    sys.modules.pop("demo_run", None)
