@@ -7,7 +7,7 @@
 Clones this repository at ``--ref`` (or, with ``--clone`` naming an earlier clone, checks it out there and removes
 every untracked and ignored file but its ``.venv``: the state of a fresh clone), builds the venv (``make venv``, not
 timed), sets ``seed`` in its params.yaml (the data stay the same: they have their own seed), then times ``make demo``
-with ``OMP_NUM_THREADS=--threads`` and ``DEMO_JOBS=--jobs``. Prints the wall time, each stage's time as
+with ``OMP_NUM_THREADS=--threads`` (and ``DEMO_JOBS=--jobs`` if given). Prints the wall time, each stage's time as
 ``med-idefics repro`` reported it, the demo-check's result, and the figures of the demo's acceptance criteria 1–6 read
 from the files the run wrote (``tests/test_demo_results.py`` asserts their thresholds; this only reports them).
 """
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ref", default="HEAD", help="the commit to run (default: this checkout's HEAD)")
     parser.add_argument("--seed", type=int, default=42, help="params `seed` (training seeds; the data keep theirs)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS")
-    parser.add_argument("--jobs", type=int, default=2, help="DEMO_JOBS: stages run at once")
+    parser.add_argument("--jobs", type=int, default=None, help="DEMO_JOBS (default: the Makefile's: cores / threads)")
     parser.add_argument("--clone", type=Path, default=None, help="a checkout to reuse (default: a new temp folder)")
     args = parser.parse_args(argv)
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     commit = checkout(ref.stdout.strip(), clone)
     subprocess.run(["make", "venv"], cwd=clone, check=True, stdout=subprocess.DEVNULL)
     set_seed(clone / "params.yaml", args.seed)
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "DEMO_JOBS": str(args.jobs)}
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads)} | ({"DEMO_JOBS": str(args.jobs)} if args.jobs else {})
     log = clone / "demo.log"
     started = time.perf_counter()
     with open(log, "w") as handle:
@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> None:
 
     text = log.read_text(errors="replace")
     stages = ", ".join(f"{name} {seconds} s" for name, seconds in STAGE_DONE.findall(text))
+    jobs = re.findall(r"med-idefics repro --jobs (\d+)", text)
     checks = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?) in [\d.]+s", text, re.MULTILINE)
     print(
         f"make demo: exit {code} in {wall:.0f} s (commit {commit}, seed {args.seed}, {args.threads} thread(s), "
-        f"{args.jobs} jobs; log {log})"
+        f"{jobs[0] if jobs else '?'} stages at a time; log {log})"
     )
     print(f"stages: {stages}")
     print(f"demo-check: {checks[-1] if checks else 'did not run'}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from med_idefics.pipeline import PipelineError, chain_lengths, run_pipeline, stage_graph
+from med_idefics.pipeline import PipelineError, chain_lengths, oversubscription, run_pipeline, stage_graph
 
 # A stand-in for the `dvc` executable: `… repro --single-item NAME` sleeps, appends its start and end to a journal
 # and fails for the stage named in $FAIL; a plain `… repro` records the final check.
@@ -178,3 +178,9 @@ def test_the_cli_refuses_zero_jobs_with_the_reason():
 
     result = CliRunner().invoke(main, ["repro", "--jobs", "0"])
     assert result.exit_code == 1 and "--jobs must be at least 1, got 0" in result.output
+
+
+def test_more_threads_than_cores_is_warned_with_the_jobs_that_fit():
+    assert oversubscription(2, 1, 2) is None and oversubscription(1, 4, 2) is None
+    assert "4 threads on 2 cores" in oversubscription(2, 2, 2) and "--jobs 1" in oversubscription(2, 2, 2)
+    assert "--jobs 4" in oversubscription(8, 2, 8)

@@ -80,12 +80,26 @@ def repro(jobs: int, log_dir: Path = LOG_DIR, echo: Callable[[str], None] = prin
     """``med-idefics repro``: this repository's pipeline, up to ``jobs`` stages at once. With more than one, the
     MLflow store (and the experiment) the stages share is set up first, so that two stages starting together never
     race to create its tables."""
+    warning = oversubscription(jobs, int(os.environ.get("OMP_NUM_THREADS") or 1), len(os.sched_getaffinity(0)))
+    if warning:
+        echo(f"warning: {warning}")
     if jobs > 1:
         from med_idefics.config import load_params
         from med_idefics.tracking import setup_tracking
 
         setup_tracking(load_params())
     run_pipeline(jobs, log_dir, echo=echo)
+
+
+def oversubscription(jobs: int, threads: int, cores: int) -> str | None:
+    """Why ``jobs`` stages of ``threads`` torch threads each are too many for ``cores`` (None when they are not):
+    OpenMP threads spin while they wait, so two 2-thread stages on 2 cores trained ~45x slower than one thread each."""
+    if jobs <= 1 or jobs * threads <= cores:
+        return None
+    return (
+        f"{jobs} stages at once with OMP_NUM_THREADS={threads} is {jobs * threads} threads on {cores} cores; they "
+        f"will wait on each other, far slower than --jobs {max(1, cores // threads)}"
+    )
 
 
 def run_pipeline(
