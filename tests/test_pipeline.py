@@ -7,8 +7,10 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,30 @@ def test_a_failed_stage_stops_its_dependents_and_names_its_log(fake_dvc, tmp_pat
     assert ran == {"base", "stage1", "single_stage"}  # single_stage was already running: it finished
     assert any("FAILED stage1 (exit 3" in line for line in lines)
     assert "stage1: 100%" in "\n".join(lines)  # the end of its log is shown
+
+
+def test_sigterm_interrupts_the_running_stage_as_a_ctrl_c_would(fake_dvc, tmp_path, monkeypatch):
+    """A stopped runner leaves no stage running on unattended (a stage's MLflow run then ends KILLED)."""
+    dvc, _ = fake_dvc
+    monkeypatch.setenv("SLEEP", "30")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from med_idefics.pipeline import run_pipeline\n"
+        f"run_pipeline(2, Path({str(tmp_path / 'logs')!r}), {GRAPH!r}, {dvc!r})\n"
+    )
+    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "logs" / "base.log"
+    deadline = time.monotonic() + 30
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the fake stage is asleep now
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=30)
+    assert runner.returncode == 128 + signal.SIGTERM
+    assert "stopping base" in out
+    assert not (tmp_path / "journal.jsonl").exists()  # base never finished its sleep, and nothing else started
+    assert "KeyboardInterrupt" in log.read_text()  # interrupted as a Ctrl-C would
 
 
 def test_bad_jobs_and_dangling_dependencies_are_refused(fake_dvc, tmp_path):

@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def run_pipeline(
     waiting, done, failed = set(graph), set(), []
     running: dict[str, _Running] = {}
     started = last_progress = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _terminated) if _in_main_thread() else None
     try:
         while waiting or running:
             for name, job in list(running.items()):
@@ -151,9 +153,14 @@ def run_pipeline(
                 for name, job in running.items():
                     echo(f"[{_clock(started)}]   {name}: {_last_line(job.log)}")
             time.sleep(0.2)
-    except BaseException:
+    except BaseException:  # Ctrl-C, SIGTERM, or a bug here: the stages must not run on unattended
+        if running:
+            echo(f"[{_clock(started)}] stopping {', '.join(running)}")
         _stop(running)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
         raise PipelineError(
             f"stage {failed[0]} failed (log: {log_dir / (failed[0] + '.log')}); the stages after it did not run"
@@ -172,13 +179,14 @@ def _start(name: str, log_dir: Path, dvc: tuple[str, ...]) -> _Running:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: a Ctrl-C is forwarded by _stop, to the whole stage
+            preexec_fn=_interruptible,
         )
     return _Running(process, log)
 
 
 def _stop(running: dict[str, _Running]) -> None:
-    """Interrupt the running stages (DVC and the stage command alike: their MLflow runs end as KILLED, not RUNNING)
-    and wait for them."""
+    """Interrupt the running stages — SIGINT to each stage's process group, DVC and the stage command alike, as a
+    Ctrl-C would: their MLflow runs end as KILLED, not RUNNING — and wait for them."""
     for job in running.values():
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.process.pid, signal.SIGINT)
@@ -188,6 +196,20 @@ def _stop(running: dict[str, _Running]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(job.process.pid, signal.SIGKILL)
             job.process.wait()
+
+
+def _interruptible() -> None:
+    """In a stage's process, before DVC starts: SIGINT back to its default, which Python turns into KeyboardInterrupt —
+    a runner started in the background (``… &``) has SIGINT ignored, and its children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run_pipeline, which stops the running stages
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
 
 
 def _clock(started: float) -> str:
