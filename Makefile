@@ -9,7 +9,8 @@ export PYTHONUNBUFFERED := 1
 export OMP_NUM_THREADS ?= 1
 # Stages `make demo` runs at once: as many as the cores hold at OMP_NUM_THREADS threads each (2 on a 2-core laptop at
 # one thread; 1 at two threads: two 2-thread stages on 2 cores ran ~45x slower, their threads spinning on each other).
-DEMO_JOBS ?= $(shell n=$$(( $$(nproc) / $(OMP_NUM_THREADS) )); echo $$(( n > 0 ? n : 1 )))
+# (nproc itself would answer OMP_NUM_THREADS: hence the cores without it.)
+DEMO_JOBS ?= $(shell n=$$(( $$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / $(OMP_NUM_THREADS) )); echo $$(( n > 0 ? n : 1 )))
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test demo-check test-slow lint format venv clean-outputs

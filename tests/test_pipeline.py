@@ -210,3 +210,13 @@ def test_more_threads_than_cores_is_warned_with_the_jobs_that_fit():
     assert oversubscription(2, 1, 2) is None and oversubscription(1, 4, 2) is None
     assert "4 threads on 2 cores" in oversubscription(2, 2, 2) and "--jobs 1" in oversubscription(2, 2, 2)
     assert "--jobs 4" in oversubscription(8, 2, 8)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_make_demo_runs_as_many_stages_as_the_cores_hold_at_its_threads(repo_root, threads):
+    """DEMO_JOBS = cores / OMP_NUM_THREADS, with OMP_NUM_THREADS set by the caller (nproc alone would answer it)."""
+    cores = len(os.sched_getaffinity(0))
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    env.pop("DEMO_JOBS", None)
+    plan = subprocess.run(["make", "-n", "demo"], cwd=repo_root, env=env, capture_output=True, text=True, check=True)
+    assert f"med-idefics repro --jobs {max(1, cores // threads)}\n" in plan.stdout
