@@ -19,11 +19,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from med_idefics.tracking import sigterm_raises
 
 LOG_DIR = Path("outputs/logs")
 PROGRESS_EVERY = 30.0  # seconds between progress lines while stages run
@@ -124,43 +125,31 @@ def run_pipeline(
     waiting, done, failed = set(graph), set(), []
     running: dict[str, _Running] = {}
     started = last_progress = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, _terminated) if _in_main_thread() else None
-    try:
-        while waiting or running:
-            for name, job in list(running.items()):
-                code = job.process.poll()
-                if code is None:
-                    continue
-                del running[name]
-                seconds = time.monotonic() - job.started
-                if code == 0:
-                    done.add(name)
-                    note = " (up to date)" if UP_TO_DATE in job.log.read_text(errors="replace") else ""
-                    echo(f"[{_clock(started)}] done {name} in {seconds:.0f} s{note}")
-                else:
-                    failed.append(name)
-                    echo(f"[{_clock(started)}] FAILED {name} (exit {code}, {seconds:.0f} s); the end of {job.log}:")
-                    echo(_tail(job.log))
-            ready = [n for n in waiting if all(d in done for d in graph[n])] if not failed else []
-            for name in sorted(ready, key=lambda n: (-priority[n], order[n]))[: jobs - len(running)]:
-                waiting.discard(name)
-                running[name] = _start(name, log_dir, dvc)
-                echo(f"[{_clock(started)}] start {name} (log: {running[name].log})")
-            if failed and not running:
-                break
-            if running and time.monotonic() - last_progress >= PROGRESS_EVERY:
-                last_progress = time.monotonic()
-                for name, job in running.items():
-                    echo(f"[{_clock(started)}]   {name}: {_last_line(job.log)}")
-            time.sleep(0.2)
-    except BaseException:  # Ctrl-C, SIGTERM, or a bug here: the stages must not run on unattended
-        if running:
-            echo(f"[{_clock(started)}] stopping {', '.join(running)}")
-        _stop(running)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with sigterm_raises():  # SIGTERM unwinds like a Ctrl-C, through the `except` below
+        try:
+            while waiting or running:
+                for name, ok in _reap(running, f"[{_clock(started)}]", echo):
+                    if ok:
+                        done.add(name)
+                    else:
+                        failed.append(name)
+                ready = [n for n in waiting if all(d in done for d in graph[n])] if not failed else []
+                for name in sorted(ready, key=lambda n: (-priority[n], order[n]))[: jobs - len(running)]:
+                    waiting.discard(name)
+                    running[name] = _start(name, log_dir, dvc)
+                    echo(f"[{_clock(started)}] start {name} (log: {running[name].log})")
+                if failed and not running:
+                    break
+                if running and time.monotonic() - last_progress >= PROGRESS_EVERY:
+                    last_progress = time.monotonic()
+                    for name, job in running.items():
+                        echo(f"[{_clock(started)}]   {name}: {_last_line(job.log)}")
+                time.sleep(0.2)
+        except BaseException:  # Ctrl-C, SIGTERM, or a bug here: the stages must not run on unattended
+            if running:
+                echo(f"[{_clock(started)}] stopping {', '.join(running)}")
+            _stop(running)
+            raise
     if failed:
         raise PipelineError(
             f"stage {failed[0]} failed (log: {log_dir / (failed[0] + '.log')}); the stages after it did not run"
@@ -168,6 +157,25 @@ def run_pipeline(
     echo(f"[{_clock(started)}] all {len(graph)} stages done; checking with `dvc repro`")
     if subprocess.run([*dvc, "repro"]).returncode != 0:
         raise PipelineError("`dvc repro` failed after the stages ran (its output is above)")
+
+
+def _reap(running: dict[str, _Running], clock: str, echo: Callable[[str], None]) -> list[tuple[str, bool]]:
+    """Take the stages that ended out of ``running`` and report each: (name, succeeded) per stage."""
+    ended = []
+    for name, job in list(running.items()):
+        code = job.process.poll()
+        if code is None:
+            continue
+        del running[name]
+        seconds = time.monotonic() - job.started
+        if code == 0:
+            note = " (up to date)" if UP_TO_DATE in job.log.read_text(errors="replace") else ""
+            echo(f"{clock} done {name} in {seconds:.0f} s{note}")
+        else:
+            echo(f"{clock} FAILED {name} (exit {code}, {seconds:.0f} s); the end of {job.log}:")
+            echo(_tail(job.log))
+        ended.append((name, code == 0))
+    return ended
 
 
 def _start(name: str, log_dir: Path, dvc: tuple[str, ...]) -> _Running:
@@ -204,14 +212,6 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _terminated(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through run_pipeline, which stops the running stages
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-
-
 def _clock(started: float) -> str:
     seconds = int(time.monotonic() - started)
     return f"{seconds // 60:02d}:{seconds % 60:02d}"
@@ -225,10 +225,14 @@ def _last_line(log: Path, width: int = 100) -> str:
             text = handle.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-    pieces = [p.strip() for p in text.replace("\r", "\n").split("\n") if p.strip()]
-    return pieces[-1][:width] if pieces else ""
+    lines = _lines(text)
+    return lines[-1].strip()[:width] if lines else ""
 
 
 def _tail(log: Path, lines: int = TAIL_LINES) -> str:
-    text = log.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
-    return "\n".join([line for line in text.split("\n") if line.strip()][-lines:])
+    return "\n".join(_lines(log.read_text(encoding="utf-8", errors="replace"))[-lines:])
+
+
+def _lines(text: str) -> list[str]:
+    """A log's non-blank lines, each redraw of a progress bar (tqdm ends it with a carriage return) a line."""
+    return [line for line in text.replace("\r", "\n").split("\n") if line.strip()]

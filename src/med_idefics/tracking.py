@@ -55,7 +55,8 @@ EXPERIMENT_KIND = "custom_model_development"
 
 
 class RunTerminated(SystemExit):
-    """Raised by the SIGTERM handler of :func:`tracked_run`; exits with the shell's status for SIGTERM (143)."""
+    """Raised by :func:`sigterm_raises` (a tracked run, ``med-idefics repro``); exits with the shell's status for
+    SIGTERM (143)."""
 
     def __init__(self) -> None:
         super().__init__(128 + signal.SIGTERM)
@@ -209,8 +210,9 @@ def end_stale_runs(experiment_id: str, detected_by: str | None = None) -> list[s
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While the run is active, SIGTERM (``kill``, a scheduler's preemption) raises :class:`RunTerminated`."""
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block, SIGTERM (``kill``, a scheduler's preemption) raises :class:`RunTerminated`, so that the
+    code around it can clean up (end the MLflow run, stop the stages it started)."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
         yield
         return
@@ -254,7 +256,7 @@ def tracked_run(
     run_id = run.info.run_id
     status = "FAILED"
     try:
-        with _sigterm_raises():
+        with sigterm_raises():
             log_params(params.flat(), run_id)
             mlflow.log_dict(scrub_secrets(params.to_dict()), "config.yaml", run_id=run_id)
             end_stale_runs(experiment_id, detected_by=run_id)
