@@ -93,13 +93,38 @@ def test_params_yaml_loads(repo_root):
     assert params.profile in {p.stem for p in config_files(repo_root)}
 
 
+def profile_of(path: Path) -> str:
+    return (yaml.safe_load(path.read_text()) or {}).get("profile")
+
+
 def test_every_config_builds_over_params(repo_root):
+    """A profile's file is named by its ``profile`` key; a file named otherwise refines that profile
+    (``paper-smoke`` → ``paper``) and builds over it."""
     files = config_files(repo_root)
     assert {"paper", "demo"} <= {p.stem for p in files}
     base = yaml.safe_load((repo_root / "params.yaml").read_text())
     for path in files:
-        params = build(Params, deep_merge(base, yaml.safe_load(path.read_text()) or {}))
-        assert params.profile == path.stem, f"{path}: profile key should name the file"
+        profile = profile_of(path)
+        under = base if profile == path.stem else deep_merge(base, yaml.safe_load(
+            (repo_root / "configs" / f"{profile}.yaml").read_text()))  # fmt: skip
+        assert profile == path.stem or path.stem.startswith(f"{profile}-"), f"{path}: profile key should name it"
+        params = build(Params, deep_merge(under, yaml.safe_load(path.read_text()) or {}))
+        assert params.profile == profile
+
+
+def test_the_paper_smoke_overlay_applies_over_the_paper_profile_only(repo_root, tmp_path):
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(repo_root / "params.yaml", params_file)
+    with pytest.raises(ConfigError, match=r"refines the paper profile.*med-idefics profile paper"):
+        switch_profile("paper-smoke", params_file, repo_root / "configs")
+    switch_profile("paper", params_file, repo_root / "configs")
+    smoke = switch_profile("paper-smoke", params_file, repo_root / "configs")
+    assert (smoke.profile, smoke.model.base, smoke.quantization.load_in_4bit) == ("paper", "tiny-real-processor", True)
+    paper = build(Params, deep_merge(yaml.safe_load((repo_root / "params.yaml").read_text()),
+                                     yaml.safe_load((repo_root / "configs" / "paper.yaml").read_text())))  # fmt: skip
+    smoke_keys = set(flatten(yaml.safe_load((repo_root / "configs" / "paper-smoke.yaml").read_text())))
+    differ = {k for k, v in smoke.flat().items() if paper.flat()[k] != v}
+    assert differ <= smoke_keys and "quantization.load_in_4bit" not in differ
 
 
 def test_paper_and_demo_name_the_same_keys(repo_root):
@@ -120,7 +145,8 @@ def test_switching_profile_and_back_restores_params(repo_root, tmp_path):
     shutil.copytree(repo_root / "configs", tmp_path / "configs")
     original = params_file.read_text()
     current = yaml.safe_load(original)["profile"]
-    others = sorted({p.stem for p in config_files(repo_root)} - {current})
+    profiles = {p.stem for p in config_files(repo_root) if profile_of(p) == p.stem}
+    others = sorted(profiles - {current})
     assert others, "only one profile"
     for other in others:
         assert switch_profile(other, params_file, tmp_path / "configs").profile == other

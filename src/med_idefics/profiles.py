@@ -18,13 +18,22 @@ def available_profiles(configs_dir: str | Path = CONFIGS_DIR) -> list[str]:
 
 
 def switch_profile(name: str, params_file: str | Path = PARAMS_FILE, configs_dir: str | Path = CONFIGS_DIR) -> Params:
-    """Rewrite the keys that ``configs/<name>.yaml`` names in ``params_file``; validate before writing anything."""
+    """Rewrite the keys that ``configs/<name>.yaml`` names in ``params_file``; validate before writing anything.
+
+    A file whose ``profile`` key names another profile refines that one (``paper-smoke`` → ``paper``) and applies
+    only over it."""
     overlay_file = Path(configs_dir) / f"{name}.yaml"
     if not overlay_file.is_file():
         available = ", ".join(available_profiles(configs_dir))
         raise ConfigError(f"no profile {name!r}: {overlay_file} not found; available: {available}")
     params_file = Path(params_file)
     overlay = yaml.safe_load(overlay_file.read_text()) or {}
+    refines, current = overlay.get("profile"), (yaml.safe_load(params_file.read_text()) or {}).get("profile")
+    if refines not in (None, name) and current != refines:  # an overlay of a profile (paper-smoke refines paper)
+        raise ConfigError(
+            f"{overlay_file} refines the {refines} profile, and {params_file} holds profile {current}: "
+            f"run `med-idefics profile {refines}` first"
+        )
     merged = deep_merge(yaml.safe_load(params_file.read_text()), overlay)
     params = build(Params, merged)  # raises naming the key before params.yaml is touched
 
