@@ -107,6 +107,14 @@ def test_vqa_rad_folder_through_the_cli(tmp_path, params_file, monkeypatch):
     assert "vqa-rad/test: kept 1, rejected 0" in result.output
 
 
+def test_a_relative_hub_layout_folder_is_read(tmp_path, params_file, monkeypatch):
+    vqa_rad_repo(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("vqa-rad", "--source", "vqa-rad-repo", "--root", "data", "--no-dvc", params_file=params_file)
+    assert result.exit_code == 0, result.output
+    assert len(read_records("data", "vqa-rad", "train")) == 3 and len(read_records("data", "vqa-rad", "test")) == 1
+
+
 def test_octomed_answer_type_is_kept_and_qid_is_the_id(tmp_path):
     file = tmp_path / "octomed-test.parquet"
     columns = {

@@ -71,6 +71,26 @@ def test_vqa_rad_official_release_through_the_cli(tmp_path, repo_root):
     ]
 
 
+def test_relative_source_and_images_paths_are_joined_once(tmp_path, repo_root, monkeypatch):
+    """The README's `--source "downloads/VQA_RAD"`: a relative release folder (and a relative --images) resolve once,
+    not as `…/VQA_RAD Image Folder/downloads/VQA_RAD/VQA_RAD Image Folder/synpic0.jpg`."""
+    vqa_rad_release(tmp_path / "downloads")
+    mevf = tmp_path / "downloads" / "data_RAD"
+    mevf.mkdir()
+    row = {"qid": 7, "image_name": "synpic2.jpg", "question": "Is it?", "answer": "yes", "answer_type": "CLOSED"}
+    (mevf / "testset.json").write_text(json.dumps([row]))
+    monkeypatch.chdir(tmp_path)
+    params = ["--params", str(repo_root / "params.yaml"), "--no-dvc"]
+    result = CliRunner().invoke(main, ["data", "vqa-rad", "--source", "downloads/VQA_RAD", "--root", "data", *params])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in read_records("data", "vqa-rad", "train")] == ["0", "1"]
+    images = ["--images", "downloads/VQA_RAD/VQA_RAD Image Folder"]
+    command = ["data", "vqa-rad", "--source", "downloads/data_RAD", *images, "--root", "mevf", *params]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in read_records("mevf", "vqa-rad", "test")] == ["7"]
+
+
 def test_mevf_layout_with_images_option(tmp_path):
     images = tmp_path / "imgs"
     jpeg(images / "synpic9.jpg")

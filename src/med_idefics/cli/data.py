@@ -30,14 +30,17 @@ def demo_command(params) -> None:
 @params_options
 def check_command(params, dataset: str, root: str | None, strict: bool) -> None:
     """Leakage between DATASET's splits: shared images (by content), duplicate (image, question, answer), questions
-    without their image. The configured VQA dataset is checked as training and evaluation see it (data.vqa.split)."""
+    without their image. The configured VQA dataset is checked as training and evaluation see it (data.vqa.split,
+    data.vqa.validation_fraction), and any dataset as re-split when data.vqa.split asks for a re-split."""
     from med_idefics.data.leakage import check_splits, check_stored
     from med_idefics.data.splits import OFFICIAL, load_vqa_splits
 
     if root is not None:
         params.data.root = root
     vqa = params.data.vqa
-    if dataset == vqa.dataset and (vqa.split != OFFICIAL or vqa.validation_fraction > 0):
+    as_trained = dataset == vqa.dataset or vqa.split != OFFICIAL
+    if as_trained and (vqa.split != OFFICIAL or vqa.validation_fraction > 0):
+        vqa.dataset = dataset
         splits = load_vqa_splits(params)
         named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
         report = check_splits(dataset, splits.name, {name: rows for name, rows in named.items() if rows})

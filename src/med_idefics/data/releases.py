@@ -60,6 +60,8 @@ def detect_release(name: str, source: str, images: str | None = None, lang: str 
     path = Path(source)
     if not path.exists():
         return None
+    path = path.resolve()  # image paths are built from it once: a relative one would be joined to itself again
+    images = str(Path(images).resolve()) if images is not None and Path(images).is_dir() else images
     folder = path if path.is_dir() else path.parent
     if name == "vqa-rad":
         if (folder / VQA_RAD_JSON).is_file() and (path.is_dir() or path.name == VQA_RAD_JSON):

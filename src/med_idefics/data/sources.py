@@ -89,7 +89,7 @@ def open_split(source: str, split: str, config: str | None = None, image_column:
     """Open ``split`` of ``source`` (hub id, folder or file); raise :class:`DatasetError` naming it when unreadable."""
     from med_idefics.data.schema import DatasetError
 
-    path = Path(source)
+    path = Path(source).resolve() if Path(source).exists() else Path(source)  # files listed below are absolute
     if path.is_dir() and config and (path / config).is_dir():  # a local clone with one folder per config (Med-HALT)
         path = path / config
     where = str(path) if path.exists() else _hub_where(source, config, split)
