@@ -84,6 +84,9 @@ def copy_working_tree(repo: Path, dest: Path) -> None:
             target.write_bytes(data)
             target.chmod(source.stat().st_mode & 0o777)
     manifest.write_text("\n".join(files) + "\n")
+    # The copy is DVC's repository without a git of its own: DVC would otherwise take this repository's git, which
+    # ignores outputs/paper-smoke/ and so refuses data.dvc. Its runs' git_commit tag is then this repository's HEAD.
+    (dest / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")
 
 
 def smoke_env() -> dict[str, str]:

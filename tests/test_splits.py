@@ -139,7 +139,8 @@ def test_data_check_applies_a_split_override_to_the_dataset_it_checks(leaky_data
     """The README's `data check vqa-rad --set data.vqa.split=image-disjoint --strict` in a profile whose VQA dataset
     is another one (the demo's): the override is honoured for the dataset named."""
     tmp_path, _ = leaky_data
-    args = ["data", "check", "toy", "--params", str(repo_root / "params.yaml"), "--set", f"data.root={tmp_path / 'data'}"]
+    args = ["data", "check", "toy", "--params", str(repo_root / "params.yaml")]
+    args += ["--set", f"data.root={tmp_path / 'data'}"]
     assert load_params(repo_root / "params.yaml").data.vqa.dataset != "toy"
     result = CliRunner().invoke(main, [*args, "--strict", "--set", "data.vqa.split=image-disjoint"])
     assert result.exit_code == 0, result.output
