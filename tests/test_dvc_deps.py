@@ -97,3 +97,30 @@ def test_the_base_does_not_depend_on_the_stage1_training_size(repo_root):
     params = [p if isinstance(p, str) else next(iter(p)) for p in _stages(repo_root)["base"]["params"]]
     key = "data.captions.train_size"
     assert not [p for p in params if key == p or key.startswith(p + ".")], f"base depends on {key} via {params}"
+
+
+def resolved_stages(repo_root: Path, tmp_path: Path, profile: str) -> dict:
+    """dvc.yaml's stages as DVC resolves them under ``profile`` (params.yaml + configs/<profile>.yaml)."""
+    from dvc.repo import Repo
+
+    from med_idefics.config import deep_merge
+
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params = deep_merge(params, yaml.safe_load((repo_root / "configs" / f"{profile}.yaml").read_text()))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((repo_root / "dvc.yaml").read_text())
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        return {stage.addressing: stage for stage in repo.index.stages}, params
+
+
+@pytest.mark.parametrize("profile", ["demo", "paper"])
+def test_every_data_dependency_is_a_dataset_the_profile_imports(repo_root, tmp_path, profile):
+    """`dvc repro` under the paper profile must not stop at a dataset its README steps never create (data/demo)."""
+    stages, params = resolved_stages(repo_root, tmp_path, profile)
+    data = params["data"]
+    imported = {data[source]["dataset"] for source in ("captions", "vqa", "ood", "nonsense")}
+    allowed = {data["root"], *(f"{data['root']}/{name}" for name in imported)}
+    for name, stage in stages.items():
+        data_deps = {str(dep.def_path) for dep in stage.deps if str(dep.def_path).split("/")[0] == data["root"]}
+        assert data_deps <= allowed, f"{profile}: stage {name} depends on {sorted(data_deps - allowed)}"
