@@ -56,10 +56,13 @@ def main() -> None:
     # A rerun of the cheap base stage (as any edit to its code makes one) must leave every later stage up to date.
     run(["dvc", "repro", "--force", "--single-item", "base"], dest, env)
     status = run(["dvc", "status"], dest, env, capture=True)
-    if "up to date" not in status:
-        sys.exit(f"paper-smoke: after rerunning `base`, stages are out of date:\n{status}")
-    run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "paper_smoke",
-         "tests/test_paper_smoke.py"], dest, env)  # fmt: skip
+    stale = "up to date" not in status
+    if stale:
+        print("paper-smoke: FAILED: after rerunning `base`, the stages above are out of date", flush=True)
+    checks = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "paper_smoke"]
+    run([*checks, "tests/test_paper_smoke.py"], dest, env)
+    if stale:
+        sys.exit("paper-smoke: failed (a rerun of `base` invalidated the stages after it)")
     print(f"paper-smoke: green in {time.monotonic() - started:.0f} s ({dest})")
 
 

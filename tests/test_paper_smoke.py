@@ -99,12 +99,12 @@ def _pipeline(tmp_path: Path, overrides: dict) -> dict[str, dict]:
     Repo.init(str(tmp_path), no_scm=True)
     with Repo(str(tmp_path)) as repo:
         graph = repo.index.graph
-        stages = {s.addressing: s for s in repo.index.stages}
+        stages = {s.name: s for s in repo.index.stages}
         return {
             name: {
                 "outs": [str(out.def_path) for out in stage.outs],
                 "params": [key for dep in stage.deps if hasattr(dep, "params") for key in dep.params],
-                "upstream": {a.addressing for a in _ancestors(graph, stage)},
+                "upstream": {a.name for a in _ancestors(graph, stage)},
             }
             for name, stage in stages.items()
         }
