@@ -18,7 +18,7 @@ from med_idefics.config import load_params
 from med_idefics.data.schema import split_path
 from med_idefics.data.suites import suite_splits
 from med_idefics.files import file_md5
-from med_idefics.results import CI_SUFFIXES, read_json, read_run_info
+from med_idefics.results import CI_SUFFIXES, base_run_folder, read_json, read_run_info
 from med_idefics.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
 pytestmark = pytest.mark.demo
@@ -87,8 +87,8 @@ def test_the_base_has_a_run_with_its_provenance(root, client, params, variants):
         from med_idefics.files import folder_sha256
 
         base = Path(run.data.tags.get("base.path") or root / params.model.base_dir)
-        assert run.data.tags["base.sha256"] == folder_sha256(base, exclude="run_info.json")
-    assert read_run_info(root / params.model.base_dir)["run_id"] == run.info.run_id
+        assert run.data.tags["base.sha256"] == folder_sha256(base)
+    assert read_run_info(base_run_folder(root / params.model.base_dir))["run_id"] == run.info.run_id
 
 
 def test_training_and_evaluation_runs_log_their_datasets_with_digests(root, client, params, variants):

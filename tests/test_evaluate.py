@@ -209,6 +209,28 @@ def test_reference_names_and_training_runs(tmp_path):
     assert training_run_of("somewhere/adapter", tmp_path / "adapter") == "feed"
 
 
+def test_a_rerun_of_the_base_stage_leaves_the_base_folder_byte_identical(workspace, repo_root, tmp_path, monkeypatch):
+    """The base folder is a DVC output every training and evaluation stage depends on: a rerun of the cheap base
+    stage (a new MLflow run) must not change its hash, or DVC reruns every GPU stage after it and the resume
+    fingerprint discards their checkpoints. The run record lives beside it (<base_dir>-run/run_info.json)."""
+    from med_idefics.base_run import build_tracked_base
+    from med_idefics.files import folder_sha256
+    from med_idefics.modeling.loading import base_digest
+
+    monkeypatch.chdir(tmp_path)
+    overrides = {"model.base": str(workspace / "base"), "model.base_dir": str(tmp_path / "base")}
+    params = load_params(repo_root / "params.yaml", _overrides(workspace) | overrides)
+    hashes, digests, runs = [], [], []
+    for _ in range(2):
+        build_tracked_base(params)
+        hashes.append(folder_sha256(tmp_path / "base"))
+        digests.append(base_digest(tmp_path / "base"))
+        runs.append(read_run_info(tmp_path / "base-run")["run_id"])
+    assert hashes[0] == hashes[1] and digests[0] == digests[1]
+    assert runs[0] != runs[1]  # two runs, each recorded beside the base, the latest last
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["base.json"]
+
+
 def test_the_base_is_a_tracked_run_that_its_evaluations_attach_to(workspace, repo_root, tmp_path, monkeypatch):
     """`med-idefics base` (here: pointing at a local folder) is the MLflow run `base`, with its provenance; the
     evaluations of `base` nest under it and put their headline numbers on it, as for a training run."""
@@ -226,7 +248,8 @@ def test_the_base_is_a_tracked_run_that_its_evaluations_attach_to(workspace, rep
     tags = base_run.data.tags
     assert tags["variant"] == "base" and tags["base.source"] == "local"
     assert tags["base.path"] == str(workspace / "base") and tags["base.sha256"] == folder_sha256(workspace / "base")
-    assert read_run_info(tmp_path / "base") == {"variant": "base", "source": "local", "run_id": base_run.info.run_id}
+    record = {"variant": "base", "source": "local", "run_id": base_run.info.run_id}
+    assert read_run_info(tmp_path / "base-run") == record
 
     request = EvalRequest("base", ["vqa-rad"], predictions_dir=tmp_path / "pred", metrics_dir=tmp_path / "metrics")
     scores = evaluate(params, request)["vqa-rad"].metrics

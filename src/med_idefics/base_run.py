@@ -8,7 +8,8 @@ evaluations attach to (nested runs, and ``<suite>/<metric>`` headline metrics), 
 - the tiny base built here: its params (logged with every run), ``base.sha256`` over the saved model and processor,
   the pretraining numbers as ``pretrain/<name>`` metrics, and the splits it learned from as dataset inputs.
 
-The run id goes to ``<base_dir>/run_info.json`` (:mod:`med_idefics.results`), where the evaluation of ``base`` finds it.
+The run id goes to ``<base_dir>-run/run_info.json`` (:func:`med_idefics.results.base_run_folder`: beside the base, so
+that a rerun leaves the base folder, a DVC output, byte-identical), where the evaluation of ``base`` finds it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from med_idefics.config import Params
-from med_idefics.results import RUN_INFO_FILE, write_run_info
+from med_idefics.results import base_run_folder, write_run_info
 
 VARIANT = "base"
 
@@ -35,7 +36,9 @@ def build_tracked_base(params: Params, base_dir: str | Path | None = None, dvc_s
         if run is not None:
             _log_provenance(params, out, source, result)
         run_id = run.info.run_id if run is not None else None
-        write_run_info(out, {"variant": VARIANT, "source": source, "run_id": run_id})
+        record = base_run_folder(out)
+        record.mkdir(parents=True, exist_ok=True)
+        write_run_info(record, {"variant": VARIANT, "source": source, "run_id": run_id})
     return result
 
 
@@ -51,7 +54,7 @@ def base_tags(source: str, base_dir: Path, result: dict[str, Any]) -> dict[str, 
         folder = Path(result["path"])
     else:
         folder = base_dir
-    return tags | {"base.sha256": folder_sha256(folder, exclude=RUN_INFO_FILE)}
+    return tags | {"base.sha256": folder_sha256(folder)}
 
 
 def _log_provenance(params: Params, base_dir: Path, source: str, result: dict[str, Any]) -> None:

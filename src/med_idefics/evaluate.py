@@ -179,7 +179,7 @@ def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
     except AdapterError as err:
         raise ConfigError(str(err)) from err
     if target.adapter is None:  # the base: its own tracked run (`med-idefics base`) is the row it belongs to
-        target = replace(target, training_run_id=results.run_id_of(params.model.base_dir))
+        target = replace(target, training_run_id=results.run_id_of(results.base_run_folder(params.model.base_dir)))
     processor, model = load_model(params, target)
     parent = _parent_run(target.training_run_id, experiment_id)
     return {suite.name: evaluate_suite(params, request, target, suite, model, processor, parent) for suite in suites}

@@ -8,8 +8,9 @@ registry, compare):
 - ``metrics/<variant>/run_info.json``: the ids behind the scores (not a DVC metric): ``variant``,
   ``training_run_id`` (the MLflow run that made what was evaluated) and ``eval_runs`` (suite → its evaluation run);
 - ``outputs/predictions/<variant>/<suite>.jsonl``: the predictions the scores were computed from;
-- ``run_info.json`` beside a trained adapter (``outputs/<variant>/``) and in the base folder (``model.base_dir``):
-  ``run_id``, the MLflow run that made it, and what else names it (variant, stage, …).
+- ``run_info.json`` beside a trained adapter (``outputs/<variant>/``) and beside the base folder
+  (``<model.base_dir>-run/``, never inside it: :func:`base_run_folder`): ``run_id``, the MLflow run that made it, and
+  what else names it (variant, stage, …).
 
 Light on purpose (json and pathlib only): the CLI imports :class:`ResultsError` on every start.
 """
@@ -28,6 +29,7 @@ METRICS_DIR = "metrics"
 PREDICTIONS_DIR = "outputs/predictions"
 HUMAN_SUFFIX = "-human"  # metrics/<variant>/<suite>-human.json
 RUN_INFO_FILE = "run_info.json"
+BASE_RUN_SUFFIX = "-run"  # the base's run record: <model.base_dir>-run/run_info.json
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 VARIANTS = ("base", "single-stage", "two-stage")  # the paper's variants: listed first, in this order
 # Display names of the headline metrics (med_idefics.metrics.METRICS and ABSTENTION_METRICS), in tables and figures
@@ -84,6 +86,14 @@ def write_run_info(folder: str | Path, info: Mapping[str, Any]) -> Path:
     for key, value in info.items():
         merged[key] = {**merged.get(key, {}), **value} if isinstance(value, Mapping) else value
     return write_json(Path(folder) / RUN_INFO_FILE, merged)
+
+
+def base_run_folder(base_dir: str | Path) -> Path:
+    """Where the base's run record lives: beside the base folder, not in it. The base folder is a DVC output that
+    every training and evaluation stage depends on; a run id inside it would change its hash on every rerun of the
+    cheap base stage, and DVC would rerun every GPU stage after it."""
+    base_dir = Path(base_dir)
+    return base_dir.with_name(base_dir.name + BASE_RUN_SUFFIX)
 
 
 def run_id_of(folder: str | Path) -> str | None:
