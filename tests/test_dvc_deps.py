@@ -124,3 +124,45 @@ def test_every_data_dependency_is_a_dataset_the_profile_imports(repo_root, tmp_p
     for name, stage in stages.items():
         data_deps = {str(dep.def_path) for dep in stage.deps if str(dep.def_path).split("/")[0] == data["root"]}
         assert data_deps <= allowed, f"{profile}: stage {name} depends on {sorted(data_deps - allowed)}"
+
+
+def _params_keys(stage) -> list[str]:
+    return [key for dep in stage.deps if hasattr(dep, "params") for key in dep.params]
+
+
+def test_each_sweep_point_is_a_stage1_a_stage2_and_an_evaluation_stage(repo_root, tmp_path):
+    """One process, one model load per stage: stage 1 on N captions, stage 2 from its adapter, then its evaluation.
+    A change to stage2 or eval params (or a crash in stage 2) never reruns a stage-1 training (~11 GPU-hours)."""
+    stages, params = resolved_stages(repo_root, tmp_path, "paper")
+    for n in params["sweep"]["sizes"]:
+        commands = {name: stage.cmd for name, stage in stages.items() if name.endswith(f"@{n}")}
+        assert sorted(commands.values()) == sorted([
+            f"med-idefics train stage1 --train-size {n} --out outputs/stage1-n{n}",
+            f"med-idefics train stage2 --init-adapter outputs/stage1-n{n}/adapter --out outputs/two-stage-n{n} "
+            f"--variant two-stage-n{n}",
+            f"med-idefics evaluate --variant two-stage-n{n} --suite vqa-rad,validation --predictions-dir "
+            "outputs/predictions --metrics-dir metrics",
+        ]), commands  # fmt: skip
+    for name, stage in stages.items():
+        if any(key.split(".")[0] in ("stage2", "eval") for key in _params_keys(stage)):
+            outs = [str(out.def_path) for out in stage.outs]
+            assert not [out for out in outs if out.startswith("outputs/stage1")], (name, outs)
+
+
+def test_an_empty_sweep_leaves_it_out_of_the_pipeline(repo_root, tmp_path):
+    """`sweep.sizes: []`: no sweep stage, and report, register and promote (which read metrics/) need none."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["sweep"]["sizes"] = []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((repo_root / "dvc.yaml").read_text())
+    Repo.init(str(tmp_path), no_scm=True)
+    with Repo(str(tmp_path)) as repo:
+        names = {stage.name for stage in repo.index.stages}
+        assert not [name for name in names if "sweep" in name], names
+        for stage in repo.index.stages:
+            if stage.name in ("report", "register", "promote"):
+                assert not {s.name for s in nx.descendants(repo.index.graph, stage)} - names
+                assert not [s.name for s in nx.descendants(repo.index.graph, stage) if "sweep" in s.name]

@@ -174,6 +174,27 @@ def test_paper_profile_holds_the_papers_numbers(repo_root):
     assert paper.quantization.quant_type == "nf4"
 
 
+def test_no_sweep_point_of_a_shipped_profile_repeats_two_stage(repo_root):
+    """A sweep point at the full stage-1 size is stage1 + stage2 again (same params, data and seed): the paper's
+    55,000 cost ~11-13 GPU-hours for a point Figure 3 takes from two-stage anyway."""
+    base = yaml.safe_load((repo_root / "params.yaml").read_text())
+    for profile in ("demo", "paper"):
+        params = build(
+            Params, deep_merge(base, yaml.safe_load((repo_root / "configs" / f"{profile}.yaml").read_text()))
+        )
+        full = params.data.captions.train_size or params.data.demo.n_caption_train
+        assert params.sweep.sizes and all(0 < n < full for n in params.sweep.sizes), (profile, params.sweep.sizes)
+
+
+def test_a_sweep_size_at_the_full_stage1_size_is_refused_naming_the_key(repo_root):
+    overrides = {"data.captions.train_size": 500, "sweep.sizes": [100, 500]}
+    with pytest.raises(ConfigError, match=r"sweep\.sizes.*500.*two-stage"):
+        load_params(repo_root / "params.yaml", overrides)
+    assert load_params(repo_root / "params.yaml", overrides | {"sweep.sizes": [100, 499]}).sweep.sizes == [100, 499]
+    with pytest.raises(ConfigError, match=r"sweep\.sizes"):
+        load_params(repo_root / "params.yaml", {"sweep.sizes": [0]})
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Invalid params are refused, naming the key
 

@@ -33,7 +33,7 @@ def client() -> MlflowClient:
 
 
 def sweep_sizes(params: Params) -> list[int]:
-    return list(params.sweep)
+    return params.sweep.sizes
 
 
 def test_the_params_are_the_paper_profiles_with_qlora(params):

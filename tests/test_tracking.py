@@ -84,7 +84,7 @@ def test_params_and_config_are_logged(store, params):
     assert logged.info.run_name == "stage1"
     assert logged.data.params["stage1.lr"] == str(params.stage1.lr)
     assert logged.data.params["lora.target_modules"] == params.lora.target_modules
-    assert logged.data.params["sweep"] == str(params.sweep)
+    assert logged.data.params["sweep.sizes"] == str(params.sweep.sizes)
     assert set(logged.data.params) == set(params.flat())
     config = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml"))
     assert yaml.safe_load(config.read_text()) == params.to_dict()

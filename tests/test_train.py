@@ -140,6 +140,16 @@ def test_missing_dataset_fails_before_any_run(project):
     assert _runs() == []
 
 
+def test_a_sweep_size_as_large_as_the_whole_caption_split_is_refused(project):
+    """With data.captions.train_size null (the whole split) config validation cannot see the split's size: stage 1
+    of a sweep point checks it before any run. 16 of the 16 captions would be two-stage's stage 1 again."""
+    params = load_params("params.yaml")
+    assert params.data.captions.train_size is None
+    with pytest.raises(ConfigError, match=r"sweep\.sizes.*16.*two-stage"):
+        train(params, TrainRequest(stage="stage1", out_dir=Path("outputs/stage1-n16"), train_size=16))
+    assert _runs() == []
+
+
 def test_stage2_without_stage1_says_to_run_stage1(project):
     with pytest.raises(AdapterError, match="stage 1 first"):
         train(load_params("params.yaml"), TrainRequest(stage="stage2", out_dir=Path("outputs/two-stage")))

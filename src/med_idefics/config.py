@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,18 @@ class StageConfig:
 
 
 @dataclass
+class SweepConfig:
+    """The stage-1 size sweep (paper Figure 3): one stage-1, stage-2 and evaluation DVC stage per size."""
+
+    sizes: list[int]  # stage-1 captions per point; [] leaves the sweep out of the pipeline entirely
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.sizes if n <= 0]
+        if bad or len(set(self.sizes)) != len(self.sizes):
+            raise ConfigError(f"sweep.sizes must be distinct sizes > 0, got {self.sizes}")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int
     max_new_tokens: int
@@ -214,11 +226,18 @@ class Params:
     eval: EvalConfig
     registry: RegistryConfig
     mlflow: MlflowConfig
-    sweep: list[int] = field(default_factory=list)
+    sweep: SweepConfig
 
     def __post_init__(self) -> None:
         for name in ("stage1", "stage2", "single_stage"):
             _check_stage(name, getattr(self, name))
+        full = self.data.captions.train_size  # None: the whole split, checked when stage 1 reads it (train.py)
+        repeats = [n for n in self.sweep.sizes if full is not None and n >= full]
+        if repeats:
+            raise ConfigError(
+                f"sweep.sizes {repeats}: at or above data.captions.train_size ({full}) a sweep point is two-stage "
+                f"(stage1 -> stage2) again, and Figure 3 takes that point from two-stage; use sizes below {full}"
+            )
         if self.lora.r <= 0:
             raise ConfigError(f"lora.r must be > 0, got {self.lora.r}")
         if not 0 <= self.lora.dropout < 1:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from med_idefics.config import ConfigError, Params, StageConfig, precision_label
-from med_idefics.data.schema import read_records, records_digest
+from med_idefics.data.schema import count_records, read_records, records_digest
 from med_idefics.data.splits import load_vqa_splits, split_name
 from med_idefics.files import folder_sha256, write_json
 from med_idefics.modeling.adapters import is_remote, resolve_adapter
@@ -85,6 +85,8 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     train_size = request.train_size if request.train_size is not None else source.train_size
     if train_size is not None and train_size <= 0:
         raise ConfigError(f"train size must be > 0, got {train_size}")
+    if spec.task == "captions" and request.train_size is not None:
+        _check_sweep_size(params, request.train_size)
     base_dir = Path(params.model.base_dir)
     if not (base_dir / "config.json").is_file() and not (base_dir / "base.json").is_file():
         raise ConfigError(f"no base model in {base_dir} (model.base_dir): run `med-idefics base` (or `dvc repro base`)")
@@ -110,6 +112,22 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     train_texts, eval_texts = collator.encode_texts(train_records), collator.encode_texts(eval_records)
     variant = request.variant or variant_name(request.stage, request.train_size)
     return Prepared(spec, recipe, variant, train_records, eval_records, init_dir, collator, train_texts, eval_texts)
+
+
+def _check_sweep_size(params: Params, size: int) -> None:
+    """A stage-1 size at or above the full stage-1 set is two-stage's stage 1 again (same params, data and seed).
+    Config validation refuses such a ``sweep.sizes`` against a set ``data.captions.train_size``; for the whole split
+    (null) its size is known only here."""
+    captions = params.data.captions
+    full = captions.train_size
+    if full is None:
+        full = count_records(params.data.root, captions.dataset, captions.train_split)
+    if size >= full:
+        raise ConfigError(
+            f"sweep.sizes (--train-size) {size}: at or above the full stage-1 size ({full} captions of "
+            f"{captions.dataset}/{captions.train_split}) a sweep point is two-stage's stage 1 again; use a size "
+            f"below {full}"
+        )
 
 
 def _records(params: Params, task: str, train_size: int | None) -> tuple[list[dict], list[dict]]:
