@@ -85,6 +85,22 @@ def _versions() -> dict[str, object]:
     return {str(v.version): v for v in MlflowClient().search_model_versions(f"name = '{NAME}'")}
 
 
+def test_register_never_loads_the_model_and_logs_the_signature_only(trained, monkeypatch):
+    """An input example makes MLflow load and run the saved model while logging it: for the 8B base that is one more
+    16 GB load per variant (six in one process, none freed). Register gives the signature only."""
+    from med_idefics.serving import VqaModel
+
+    loads = []  # MLflow swallows a failed example prediction with a warning: count the loads instead of raising
+    monkeypatch.setattr(VqaModel, "load_context", lambda self, context: loads.append(context))
+    registrations = register(load_params("params.yaml"))
+    assert len(registrations) == 2 and loads == []
+    for registration in registrations:
+        info = mlflow.models.get_model_info(f"models:/{NAME}/{registration.version}")
+        assert info.saved_input_example_info is None
+        assert [c.name for c in info.signature.inputs.inputs] == ["image", "question"]
+        assert [c.name for c in info.signature.outputs.inputs] == ["answer"]
+
+
 def test_register_promote_load_and_predict(trained, tiny_base_dir):
     project = trained
     params = load_params("params.yaml")

@@ -117,8 +117,7 @@ def register_variant(params: Params, variant: str, outputs_dir: Path, metrics_di
             name=MODEL_ARTIFACT,
             python_model=serving.VqaModel(),
             artifacts=package.artifacts,
-            signature=package.signature,
-            input_example=package.input_example,
+            signature=package.signature,  # no input example: MLflow would load and run the model to check it
             pip_requirements=package.pip_requirements,
             code_paths=[str(Path(serving.__file__).parent)],  # the med_idefics package, as registered
             registered_model_name=name,

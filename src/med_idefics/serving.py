@@ -38,7 +38,7 @@ from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
 from med_idefics.config import Params, QuantizationConfig
-from med_idefics.data.images import ImageRejected, normalize_image, to_png_bytes
+from med_idefics.data.images import ImageRejected, normalize_image
 from med_idefics.files import folder_sha256
 from med_idefics.modeling.loading import POINTER_FILE, load_processor, read_pointer
 from med_idefics.results import RUN_INFO_FILE
@@ -47,7 +47,6 @@ IMAGE, QUESTION, ANSWER, MAX_NEW_TOKENS = "image", "question", "answer", "max_ne
 ADAPTER, PROCESSOR, BASE, CONFIG = "adapter", "processor", "base", "config"
 CONFIG_FILE = "serving.json"
 MAX_NEW_TOKENS_LIMIT = 1024  # a request may not ask for more: one answer would hold the model for minutes
-EXAMPLE_QUESTION = "Is there a lesion?"
 # What the packaged model imports (bitsandbytes: 4-bit bases), pinned to the registering environment; none inferred.
 REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "safetensors", "mlflow", "pandas", "numpy", "pillow",
                 "pydicom", "pyyaml", "tqdm", "bitsandbytes")  # fmt: skip
@@ -82,8 +81,7 @@ class Package:
     """What ``mlflow.pyfunc.log_model`` needs besides the model object."""
 
     artifacts: dict[str, str]
-    signature: ModelSignature
-    input_example: pd.DataFrame
+    signature: ModelSignature  # and no input example: MLflow would load and run the model (16 GB) to check it
     pip_requirements: list[str]
     base_reference: str  # "hub:<id>@<revision>", "local:<path>" or "copied:<base_dir>"
 
@@ -123,7 +121,7 @@ def package(base_dir: str | Path, adapter_dir: str | Path, config: ServingConfig
         shutil.copy2(base_dir / POINTER_FILE, base / POINTER_FILE)
     artifacts = {ADAPTER: str(adapter_dir), PROCESSOR: str(staging / PROCESSOR), BASE: str(base),
                  CONFIG: str(staging / CONFIG_FILE)}  # fmt: skip
-    return Package(artifacts, signature(config), input_example(), requirements(), base_reference(base_dir))
+    return Package(artifacts, signature(config), requirements(), base_reference(base_dir))
 
 
 def signature(config: ServingConfig) -> ModelSignature:
@@ -132,12 +130,6 @@ def signature(config: ServingConfig) -> ModelSignature:
         outputs=Schema([ColSpec("string", ANSWER)]),
         params=ParamSchema([ParamSpec(MAX_NEW_TOKENS, "long", config.max_new_tokens)]),
     )
-
-
-def input_example() -> pd.DataFrame:
-    """One question about a small synthetic grey gradient, the image as base64 PNG (what a REST client sends)."""
-    gradient = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
-    return pd.DataFrame({IMAGE: [base64.b64encode(to_png_bytes(gradient)).decode()], QUESTION: [EXAMPLE_QUESTION]})
 
 
 def requirements() -> list[str]:
