@@ -46,7 +46,7 @@ def main() -> None:
     started = time.monotonic()
     dest = args.dest.resolve()
     copy_working_tree(REPO, dest)
-    env = smoke_env()
+    env = smoke_env(dest)
     run(["med-idefics", "profile", "paper"], dest, env)
     run(["med-idefics", "profile", "paper-smoke"], dest, env)
     sources = write_sources(dest / "sources")
@@ -92,9 +92,11 @@ def copy_working_tree(repo: Path, dest: Path) -> None:
     (dest / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")
 
 
-def smoke_env() -> dict[str, str]:
-    """The venv first on PATH, offline, one torch thread per process, and the copy's own MLflow store."""
+def smoke_env(dest: Path) -> dict[str, str]:
+    """The venv first on PATH, the copy's own code (before the venv's editable install of this tree), offline, one
+    torch thread per process, and the copy's own MLflow store."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(dest / "src"), env.get("PYTHONPATH")]))
     env.pop("MLFLOW_TRACKING_URI", None)  # the copy's sqlite:///mlflow.db, never a store the caller points at
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
