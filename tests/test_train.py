@@ -108,11 +108,16 @@ def test_stage2_continues_the_stage1_adapter_weights(project):
     assert stage2_run.data.tags["init_adapter"] == "outputs/stage1/adapter"
 
 
-def test_single_stage_learns_from_the_bare_base(project):
+def test_single_stage_learns_from_the_bare_base_and_validates_once_per_interval(project):
     summary = train(load_params("params.yaml"), TrainRequest(stage="single-stage", out_dir=Path("outputs/ss")))
     assert summary["last_loss"] < summary["first_loss"]
     (run,) = _runs("single-stage")
     assert run.info.status == "FINISHED" and "stage1_run_id" not in run.data.tags
+    # 24 records / micro-batch 4 × 2 epochs = 12 steps, eval every 4: the Trainer's own evaluations, the last at the
+    # end of training, and no second one after it (on the paper's 5,000 captions, hours of forward passes)
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_loss")
+    assert [m.step for m in history] == [4, 8, 12]
+    assert summary["eval_loss"] == pytest.approx(history[-1].value)
 
 
 @pytest.mark.parametrize(

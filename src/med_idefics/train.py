@@ -191,7 +191,8 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
-    final_eval = trainer.evaluate() if prepared.eval_records else {}
+    # The Trainer evaluates at the last step itself (eval_strategy "steps"); a trainer.evaluate() here ran it twice.
+    final_eval = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), {})
 
     if trainer.is_world_process_zero():
         _save_adapter(model, out_dir / ADAPTER_DIR)
