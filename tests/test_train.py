@@ -305,6 +305,24 @@ def test_training_arguments_set_checkpointing_cache_and_workers_explicitly(repo_
     assert args.use_cache is False and args.dataloader_num_workers == 3
 
 
+def test_one_process_on_a_multi_gpu_machine_trains_on_one_gpu(repo_params, tmp_path, monkeypatch):
+    """`dvc repro` starts one process. Seeing 4 GPUs, the Trainer would wrap the model in DataParallel: a batch of
+    micro-batch x 4 per step (4x fewer steps, another recipe) while a 4-bit model, not split, sits on cuda:0."""
+    import dataclasses
+
+    from med_idefics.trainer_support import training_arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = dataclasses.replace(repo_params.stage2, precision="fp32")
+    args = training_arguments(recipe, tmp_path, seed=0, run_name="two-stage")
+    assert args.n_gpu == 1 and args.train_batch_size == recipe.micro_batch
+    assert args.eval_batch_size == recipe.eval_batch and str(args.device) == "cuda:0"
+
+
 def test_init_adapter_runs_uri_resolves_in_the_configured_store(project, tmp_path, _migrated_store_template):
     """`--init-adapter runs:/…` names a run of params mlflow.tracking_uri, not of MLflow's default store."""
     import shutil

@@ -191,6 +191,8 @@ def pretrain(
 def _trainer(model, collator, records, steps: int, warmup: int, cfg: PretrainConfig, seed: int, scratch: str):
     from transformers import Trainer, TrainingArguments
 
+    from med_idefics.modeling.loading import one_device_per_process
+
     args = TrainingArguments(
         output_dir=scratch,
         max_steps=steps,
@@ -207,7 +209,7 @@ def _trainer(model, collator, records, steps: int, warmup: int, cfg: PretrainCon
         dataloader_num_workers=0,  # batches are only padded: workers would cost more than they save
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    return Trainer(model=model, args=args, data_collator=collator.pad, train_dataset=records)
+    return Trainer(model=model, args=one_device_per_process(args), data_collator=collator.pad, train_dataset=records)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from med_idefics.config import StageConfig
+from med_idefics.modeling.loading import one_device_per_process
 from med_idefics.modeling.lora import CHECKPOINTING_KWARGS
 
 
@@ -29,7 +30,9 @@ def resolve_precision(precision: str) -> dict[str, bool]:
 
 
 def training_arguments(recipe: StageConfig, output_dir: Path, seed: int, run_name: str) -> TrainingArguments:
-    return TrainingArguments(
+    """The Trainer's arguments from a stage's recipe; one device per process
+    (:func:`~med_idefics.modeling.loading.one_device_per_process`)."""
+    args = TrainingArguments(
         output_dir=str(output_dir),
         run_name=run_name,
         num_train_epochs=recipe.epochs,
@@ -60,6 +63,7 @@ def training_arguments(recipe: StageConfig, output_dir: Path, seed: int, run_nam
         use_cpu=not torch.cuda.is_available(),
         **resolve_precision(recipe.precision),
     )
+    return one_device_per_process(args)
 
 
 class NonFiniteLossGuard(TrainerCallback):

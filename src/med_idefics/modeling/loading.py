@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, BitsAndBytesConfig, Idefics2ForConditionalGeneration, ProcessorMixin
+from transformers import (
+    AutoProcessor,
+    BitsAndBytesConfig,
+    Idefics2ForConditionalGeneration,
+    ProcessorMixin,
+    TrainingArguments,
+)
+from transformers.training_args import ParallelMode
 
 from med_idefics.config import ConfigError, QuantizationConfig
 
+logger = logging.getLogger(__name__)
 POINTER_FILE = "base.json"
 #: Kept out of 4-bit quantization: the SigLIP vision encoder (the paper's QLoRA quantized only the language side)
 #: and the output head. Module paths of transformers' ``Idefics2ForConditionalGeneration``.
@@ -125,6 +134,25 @@ def local_device() -> int | str:
     if not torch.cuda.is_available():
         return "cpu"
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def one_device_per_process(args: TrainingArguments) -> TrainingArguments:
+    """A single process that sees several GPUs (`dvc repro`, `med-idefics train`) trains on the first one only.
+
+    Left alone, the Trainer wraps the model in ``nn.DataParallel`` over every visible GPU: micro-batch x N samples
+    per step (N times fewer steps: another recipe than on one GPU, and other results) while a 4-bit model, which is
+    not split, holds every weight on cuda:0 (``load_base_model``). Data parallelism is torchrun's (one process per
+    GPU). ``_n_gpu`` is what the Trainer reads for both the wrapping and the batch size; TrainingArguments has no
+    public setter for it."""
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        logger.warning(
+            "%d GPUs are visible to one process: training on cuda:0 only (for data parallelism over all of them "
+            "start one process per GPU: torchrun --nproc_per_node %d -m med_idefics.cli train …)",
+            args.n_gpu,
+            args.n_gpu,
+        )
+        args._n_gpu = 1
+    return args
 
 
 def load_base_model(
