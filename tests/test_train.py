@@ -376,6 +376,28 @@ def test_a_bad_record_fails_before_training_starts(project, tmp_path, flaw):
     assert _runs() == [] and not Path("outputs/ss").exists()
 
 
+def test_under_torchrun_only_rank_0_clears_the_checkpoints_and_writes_the_fingerprint(tmp_path, monkeypatch):
+    """Every rank decides whether to resume, but only rank 0 touches the folder: another rank deleting and
+    recreating it (and writing the fingerprint) at the same time races rank 0 and can destroy its checkpoint."""
+    from med_idefics.train import FINGERPRINT_FILE, _prepare_checkpoints
+
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "checkpoint-4").mkdir(parents=True)
+    (checkpoints / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (checkpoints / FINGERPRINT_FILE).write_text('{"stage": "stage1"}')
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _prepare_checkpoints(checkpoints, {"stage": "stage2"}) is False  # stale: rank 0 will clear it
+    assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file()
+    assert (checkpoints / FINGERPRINT_FILE).read_text() == '{"stage": "stage1"}'
+    assert _prepare_checkpoints(checkpoints, {"stage": "stage1"}) is True  # what rank 0 resumes, every rank resumes
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _prepare_checkpoints(checkpoints, {"stage": "stage2"}) is False
+    assert not (checkpoints / "checkpoint-4").exists()
+    assert json.loads((checkpoints / FINGERPRINT_FILE).read_text()) == {"stage": "stage2"}
+
+
 def test_a_checkpoint_is_resumed_only_with_the_same_data_base_and_init_adapter(project, tmp_path):
     """The fingerprint covers what the run reads, not only params and paths."""
     import shutil

@@ -170,16 +170,18 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
     from med_idefics.modeling.lora import add_lora
     from med_idefics.trainer_support import MlflowStepLogger, NonFiniteLossGuard, training_arguments
 
-    torch.manual_seed(params.seed)
     out_dir = request.out_dir
     checkpoints = out_dir / CHECKPOINT_DIR
-    resume = _prepare_checkpoints(checkpoints, _fingerprint(params, request, prepared))
+    # First: under torchrun this sets up the process group that orders the ranks below.
+    args = training_arguments(prepared.recipe, checkpoints, seed=params.seed, run_name=prepared.variant)
+    with args.main_process_first(local=False, desc="checkpoint folder"):  # rank 0 prepares it, then the others read
+        resume = _prepare_checkpoints(checkpoints, _fingerprint(params, request, prepared))
 
+    torch.manual_seed(params.seed)
     model = load_base_model(params.model.base_dir, params.quantization, params.model.attn_implementation)
     # One preparation for all three stages; stage 2 continues the stage-1 adapter's weights.
     model = add_lora(model, params.lora, prepared.recipe.gradient_checkpointing, prepared.init_adapter_dir)
 
-    args = training_arguments(prepared.recipe, checkpoints, seed=params.seed, run_name=prepared.variant)
     trainer = Trainer(
         model=model,
         args=args,
@@ -238,14 +240,19 @@ def _fingerprint(params: Params, request: TrainRequest, prepared: Prepared) -> d
 
 
 def _prepare_checkpoints(checkpoints: Path, fingerprint: dict[str, Any]) -> bool:
-    """True when ``checkpoints`` holds a resumable checkpoint of this very configuration; stale ones are removed."""
+    """True when ``checkpoints`` holds a resumable checkpoint of this very configuration. Only the main process
+    (rank 0 under torchrun) removes a stale folder and writes the fingerprint; the other ranks only read, after it
+    (``main_process_first`` in :func:`_train`), so every rank takes the same decision on the same folder."""
+    from med_idefics.tracking import is_main_process
+
     marker = checkpoints / FINGERPRINT_FILE
     has_checkpoint = any(checkpoints.glob("checkpoint-*/trainer_state.json"))
     if has_checkpoint and marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint)):
         return True
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    if is_main_process():
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
     return False
 
 
