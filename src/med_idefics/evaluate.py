@@ -170,8 +170,10 @@ def suite_metrics(suite_name: str, rows: Sequence[Mapping], params: Params) -> d
 
 def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
     """Evaluate ``request.variant`` on ``request.suites``; checks data and adapter before loading the model."""
+    from med_idefics.modeling.loading import require_cuda_for_a_large_base
     from med_idefics.tracking import setup_tracking
 
+    require_cuda_for_a_large_base(params.model.base_dir)  # before the suites' images are read
     suites = [load_suite(params, name) for name in request.suites]
     experiment_id = setup_tracking(params)  # also points MLflow at the store that runs:/ and models:/ refer to
     try:

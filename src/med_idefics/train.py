@@ -90,6 +90,9 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     base_dir = Path(params.model.base_dir)
     if not (base_dir / "config.json").is_file() and not (base_dir / "base.json").is_file():
         raise ConfigError(f"no base model in {base_dir} (model.base_dir): run `med-idefics base` (or `dvc repro base`)")
+    from med_idefics.modeling.loading import require_cuda_for_a_large_base
+
+    require_cuda_for_a_large_base(base_dir)  # before the data is read and the texts encoded
     train_records, eval_records = _records(params, spec.task, train_size)
     if not train_records:
         raise ConfigError(f"{source.dataset}/{source.train_split} has no records")

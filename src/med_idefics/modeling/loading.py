@@ -155,6 +155,38 @@ def one_device_per_process(args: TrainingArguments) -> TrainingArguments:
     return args
 
 
+#: Above this many parameters a base needs CUDA: on a CPU, torch trains and answers with an 8B model (bitsandbytes'
+#: CPU backend for 4-bit) at a speed no run can wait for. The tiny bases (~10M) are made for the CPU.
+CPU_PARAMETER_LIMIT = 1_000_000_000
+
+
+def require_cuda_for_a_large_base(base_dir: str | Path) -> None:
+    """Refuse, before anything is read or loaded, a base of more than :data:`CPU_PARAMETER_LIMIT` parameters when
+    torch sees no CUDA device, saying what is missing. Counted from the base's config alone (a model built on the
+    meta device: no weight is read); a base saved in ``base_dir`` (the tiny builds) is never refused."""
+    if torch.cuda.is_available() or read_pointer(base_dir) is None:
+        return
+    from transformers import AutoConfig
+
+    source, kwargs = base_source(base_dir)
+    with torch.device("meta"):
+        model = Idefics2ForConditionalGeneration(AutoConfig.from_pretrained(source, **kwargs))
+    count = sum(p.numel() for p in model.parameters())
+    if count <= CPU_PARAMETER_LIMIT:
+        return
+    torch_build = (
+        f"torch {torch.__version__} is a CPU-only build of torch"
+        if torch.version.cuda is None
+        else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}; check the driver: nvidia-smi)"
+    )
+    raise ConfigError(
+        f"model.base {source} has {count / 1e9:.1f}B parameters and needs a CUDA GPU: {torch_build}. On a CPU it "
+        "would train and answer in days, not hours. Run it on a machine with an NVIDIA GPU and a CUDA build of torch, "
+        "or use model.base=tiny (the offline demo) or tiny-real-processor on a CPU"
+    )
+
+
 def load_base_model(
     base_dir: str | Path,
     quantization: QuantizationConfig,
@@ -164,7 +196,8 @@ def load_base_model(
     """The base model from ``base_dir`` (or what its pointer names) at the precision of :func:`base_dtype`; 4-bit nf4
     when ``quantization.load_in_4bit`` (weights then land on this rank's GPU if there is one, else the CPU, unless
     ``device_map`` says otherwise). ``attn_implementation`` is params ``model.attn_implementation`` (None:
-    transformers chooses)."""
+    transformers chooses). An 8B base without CUDA is refused (:func:`require_cuda_for_a_large_base`)."""
+    require_cuda_for_a_large_base(base_dir)
     source, kwargs = base_source(base_dir)
     bnb = quantization_config(quantization)
     if bnb is not None:
