@@ -348,6 +348,39 @@ def test_init_adapter_runs_uri_resolves_in_the_configured_store(project, tmp_pat
     assert _runs() == []  # nothing went to the env store
 
 
+NO_VALIDATION = ["data.vqa.validation_fraction=0"]  # all 24 records train; the eval loss is on test
+
+
+def test_answers_the_tokenizer_cannot_spell_stop_training_naming_the_words(project):
+    """The tiny base's word-level tokenizer turns words it was not built on into <unk>: trained on such answers,
+    the model learns to answer <unk> (40 % of real VQA-RAD's tokens on the demo base). Stop before any run."""
+    from med_idefics.data.schema import read_records, write_splits
+
+    records = read_records("data", "syn-vqa", "train")
+    records[1] = records[1] | {"answer": "pneumothorax"}
+    records[4] = records[4] | {"answer": "a small pneumothorax"}
+    write_splits("data", "syn-vqa", {"train": records, "test": read_records("data", "syn-vqa", "test")})
+    with pytest.raises(DatasetError, match=r"2 of 24 training answers.*<unk>.*'pneumothorax' \(2\).*small"):
+        train(load_params("params.yaml", NO_VALIDATION), TrainRequest(stage="single-stage", out_dir=Path("outputs/ss")))
+    assert _runs() == [] and not Path("outputs/ss").exists()
+
+
+def test_questions_with_unknown_words_are_reported_before_training(project, caplog):
+    from med_idefics.data.schema import read_records, write_splits
+    from med_idefics.train import prepare
+
+    records = read_records("data", "syn-vqa", "train")
+    for i in (0, 3, 6):
+        records[i] = records[i] | {"question": f"{records[i]['question']} Any effusion?"}
+    write_splits("data", "syn-vqa", {"train": records, "test": read_records("data", "syn-vqa", "test")})
+    with caplog.at_level("WARNING"):
+        prepare(
+            load_params("params.yaml", NO_VALIDATION), TrainRequest(stage="single-stage", out_dir=Path("outputs/ss"))
+        )
+    (warning,) = [r.getMessage() for r in caplog.records if "<unk>" in r.getMessage()]
+    assert "3 of 24 training records" in warning and "'any' (3)" in warning and "'effusion' (3)" in warning
+
+
 @pytest.mark.parametrize("flaw", ["no image", "prompt merges with the answer"])
 def test_a_bad_record_fails_before_training_starts(project, tmp_path, flaw):
     """One record the collator cannot encode, last in the split: the run fails before it starts, naming it."""

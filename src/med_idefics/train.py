@@ -10,6 +10,7 @@ saved in PEFT format (adapter only). Beside the adapter: ``train_summary.json`` 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from med_idefics.config import ConfigError, Params, StageConfig, precision_label
-from med_idefics.data.schema import count_records, read_records, records_digest
+from med_idefics.data.collator import describe_words
+from med_idefics.data.schema import DatasetError, count_records, read_records, records_digest
 from med_idefics.data.splits import load_vqa_splits, split_name
 from med_idefics.files import folder_sha256, write_json
 from med_idefics.modeling.adapters import is_remote, resolve_adapter
 from med_idefics.results import run_id_of, write_run_info
 
+logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_FILE = "train_summary.json"
@@ -113,8 +116,32 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     collator = VqaCollator(load_processor(params.model.base_dir), prompt_prefix=_prefix(params, spec))
     # Encoded once, here: a bad record fails now, naming it, and each training step only adds images and pads.
     train_texts, eval_texts = collator.encode_texts(train_records), collator.encode_texts(eval_records)
+    _check_unknown_words(collator, source, (train_records, train_texts), (eval_records, eval_texts))
     variant = request.variant or variant_name(request.stage, request.train_size)
     return Prepared(spec, recipe, variant, train_records, eval_records, init_dir, collator, train_texts, eval_texts)
+
+
+def _check_unknown_words(collator, source, train: tuple[list, list], evaluation: tuple[list, list]) -> None:
+    """Say, before training, how many records hold words the base's tokenizer turns into ``<unk>`` and which; stop
+    when training answers do: the model would learn to answer ``<unk>``."""
+    for (records, texts), name, split in (
+        (train, "training", source.train_split),
+        (evaluation, "eval", source.eval_split),
+    ):
+        found = collator.unknown_words(records, texts)
+        if found.answers and name == "training":
+            raise DatasetError(
+                f"{len(found.answers)} of {len(records)} training answers of {source.dataset}/{split} hold words the "
+                f"base's tokenizer does not know; trained on them the model learns to answer <unk>: "
+                f"{describe_words(found.answer_words)} (records {', '.join(found.answers[:5])}). The tiny base knows "
+                "the words of the data it was built on: rebuild it on this data (`dvc repro base`, which reads "
+                "data.captions and data.vqa), or use a base with a subword tokenizer (tiny-real-processor, a hub id)"
+            )
+        if found.records:
+            logger.warning(
+                "%d of %d %s records of %s/%s contain words the base's tokenizer does not know (each becomes "
+                "<unk>): %s", found.records, len(records), name, source.dataset, split, describe_words(found.words),
+            )  # fmt: skip
 
 
 def _check_sweep_size(params: Params, size: int) -> None:

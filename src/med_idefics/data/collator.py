@@ -12,8 +12,9 @@ Generation batches (:func:`build_generation_batch`) are left-padded prompts endi
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,22 @@ from med_idefics.prompts import END_OF_UTTERANCE, chat_messages
 
 IGNORE_INDEX = -100  # labels the loss skips (torch cross-entropy's ignore_index)
 CACHE_BYTES = 512 * 2**20  # processed images kept per collator (64x64 demo images: all of them; 980px: ~45)
+
+
+@dataclass
+class UnknownWords:
+    """What a split's encoded texts hold of the tokenizer's unknown token (a word-level tokenizer's ``<unk>``)."""
+
+    records: int = 0  # records with an unknown word in their question or answer
+    answers: list[str] = field(default_factory=list)  # ids of the records whose answer (labels) holds one
+    words: Counter = field(default_factory=Counter)  # unknown word → records using it
+    answer_words: Counter = field(default_factory=Counter)  # the same, in the answers only
+
+
+def describe_words(words: Counter, limit: int = 12) -> str:
+    """``'pneumothorax' (2), 'small' (1), …``"""
+    shown = ", ".join(f"{word!r} ({count})" for word, count in words.most_common(limit))
+    return shown + (", …" if len(words) > limit else "")
 
 
 def render_prompt(processor: ProcessorMixin, question: str, prefix: str = "", answer: str | None = None) -> str:
@@ -95,6 +112,39 @@ class VqaCollator:
                 labels = self.answer_labels(input_ids, prompt_ids[i], record)
                 texts.append({"id": record.get("id"), "image": record["image"], "input_ids": input_ids, "labels": labels})
         return texts
+
+    def unknown_words(self, records: Sequence[Mapping], texts: Sequence[Mapping]) -> UnknownWords:
+        """Which of ``records`` (encoded as ``texts`` by :meth:`encode_texts`) hold words the tokenizer turns into
+        its unknown token, and which words. The tiny base's word-level tokenizer knows only the words of the data it
+        was built on (and turns the chat template's last newline into ``<unk>``, outside question and answer); a
+        subword tokenizer with byte fallback (Idefics2-8b's) never produces it."""
+        unknown_id = self.processor.tokenizer.unk_token_id
+        found = UnknownWords()
+        if unknown_id is None:
+            return found
+        for record, text in zip(records, texts, strict=True):
+            if not (text["input_ids"] == unknown_id).any():
+                continue
+            words = self._unknown_in([self.prompt_prefix, record["question"], record["answer"]])
+            if words:
+                found.records += 1
+                found.words.update(words)
+            if (text["labels"] == unknown_id).any():  # the answer itself: what training would teach
+                found.answers.append(str(record.get("id")))
+                found.answer_words.update(self._unknown_in([record["answer"]]))
+        return found
+
+    def _unknown_in(self, texts: Iterable[str]) -> list[str]:
+        """The words of ``texts`` (lower-cased, once per text) that encode to the unknown token, read back from the
+        tokens' character offsets."""
+        tokenizer = self.processor.tokenizer
+        found = set()
+        for text in filter(None, texts):
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+                if token == tokenizer.unk_token_id and text[start:end].strip():
+                    found.add(text[start:end].strip().lower())
+        return sorted(found)
 
     def with_image(self, text: Mapping) -> dict[str, torch.Tensor]:
         """A text-encoded record (:meth:`encode_texts`) as a model example: its image processed (cached)."""
