@@ -252,3 +252,33 @@ def test_broken_dicom_is_rejected():
     with pytest.raises(ImageRejected) as err:
         normalize_image(data)
     assert err.value.reason == "unreadable DICOM"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading a split: a limit reads only what it keeps
+
+
+def test_reading_the_first_records_of_a_split_reads_only_their_row_groups(tmp_path, monkeypatch):
+    """A 7,000-caption sweep point of a 55,000-record ROCO split (tens of GB) must not read the whole file. Measured
+    in a fresh process: pyarrow's peak allocation for the first 3 records of a ~12 MB split of 12 row groups."""
+    import subprocess
+    import sys
+
+    from med_idefics.data import schema
+
+    monkeypatch.setattr(schema, "BATCH_BYTES", 1_000_000)  # row groups of ~1 MB, as the 64 MB ones of a real split
+    rng = np.random.default_rng(0)
+    records = [{"id": f"r{i}", "image": rng.bytes(250_000), "question": "q", "answer": "a", "answer_type": "open",
+                "dataset": "big", "split": "train"} for i in range(48)]  # fmt: skip
+    schema.write_splits(tmp_path, "big", {"train": records})
+    script = (
+        "import pyarrow as pa\n"
+        "from med_idefics.data.schema import read_records\n"
+        f"rows = read_records({str(tmp_path)!r}, 'big', 'train', limit=3)\n"
+        "assert [r['id'] for r in rows] == ['r0', 'r1', 'r2']\n"
+        "print(pa.default_memory_pool().max_memory())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = int(done.stdout.split()[-1])
+    assert peak < 4_000_000, f"{peak:,} bytes allocated to read 3 records of a {48 * 250_000:,}-byte split"

@@ -201,6 +201,36 @@ def test_roco_plain_struct_parquet_with_dicom_and_limit(tmp_path, params_file):
     assert "roco/train: kept 3, rejected 1" in result.output and "ROCO_00001" in result.output
 
 
+def _jpeg(mode: str, size: tuple[int, int], **save) -> bytes:
+    rng = np.random.default_rng(len(size) + size[0])
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=90, **save)
+    return buffer.getvalue()
+
+
+def test_a_sound_rgb_jpeg_is_stored_as_it_came_without_its_metadata(tmp_path):
+    """ROCO's 12.8 GB of JPEGs re-encoded as PNG were tens of GB: an RGB JPEG within the size limits keeps its own
+    compressed bytes (its EXIF, comment and ICC profile dropped, the pixels untouched); anything else is converted."""
+    exif = Image.Exif()
+    exif[0x010E] = "Doe^Jane, 1970-01-01"  # ImageDescription
+    sound = _jpeg("RGB", (120, 90), exif=exif.tobytes(), comment=b"PatientID 12345")
+    images = [sound, _jpeg("CMYK", (40, 30)), _jpeg("RGB", (3000, 40)), _jpeg("L", (50, 40))]
+    table = pa.table({"image": pa.array([{"bytes": b, "path": None} for b in images]),
+                      "image_id": [f"ROCO_{i}" for i in range(4)], "caption": ["A.", "B.", "C.", "D."]})  # fmt: skip
+    pq.write_table(table, tmp_path / "roco.parquet")
+    import_dataset("roco", tmp_path / "data", caption_prompt=PROMPT, source=str(tmp_path / "roco.parquet"),
+                   splits=("train",))  # fmt: skip
+    stored = [r["image"] for r in read_records(tmp_path / "data", "roco", "train")]
+    assert stored[0].startswith(b"\xff\xd8") and len(stored[0]) < len(sound)
+    assert b"Doe^Jane" not in stored[0] and b"12345" not in stored[0] and b"Exif" not in stored[0]
+    with Image.open(io.BytesIO(sound)) as original, Image.open(io.BytesIO(stored[0])) as kept:
+        assert kept.format == "JPEG" and np.array_equal(np.asarray(kept), np.asarray(original))
+    png_magic = b"\x89PNG\r\n\x1a\n"
+    assert all(data.startswith(png_magic) for data in stored[1:])  # CMYK; over 2,048 px (downscaled); grey
+    assert image_from_bytes(stored[2]).size == (2048, 27)
+
+
 def test_med_halt_csv_through_the_cli_and_json_through_the_api(tmp_path, params_file):
     rows = [
         {

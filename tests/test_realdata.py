@@ -150,16 +150,27 @@ def test_med_halt_reasoning_fake_as_released(tmp_path):
 
 
 def test_pipeline_on_real_vqa_rad(vqa_rad_root, tiny_base_dir, repo_root, tmp_path, monkeypatch):
-    """Official VQA-RAD → two single-stage steps on the tiny base → the vqa-rad suite answers all 451 questions."""
+    """Official VQA-RAD → two single-stage steps on a tiny base that knows its words → the vqa-rad suite answers all
+    451 questions. A tiny base built on other words would learn to answer <unk>: training refuses it."""
+    from dataclasses import replace
+
+    from med_idefics.base import tokenizer_corpus
+    from med_idefics.data.schema import DatasetError
     from med_idefics.evaluate import EvalRequest, evaluate
+    from med_idefics.modeling.tiny import build_tiny
     from med_idefics.train import TrainRequest, train
 
     monkeypatch.chdir(tmp_path)
+    tiny = load_params(repo_root / "params.yaml").model.tiny
+    texts = tokenizer_corpus(read_records(vqa_rad_root, "vqa-rad", "train"), extra=[PROMPT])
+    model, processor = build_tiny(texts, replace(tiny, vocab_size=4096), seed=0)  # ~1,300 words: 512 too few
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
     overrides = {
         "data.root": str(vqa_rad_root),
         "data.vqa.dataset": "vqa-rad",
         "data.vqa.eval_size": 4,
-        "model.base_dir": str(tiny_base_dir),
+        "model.base_dir": str(tmp_path / "base"),
         "single_stage.max_steps": 2,
         "single_stage.micro_batch": 2,
         "single_stage.eval_steps": 100,
@@ -168,6 +179,9 @@ def test_pipeline_on_real_vqa_rad(vqa_rad_root, tiny_base_dir, repo_root, tmp_pa
         "eval.max_new_tokens": 2,
         "eval.bootstrap_resamples": 100,
     }
+    strange = load_params(repo_root / "params.yaml", overrides | {"model.base_dir": str(tiny_base_dir)})
+    with pytest.raises(DatasetError, match=r"of 1617 training answers of vqa-rad/train .*<unk>"):
+        train(strange, TrainRequest(stage="single-stage", out_dir=tmp_path / "outputs" / "strange"))
     params = load_params(repo_root / "params.yaml", overrides)
     summary = train(params, TrainRequest(stage="single-stage", out_dir=tmp_path / "outputs" / "single-stage"))
     assert summary["optimizer_steps"] == 2

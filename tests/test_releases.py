@@ -175,8 +175,8 @@ def test_med_halt_abstention_option():
 
 def test_each_image_is_converted_once_and_records_stream_in_batches(tmp_path, monkeypatch):
     calls = []
-    real = images_module.normalize_image
-    monkeypatch.setattr(images_module, "normalize_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = images_module.stored_bytes
+    monkeypatch.setattr(images_module, "stored_bytes", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     monkeypatch.setattr(schema, "BATCH_RECORDS", 2)
     source = vqa_rad_release(tmp_path)
     import_dataset("vqa-rad", tmp_path / "data", caption_prompt=PROMPT, source=str(source))
@@ -204,9 +204,9 @@ def test_streamed_images_are_reused_by_content_and_release_images_dropped_after_
     from med_idefics.data.images import ImageCache, to_png_bytes
 
     cache, data = ImageCache(), to_png_bytes(Image.new("RGB", (10, 10), (1, 2, 3)))
-    assert cache.png(data) == cache.png(bytes(data)) and (cache.misses, cache.hits) == (1, 1)
+    assert cache.stored(data) == cache.stored(bytes(data)) and (cache.misses, cache.hits) == (1, 1)
     jpeg(tmp_path / "a.jpg")
     cache.expect({str(tmp_path / "a.jpg"): 2})
-    first = cache.png(str(tmp_path / "a.jpg"))
-    assert cache.png("a.jpg", tmp_path) == first and cache.misses == 2  # the same file, relative to its folder
+    first = cache.stored(str(tmp_path / "a.jpg"))
+    assert cache.stored("a.jpg", tmp_path) == first and cache.misses == 2  # the same file, relative to its folder
     assert cache._expected.size == 0  # both of its questions are done: nothing kept

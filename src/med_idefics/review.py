@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from med_idefics.config import Params
+from med_idefics.data.images import mime_type
 from med_idefics.data.schema import OPEN
 from med_idefics.data.suites import SWAP, VQA_RAD
 from med_idefics.files import write_atomic
@@ -111,7 +112,7 @@ def sheet_html(rows: list[dict], images: list[bytes], title: str, sheet_name: st
     cards = []
     for number, (row, image) in enumerate(zip(rows, images, strict=True), start=1):
         data = base64.b64encode(image).decode("ascii")
-        picture = f'<img alt="image {number}" src="data:image/png;base64,{data}">'
+        picture = f'<img alt="image {number}" src="data:{mime_type(image)};base64,{data}">'
         cards.append(
             f'<section class="card">{picture}<dl>'
             f"<dt>Sheet row</dt><dd>{number} (id {esc(str(row.get('id')))}, {esc(answer_type_of(row))})</dd>"

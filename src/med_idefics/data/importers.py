@@ -202,14 +202,14 @@ def vqa_fields(row: Mapping[str, Any], context: RowContext) -> dict[str, Any]:
     answer_type = _clean(row.get("answer_type")).lower() or infer_answer_type(answer)
     if answer_type not in ANSWER_TYPES:
         raise RecordRejected("unknown answer_type", f"{row.get('answer_type')!r} is neither closed nor open")
-    image = _png(row.get("image"), context)
+    image = _image(row.get("image"), context)
     return {"image": image, "question": question, "answer": answer, "answer_type": answer_type}
 
 
 def caption_fields(row: Mapping[str, Any], context: RowContext) -> dict[str, Any]:
     """ROCO: the fixed caption prompt asks, the caption answers."""
     caption = _text(row, "caption")
-    image = _png(row.get("image"), context)
+    image = _image(row.get("image"), context)
     return {"image": image, "question": context.caption_prompt, "answer": caption, "answer_type": OPEN}
 
 
@@ -289,8 +289,8 @@ def _record_id(row: Mapping[str, Any], dataset: str, split: str, index: int) -> 
     return f"{dataset}-{split}-{index:05d}"
 
 
-def _png(value: Any, context: RowContext) -> bytes:
-    return context.images.png(value, context.base_dir)
+def _image(value: Any, context: RowContext) -> bytes:
+    return context.images.stored(value, context.base_dir)
 
 
 def _text(row: Mapping[str, Any], column: str) -> str:

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 CLOSED, OPEN = "closed", "open"
 ANSWER_TYPES = (CLOSED, OPEN)
 
-#: id, image (PNG bytes; null only for text-only sources such as Med-HALT), question, answer, answer_type, dataset, split.
+#: id, image (an RGB PNG, or an RGB JPEG as its source had it; null only for text-only sources such as Med-HALT),
+#: question, answer, answer_type, dataset, split.
 RECORD_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
@@ -138,23 +139,36 @@ def write_parquet(path: Path, records: Iterable[Mapping]) -> int:
 
 def read_split(root: str | Path, dataset: str, split: str) -> pa.Table:
     path = split_path(root, dataset, split)
+    read_split_schema(path, dataset)
+    return pq.read_table(path, columns=list(COLUMNS))
+
+
+def read_records(root: str | Path, dataset: str, split: str, limit: int | None = None) -> list[dict]:
+    """The split's records (the required columns); with ``limit``, the first ``limit`` only, read batch by batch so
+    that only their row groups are read (a 7,000-caption sweep point of a tens-of-GB ROCO split)."""
+    if limit is None:
+        return read_split(root, dataset, split).to_pylist()
+    path = split_path(root, dataset, split)
+    read_split_schema(path, dataset)
+    records: list[dict] = []
+    file = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering reads every row group up front
+    for batch in file.iter_batches(batch_size=max(1, min(limit, 1024)), columns=list(COLUMNS)):
+        records += batch.slice(0, limit - len(records)).to_pylist()
+        if len(records) >= limit:
+            break
+    return records
+
+
+def read_split_schema(path: Path, dataset: str) -> None:
+    """Check that ``path`` exists and holds the required columns (from its footer)."""
     if not path.is_file():
         raise DatasetError(
             f"{path} not found: import it first (`med-idefics data demo` for the demo profile, "
             f"`med-idefics data {dataset} …` otherwise), or fix data.* in params.yaml"
         )
-    table = pq.read_table(path)
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    missing = [c for c in COLUMNS if c not in pq.read_schema(path).names]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {missing}; re-import it with `med-idefics data`")
-    return table.select(list(COLUMNS))
-
-
-def read_records(root: str | Path, dataset: str, split: str, limit: int | None = None) -> list[dict]:
-    table = read_split(root, dataset, split)
-    if limit is not None:
-        table = table.slice(0, limit)
-    return table.to_pylist()
 
 
 def count_records(root: str | Path, dataset: str, split: str) -> int:

@@ -2,7 +2,7 @@
 
 VQA-RAD's official split is by question, not by image: 202 of its 203 test images also appear in training questions.
 ``data.vqa.split: image-disjoint`` pools the stored train and eval splits and re-splits them by image content (the
-SHA-1 of the stored PNG, so two copies of one picture under different names stay together): the images, in an order
+SHA-1 of the stored image, so two copies of one picture under different names stay together): the images, in an order
 drawn from ``data.vqa.split_seed``, go to test while they fit in the official test size, so the test set keeps close
 to its official size and no test image is seen in training. ``data.vqa.validation_fraction`` > 0 likewise holds out
 that share of train's questions, by image, as a validation split for choosing a model without touching test; training
