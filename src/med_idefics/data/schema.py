@@ -87,9 +87,10 @@ def write_splits(root: str | Path, dataset: str, splits: Mapping[str, Iterable[M
     final = root / dataset
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{dataset}.tmp-"))
     try:
-        if final.exists():
+        if final.exists():  # the splits not written now stay as they are: linked (DVC's cache may link them), not copied
             for existing in final.glob("*.parquet"):
-                shutil.copy2(existing, staging / existing.name)
+                if existing.stem not in splits:
+                    _link_or_copy(existing, staging / existing.name)
         written = {}
         for split, records in splits.items():
             write_parquet(staging / f"{split}.parquet", records)
@@ -106,6 +107,13 @@ def write_splits(root: str | Path, dataset: str, splits: Mapping[str, Iterable[M
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
 
 
 def write_parquet(path: Path, records: Iterable[Mapping]) -> int:
