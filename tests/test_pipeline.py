@@ -26,7 +26,8 @@ name = sys.argv[-1] if "--single-item" in sys.argv else "<dvc repro>"
 start = time.monotonic()
 time.sleep(float(os.environ.get("SLEEP", "0.4")))
 with open(journal, "a") as handle:
-    handle.write(json.dumps({"stage": name, "start": start, "end": time.monotonic(), "argv": sys.argv[1:]}) + "\\n")
+    handle.write(json.dumps({"stage": name, "start": start, "end": time.monotonic(), "argv": sys.argv[1:],
+                             "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
 print(f"{name}: 100%|##########| 3/3")
 sys.exit(3 if name == os.environ.get("FAIL") else 0)
 """
@@ -125,6 +126,55 @@ def test_sigterm_interrupts_the_running_stage_as_a_ctrl_c_would(fake_dvc, tmp_pa
     assert "stopping base" in out
     assert not (tmp_path / "journal.jsonl").exists()  # base never finished its sleep, and nothing else started
     assert "KeyboardInterrupt" in log.read_text()  # interrupted as a Ctrl-C would
+
+
+def test_on_a_gpu_machine_each_running_stage_has_a_gpu_of_its_own(fake_dvc, tmp_path):
+    """`--jobs 3` with 2 GPUs: every stage sees one GPU (CUDA_VISIBLE_DEVICES), two stages running at once never
+    share one, and no more stages run at once than there are GPUs (two 8B trainings do not fit on one)."""
+    dvc, entries = fake_dvc
+    graph = {"base": [], "a": ["base"], "b": ["base"], "c": ["base"], "d": ["a", "b", "c"]}
+    lines: list[str] = []
+    run_pipeline(3, tmp_path / "logs", graph, dvc, echo=lines.append, gpus=["0", "1"])
+    runs = [e for e in entries() if e["stage"] != "<dvc repro>"]
+    assert {e["gpu"] for e in runs} == {"0", "1"} and all(e["gpu"] in ("0", "1") for e in runs)
+    for a, b in itertools.combinations(runs, 2):
+        if a["start"] < b["end"] and b["start"] < a["end"]:
+            assert a["gpu"] != b["gpu"], (a, b)
+    assert not any(len([e for e in runs if e["start"] <= x["start"] < e["end"]]) > 2 for x in runs)
+    assert any("2 GPUs" in line and "2 stages at a time" in line for line in lines)
+
+
+def test_visible_gpus_follow_cuda_visible_devices_or_the_device_count(monkeypatch):
+    import torch
+
+    from med_idefics.pipeline import visible_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus() == ["0", "1", "2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert visible_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert visible_gpus() == []
+
+
+def test_repro_with_jobs_on_a_gpu_machine_pins_its_stages(monkeypatch, tmp_path):
+    import torch
+
+    import med_idefics.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(pipeline, "setup_tracking_for_parallel_stages", lambda: None)
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda jobs, log_dir, echo, gpus: seen.update(jobs=jobs, gpus=gpus))
+    pipeline.repro(2, tmp_path, echo=lambda _: None)
+    assert seen == {"jobs": 2, "gpus": ["0", "1", "2", "3"]}
 
 
 def test_bad_jobs_and_dangling_dependencies_are_refused(fake_dvc, tmp_path):

@@ -8,6 +8,9 @@ every stage it depends on (DVC's own graph) has finished, the one with the longe
 DVC releases its repository lock while a stage's command runs and holds read/write locks on that stage's deps and
 outs, so stages without a path in common run side by side; the MLflow store (SQLite) serialises their writes.
 
+On a GPU machine each running stage sees one GPU of its own (``CUDA_VISIBLE_DEVICES``; without it every stage would
+train on cuda:0 while the other GPUs idle), and no more stages run at once than there are GPUs.
+
 Each stage's output goes to ``<log_dir>/<stage>.log``; the console gets a line when a stage starts or ends and, while
 stages run, their latest progress line. A failed stage stops new starts, lets the running ones finish and prints the
 end of its log. Last, a plain ``dvc repro`` confirms that the pipeline is up to date (and runs whatever is not).
@@ -75,22 +78,39 @@ def chain_lengths(graph: dict[str, list[str]]) -> dict[str, int]:
 class _Running:
     process: subprocess.Popen
     log: Path
+    gpu: str | None = None  # the GPU it sees (CUDA_VISIBLE_DEVICES), None off a GPU machine
     started: float = field(default_factory=time.monotonic)
 
 
 def repro(jobs: int, log_dir: Path = LOG_DIR, echo: Callable[[str], None] = print) -> None:
-    """``med-idefics repro``: this repository's pipeline, up to ``jobs`` stages at once. With more than one, the
-    MLflow store (and the experiment) the stages share is set up first, so that two stages starting together never
-    race to create its tables."""
+    """``med-idefics repro``: this repository's pipeline, up to ``jobs`` stages at once, each on a GPU of its own
+    where there are GPUs. With more than one stage at once, the MLflow store (and the experiment) the stages share is
+    set up first, so that two stages starting together never race to create its tables."""
     warning = oversubscription(jobs, int(os.environ.get("OMP_NUM_THREADS") or 1), len(os.sched_getaffinity(0)))
     if warning:
         echo(f"warning: {warning}")
+    gpus = None
     if jobs > 1:
-        from med_idefics.config import load_params
-        from med_idefics.tracking import setup_tracking
+        setup_tracking_for_parallel_stages()
+        gpus = visible_gpus()
+    run_pipeline(jobs, log_dir, echo=echo, gpus=gpus)
 
-        setup_tracking(load_params())
-    run_pipeline(jobs, log_dir, echo=echo)
+
+def setup_tracking_for_parallel_stages() -> None:
+    from med_idefics.config import load_params
+    from med_idefics.tracking import setup_tracking
+
+    setup_tracking(load_params())
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand to stages: those ``CUDA_VISIBLE_DEVICES`` lists, else every GPU torch sees."""
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip() and gpu.strip() != "-1"]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 def oversubscription(jobs: int, threads: int, cores: int) -> str | None:
@@ -110,11 +130,16 @@ def run_pipeline(
     graph: dict[str, list[str]] | None = None,
     dvc: tuple[str, ...] = ("dvc",),
     echo: Callable[[str], None] = print,
+    gpus: list[str] | None = None,
 ) -> None:
     """Run every stage of ``graph`` (default: this repository's ``dvc.yaml``), up to ``jobs`` at once, then
-    ``dvc repro``. Raises :class:`PipelineError` when a stage fails."""
+    ``dvc repro``. With ``gpus``, each running stage sees one of them alone and at most ``len(gpus)`` run at once.
+    Raises :class:`PipelineError` when a stage fails."""
     if jobs < 1:
         raise PipelineError(f"--jobs must be at least 1, got {jobs}")
+    if gpus and jobs > len(gpus):
+        echo(f"{len(gpus)} GPUs: {len(gpus)} stages at a time, each on a GPU of its own (--jobs {jobs} asked for more)")
+        jobs = len(gpus)
     graph = stage_graph() if graph is None else graph
     dangling = sorted({dep for deps in graph.values() for dep in deps if dep not in graph})
     if dangling:
@@ -136,8 +161,10 @@ def run_pipeline(
                 ready = [n for n in waiting if all(d in done for d in graph[n])] if not failed else []
                 for name in sorted(ready, key=lambda n: (-priority[n], order[n]))[: jobs - len(running)]:
                     waiting.discard(name)
-                    running[name] = _start(name, log_dir, dvc)
-                    echo(f"[{_clock(started)}] start {name} (log: {running[name].log})")
+                    gpu = next((g for g in gpus if g not in {j.gpu for j in running.values()}), None) if gpus else None
+                    running[name] = _start(name, log_dir, dvc, gpu)
+                    on = f", GPU {gpu}" if gpu is not None else ""
+                    echo(f"[{_clock(started)}] start {name} (log: {running[name].log}{on})")
                 if failed and not running:
                     break
                 if running and time.monotonic() - last_progress >= PROGRESS_EVERY:
@@ -178,18 +205,20 @@ def _reap(running: dict[str, _Running], clock: str, echo: Callable[[str], None])
     return ended
 
 
-def _start(name: str, log_dir: Path, dvc: tuple[str, ...]) -> _Running:
+def _start(name: str, log_dir: Path, dvc: tuple[str, ...], gpu: str | None = None) -> _Running:
     log = log_dir / f"{name}.log"
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
     with open(log, "wb") as handle:  # the child keeps its own descriptor
         process = subprocess.Popen(
             [*dvc, "--wait-for-lock", "repro", "--single-item", name],
             stdout=handle,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=env,
             start_new_session=True,  # its own process group: a Ctrl-C is forwarded by _stop, to the whole stage
             preexec_fn=_interruptible,
         )
-    return _Running(process, log)
+    return _Running(process, log, gpu)
 
 
 def _stop(running: dict[str, _Running]) -> None:
