@@ -156,7 +156,11 @@ def write_sources(folder: Path) -> Path:
         }
         hub_parquet(folder / "roco" / "data" / f"{split}-00000-of-00001.parquet", rows)
     vqa = {
-        "vqa-rad": {split: demo.vqa_records(split, n, IMAGE_SIZE, SEED) for split, n in (("train", 5), ("test", 4))},
+        # 7 bare questions per image (the demo's test style): 10 % of train holds one whole image, the validation split
+        "vqa-rad": {
+            split: demo.vqa_records("test", n, IMAGE_SIZE, SEED + i)
+            for i, (split, n) in enumerate((("train", 10), ("test", 4)))
+        },
         "path-vqa": {
             split: demo.vqa_records("pathology", 4, IMAGE_SIZE, SEED + i)
             for i, split in enumerate(("train", "validation", "test"))
