@@ -53,6 +53,16 @@ def store_root() -> Path:
     return Path(os.environ["DVC_ROOT"]) if os.environ.get("DVC_ROOT") else find_repo_root()
 
 
+def experiment_copy() -> Path | None:
+    """The real repository when this process runs in a DVC experiment's temporary copy (``dvc exp run --queue`` or
+    ``--temp``: the cwd is under ``.dvc/tmp/exps``, ``$DVC_ROOT`` names the repository); None otherwise."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    if not dvc_root:
+        return None
+    real = Path(dvc_root).resolve()
+    return None if find_repo_root() == real else real
+
+
 def _git(root: Path, *args: str) -> str | None:
     try:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=False)

@@ -1,8 +1,11 @@
 """MLflow tracking for every stage: where the store is, one run per stage invocation, honest run statuses.
 
 Tracking URI precedence: params ``mlflow.tracking_uri`` (explicit, e.g. ``--set mlflow.tracking_uri=...``) >
-``$MLFLOW_TRACKING_URI`` > ``sqlite:///<repo root>/mlflow.db``. For a sqlite store the experiment's artifacts live
-beside the database (``<db folder>/mlartifacts``); both paths are git-ignored.
+``$MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db``; a relative sqlite path is the repository root's (``$DVC_ROOT``
+under DVC), never the cwd's. In a DVC experiment's temporary copy (a queued or ``--temp`` experiment) the environment
+is whoever started the queue's, so only a store pinned in params counts; without one the stage refuses to start.
+For a sqlite store the experiment's artifacts live beside the database (``<db folder>/mlartifacts``); both paths are
+git-ignored.
 
 :func:`tracked_run` logs the resolved config (params and ``config.yaml``) and provenance tags, never secrets, and ends
 the run FINISHED, FAILED (tag ``error``) or KILLED (Ctrl-C, SIGTERM). The experiment is tagged as model training
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from med_idefics.config import ConfigError, Params
-from med_idefics.provenance import provenance_tags, redact, scrub_secrets, store_root
+from med_idefics.provenance import experiment_copy, provenance_tags, redact, scrub_secrets, store_root
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun
@@ -44,6 +47,8 @@ __all__ = [
 ]
 
 DB_FILE = "mlflow.db"
+SQLITE = "sqlite:///"
+DEFAULT_URI = f"{SQLITE}{DB_FILE}"  # relative: the repository root's (anchored by resolve_tracking_uri)
 ARTIFACTS_DIR = "mlartifacts"
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
@@ -69,18 +74,40 @@ def is_main_process() -> bool:
 
 
 def resolve_tracking_uri(params: Params) -> str:
-    if params.mlflow.tracking_uri:
-        return params.mlflow.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{store_root() / DB_FILE}"
+    """The store this process logs to (see the module docstring); a relative sqlite path is anchored at the
+    repository root. In a DVC experiment's temporary copy only a store pinned in params is used, else ConfigError."""
+    uri = params.mlflow.tracking_uri
+    real_repo = experiment_copy()
+    if real_repo is not None and not uri:
+        would = anchor_sqlite(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI, real_repo)
+        shown = DEFAULT_URI if would == anchor_sqlite(DEFAULT_URI, real_repo) else would
+        raise ConfigError(
+            f"this stage runs in a DVC experiment's temporary copy (dvc exp run --queue or --temp; the repository is "
+            f"{real_repo}), where the environment is that of whoever started it (`dvc queue start`), not the one the "
+            "experiment was queued in, so $MLFLOW_TRACKING_URI cannot say where its runs belong. Pin the store in the "
+            f"experiment's params when queuing it: `dvc exp run --queue -S mlflow.tracking_uri={shown} …` "
+            f"(the store this process would have used; `med-idefics tracking-uri` prints the current one)"
+        )
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return anchor_sqlite(uri, real_repo or store_root())
+
+
+def anchor_sqlite(uri: str, root: Path) -> str:
+    """``sqlite:///<relative path>`` → ``sqlite:///<root>/<relative path>``; any other URI unchanged (an absolute
+    path is ``sqlite:////…``)."""
+    if not uri.startswith(SQLITE):
+        return uri
+    path, sep, query = uri.removeprefix(SQLITE).partition("?")
+    if not path or path == ":memory:" or Path(path).is_absolute():
+        return uri
+    return f"{SQLITE}{Path(root).resolve() / path}{sep}{query}"
 
 
 def _artifact_location(uri: str) -> str | None:
     """``<db folder>/mlartifacts`` for a file-backed sqlite store; None (the server decides) for anything else."""
-    if not uri.startswith("sqlite:///"):
+    if not uri.startswith(SQLITE):
         return None
-    db_path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    db_path = uri.removeprefix(SQLITE).split("?", 1)[0]
     if not db_path or db_path == ":memory:":
         return None
     return str(Path(db_path).resolve().parent / ARTIFACTS_DIR)
