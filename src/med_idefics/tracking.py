@@ -43,7 +43,9 @@ __all__ = [
     "resolve_tracking_uri",
     "scrub_secrets",
     "setup_tracking",
+    "sqlite_file",
     "tracked_run",
+    "ui_hint",
 ]
 
 DB_FILE = "mlflow.db"
@@ -103,14 +105,25 @@ def anchor_sqlite(uri: str, root: Path) -> str:
     return f"{SQLITE}{Path(root).resolve() / path}{sep}{query}"
 
 
-def _artifact_location(uri: str) -> str | None:
-    """``<db folder>/mlartifacts`` for a file-backed sqlite store; None (the server decides) for anything else."""
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a file-backed sqlite store; None for anything else (a server, in-memory sqlite)."""
     if not uri.startswith(SQLITE):
         return None
     db_path = uri.removeprefix(SQLITE).split("?", 1)[0]
-    if not db_path or db_path == ":memory:":
-        return None
-    return str(Path(db_path).resolve().parent / ARTIFACTS_DIR)
+    return None if not db_path or db_path == ":memory:" else Path(db_path)
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the store ``uri``: a server's own page, else the command that serves a UI on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri} (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """``<db folder>/mlartifacts`` for a file-backed sqlite store; None (the server decides) for anything else."""
+    db_path = sqlite_file(uri)
+    return None if db_path is None else str(db_path.resolve().parent / ARTIFACTS_DIR)
 
 
 @contextlib.contextmanager
@@ -130,11 +143,18 @@ def _quiet_store_setup() -> Iterator[None]:
 def setup_tracking(params: Params) -> str:
     """Point MLflow at the store and return the id of experiment ``mlflow.experiment``, creating it if needed."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(params)
-    name = params.mlflow.experiment
     mlflow.set_tracking_uri(uri)
+    return ensure_experiment(params.mlflow.experiment, uri)
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The id of experiment ``name`` in the current store (``uri``), created (artifacts beside a sqlite store,
+    tagged as model training) when missing; a deleted one is a ConfigError saying how to restore it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     with _quiet_store_setup():
         experiment = mlflow.get_experiment_by_name(name)
@@ -273,9 +293,14 @@ def tracked_run(
         return
     import mlflow
 
+    from med_idefics.mlflow_project import point_to, project_run_elsewhere, project_source_tags
+
     experiment_id = setup_tracking(params)
     client = mlflow.MlflowClient()
+    project_run = project_run_elsewhere(client, experiment_id)
     all_tags = {**provenance_tags(params.profile, dvc_stage), **{k: str(v) for k, v in (tags or {}).items()}}
+    if project_run is not None:
+        all_tags |= project_source_tags(project_run)
     all_tags = {k: _truncate(v, MAX_TAG_LENGTH) for k, v in scrub_secrets(all_tags).items()}
     run = mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=all_tags
@@ -303,3 +328,5 @@ def tracked_run(
         raise
     finally:
         mlflow.end_run(status)
+        if project_run is not None:
+            point_to(client, project_run, f"{params.mlflow.experiment}/{run_id}")
