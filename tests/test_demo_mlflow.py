@@ -1,8 +1,9 @@
-"""After `make demo`: the variants can be compared where researchers look — the MLflow store at the repo root and
-`dvc exp show`. Each evaluated variant is one MLflow row (its training run, or the base's run) carrying the headline
-metrics with their intervals; evaluation runs keep one predictions table each; datasets are logged inputs; the report
-run holds files, not dozens of metrics; DVC declares only numbers as metrics. Marked `demo` (deselected by `make test`:
-a fresh clone has no pipeline outputs); a missing output fails, naming the command that makes it."""
+"""After `make demo`: the variants can be compared where researchers look — the MLflow store the pipeline logged to
+(`mlflow.db` at the repo root, or the server `$MLFLOW_TRACKING_URI` names) and `dvc exp show`. Each evaluated variant
+is one MLflow row (its training run, or the base's run) carrying the headline metrics with their intervals; evaluation
+runs keep one predictions table each; datasets are logged inputs; the report run holds files, not dozens of metrics;
+DVC declares only numbers as metrics. Marked `demo` (deselected by `make test`: a fresh clone has no pipeline
+outputs); a missing output fails, naming the command that makes it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from med_idefics.data.schema import split_path
 from med_idefics.data.suites import suite_splits
 from med_idefics.files import file_md5
 from med_idefics.results import CI_SUFFIXES, read_json, read_run_info
-from med_idefics.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from med_idefics.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, resolve_tracking_uri, sqlite_file
 
 pytestmark = pytest.mark.demo
 HEADLINE = "closed_accuracy"
@@ -36,10 +37,12 @@ def params(root):
 
 
 @pytest.fixture(scope="module")
-def client(root) -> MlflowClient:
-    db = root / "mlflow.db"
-    assert db.is_file(), f"{db} missing: run `make demo` first"
-    return MlflowClient(tracking_uri=f"sqlite:///{db}")
+def client(params) -> MlflowClient:
+    """The store the pipeline logged to: params mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else mlflow.db."""
+    uri = resolve_tracking_uri(params)
+    db = sqlite_file(uri)
+    assert db is None or db.is_file(), f"{db} missing: run `make demo` first"
+    return MlflowClient(tracking_uri=uri)
 
 
 @pytest.fixture(scope="module")

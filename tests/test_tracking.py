@@ -395,3 +395,27 @@ def test_no_secret_reaches_the_tracking_store(store, params, monkeypatch):
         content = path.read_bytes()
         for secret in (FAKE_TOKEN, "s3cr3t-from-env", "hunter2-long"):
             assert secret.encode() not in content, f"{secret} leaked into {path}"
+
+
+def test_tracking_uri_command_names_the_configured_store_and_make_demo_says_it(repo_root, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from med_idefics.cli import main
+
+    root = tmp_path / "project"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(repo_root / "params.yaml", root / "params.yaml")
+    monkeypatch.chdir(root / "sub")
+    runner = CliRunner()
+    for env, printed, ui in [
+        ({}, f"sqlite:///{root / 'mlflow.db'}", f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}"),
+        ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, "http://127.0.0.1:5000", "http://127.0.0.1:5000 (the"),
+    ]:
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        result = runner.invoke(main, ["tracking-uri", "--params", str(root / "params.yaml")])
+        assert result.exit_code == 0 and result.stdout.strip() == printed, result.output
+        result = runner.invoke(main, ["tracking-uri", "--ui", "--params", str(root / "params.yaml")])
+        assert result.stdout.startswith(ui), result.output
+    demo_recipe = (repo_root / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "$(med-idefics tracking-uri --ui)" in demo_recipe and "sqlite:///" not in demo_recipe
