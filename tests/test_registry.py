@@ -85,7 +85,7 @@ def _versions() -> dict[str, object]:
     return {str(v.version): v for v in MlflowClient().search_model_versions(f"name = '{NAME}'")}
 
 
-def test_register_promote_load_and_predict(trained, tiny_base_dir):
+def test_register_promote_load_and_predict(trained, tiny_base_dir, tmp_path_factory, monkeypatch):
     project = trained
     params = load_params("params.yaml")
     write_metrics(project, "single-stage", 0.60)
@@ -134,6 +134,19 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir):
         result = CliRunner().invoke(main, ["predict", "--image", image, "--question", questions[1]])
         assert result.exit_code == 0, result.output
         assert result.stdout.strip() == expected[1]
+
+    # A registered model carries its config: answered from a directory with no checkout (no params.yaml) at all.
+    nowhere = tmp_path_factory.mktemp("no-checkout")
+    monkeypatch.chdir(nowhere)
+    for model in (f"models:/{NAME}/{two_version}", f"models:/{NAME}@champion"):
+        argv = ["predict", "--model", model, "--image", str(project / "scan.png"), "--question", questions[1]]
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == expected[1]
+    assert list(nowhere.iterdir()) == []  # and nothing written there (no mlflow.db)
+    result = CliRunner().invoke(main, ["predict", "--image", str(project / "scan.png"), "--question", "q"])
+    assert result.exit_code != 0 and "--model" in result.output  # nothing names the model to load: say so
+    monkeypatch.chdir(project)
 
     # Registering again adds nothing; a retrained adapter is a new version.
     assert not any(r.created for r in register(params))
