@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from med_idefics.config import load_params
 from med_idefics.data.schema import split_path
@@ -153,3 +154,22 @@ def test_dvc_exp_show_has_no_string_valued_metric(root):
             checked += 1
     assert checked > 0, "dvc exp show listed no metrics files: run `make demo`"
     assert not strings, strings[:10]
+
+
+def test_the_demo_ends_with_the_champion_the_promotion_rules_choose(root, client, params):
+    """The alias is where `promote` decided (outputs/registry/promotion.json). A store with no champion yet (a fresh
+    clone's) ends with one — the best validation score — unless every version came from uncommitted work, which the
+    decision then names."""
+    decision = read_json(root / "outputs" / "registry" / "promotion.json")
+    reg = params.registry
+    try:
+        champion = str(client.get_model_version_by_alias(reg.model_name, reg.alias).version)
+    except MlflowException:
+        champion = None
+    assert champion == decision["champion_after"], decision["reason"]
+    if decision["champion_before"] is None and decision["rule"] != "uncommitted":
+        assert decision["rule"] == "no-champion" and champion is not None, decision["reason"]
+        best = max(c["value"] for c in decision["candidates"])
+        assert decision["challenger"]["value"] == best and decision["chosen"] == champion
+    if decision["rule"] == "uncommitted":
+        assert "uncommitted" in decision["reason"] or "DVC experiment" in decision["reason"], decision["reason"]

@@ -55,6 +55,9 @@ ARTIFACTS_DIR = "mlartifacts"
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _TRUNCATED = "...[truncated]"
+# What `mlflow run` tags its project run with (source, entry point, git): copied onto a stage run taking its place.
+PROJECT_TAGS = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
+RUN_ID_VAR = "MLFLOW_RUN_ID"
 # MLflow 3's tag for what an experiment is (set by its UI when a user picks the type; read by its assistant). The 3.17
 # UI itself picks pages by its sidebar's GenAI / Model training switch, not by this tag (README: Compare variants).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -293,14 +296,12 @@ def tracked_run(
         return
     import mlflow
 
-    from med_idefics.mlflow_project import point_to, project_run_elsewhere, project_source_tags
-
     experiment_id = setup_tracking(params)
     client = mlflow.MlflowClient()
-    project_run = project_run_elsewhere(client, experiment_id)
+    project_run = _project_run_elsewhere(client, experiment_id)
     all_tags = {**provenance_tags(params.profile, dvc_stage), **{k: str(v) for k, v in (tags or {}).items()}}
     if project_run is not None:
-        all_tags |= project_source_tags(project_run)
+        all_tags |= _project_source_tags(project_run)
     all_tags = {k: _truncate(v, MAX_TAG_LENGTH) for k, v in scrub_secrets(all_tags).items()}
     run = mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=all_tags
@@ -329,4 +330,37 @@ def tracked_run(
     finally:
         mlflow.end_run(status)
         if project_run is not None:
-            point_to(client, project_run, f"{params.mlflow.experiment}/{run_id}")
+            _point_to(client, project_run, f"{params.mlflow.experiment}/{run_id}")
+
+
+def _project_run_elsewhere(client, experiment_id: str):
+    """The run ``mlflow run`` opened for this entry point (``$MLFLOW_RUN_ID``) when it is not in ``experiment_id``
+    (``mlflow run /path`` from outside the checkout: Default, see :mod:`med_idefics.mlflow_project`). A run cannot
+    change experiment: the variable is taken out of the environment, so that ``mlflow.start_run`` opens a run of the
+    stage's own instead of adopting that one. None when there is none, or it is to be adopted."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = os.environ.get(RUN_ID_VAR)
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # in another store: `mlflow run` ends it; the stage logs where its params say
+        del os.environ[RUN_ID_VAR]
+        return None
+    if run.info.experiment_id == experiment_id:
+        return None
+    del os.environ[RUN_ID_VAR]
+    return run
+
+
+def _project_source_tags(project_run) -> dict[str, str]:
+    tags = {k: v for k, v in project_run.data.tags.items() if k.startswith(PROJECT_TAGS)}
+    return tags | {"mlflow_project_run_id": project_run.info.run_id}
+
+
+def _point_to(client, project_run, moved_to: str) -> None:
+    """Tag the project run with where its stage logged (``<experiment>/<run id>``); `mlflow run` ends it."""
+    client.set_tag(project_run.info.run_id, "moved_to", moved_to)
+    note = f"This `mlflow run` logged in experiment {moved_to}; pass --experiment-name to open it there directly."
+    client.set_tag(project_run.info.run_id, "mlflow.note.content", note)

@@ -54,16 +54,25 @@ def register_command(variants, outputs_dir, metrics_dir, records_dir, dvc_stage,
     is_flag=True,
     help="Print what promotion would decide (e.g. with --set registry.metric=closed_accuracy); move and tag nothing.",
 )
+@click.option(
+    "--allow-uncommitted",
+    is_flag=True,
+    help="Let versions made in a DVC experiment or from a dirty tree be promoted (params registry.allow_uncommitted).",
+)
 @params_options
-def promote_command(predictions_dir, out, dvc_stage, dry_run, params) -> None:
-    """Give the best evaluated version (params registry.suite / registry.metric) the alias registry.alias, if it
-    beats the current one."""
-    from med_idefics.registry import promote
+def promote_command(predictions_dir, out, dvc_stage, dry_run, allow_uncommitted, params) -> None:
+    """Move the alias registry.alias on evidence: to the best evaluated version (params registry.suite /
+    registry.metric) when there is no champion, or when the paired test says it beats the champion (p < 0.05)."""
+    from med_idefics.promotion import describe, promote
 
+    if allow_uncommitted:
+        params.registry.allow_uncommitted = True
     decision = promote(params, Path(predictions_dir), dvc_stage, dry_run=dry_run)
     prefix = "dry run, nothing moved: " if dry_run else ""
-    alias = f"{params.registry.alias} → {decision['champion_after']}"
-    click.echo(f"{prefix}{decision['outcome']}: {decision['reason']} ({alias})")
+    first, *evidence = describe(decision)
+    click.echo(f"{prefix}{first} ({params.registry.alias} → {decision['champion_after']})")
+    for line in evidence:
+        click.echo(line)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(decision, indent=2) + "\n")
