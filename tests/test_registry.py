@@ -349,16 +349,25 @@ def test_register_records_where_a_version_came_from(trained, monkeypatch):
     write_metrics(project, "two-stage", 0.75)  # a rerun changed a tracked output: still a committed state
     (project / "dvc.lock").write_text((project / "dvc.lock").read_text() + "\n")
     params = load_params("params.yaml")
+    params_yaml = project / "params.yaml"
+    params_yaml.write_text(params_yaml.read_text() + "# edited\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "queued-lr")
+    (stray,) = register(params, ["two-stage"])
+    tags = _versions()[stray.version].tags
+    assert tags["git_dirty"] == "true" and tags["dvc_exp_name"] == "queued-lr"
+
+    _git(project, "checkout", "params.yaml")  # the experiment applied and committed: the same package, registered again
+    monkeypatch.delenv("DVC_EXP_NAME")
     (clean,) = register(params, ["two-stage"])
     head = _git(project, "rev-parse", "HEAD").strip()
-    assert {k: clean.tags[k] for k in COMMITTED} == {"git_commit": head, "git_dirty": "false", "dvc_exp_name": "none"}
-    assert _versions()[clean.version].tags["git_commit"] == head
+    assert clean.version == stray.version and not clean.created
+    expected = {"git_commit": head, "git_dirty": "false", "dvc_exp_name": "none"}
+    assert {k: _versions()[clean.version].tags[k] for k in COMMITTED} == expected
 
-    (project / "params.yaml").write_text((project / "params.yaml").read_text() + "# edited\n")
-    monkeypatch.setenv("DVC_EXP_NAME", "queued-lr")
-    (again,) = register(params, ["two-stage"])  # the same package: its tags refreshed from where it stands now
-    tags = _versions()[again.version].tags
-    assert tags["git_dirty"] == "true" and tags["dvc_exp_name"] == "queued-lr"
+    params_yaml.write_text(params_yaml.read_text() + "# edited again\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "queued-lr-2")  # a later experiment reproducing it: still the committed one
+    register(params, ["two-stage"])
+    assert {k: _versions()[clean.version].tags[k] for k in COMMITTED} == expected
 
 
 def test_concurrent_promotions_leave_one_consistent_champion(project):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from med_idefics.config import ConfigError, Params
-from med_idefics.provenance import NONE, uncommitted
+from med_idefics.provenance import NONE, SOURCE_TAGS, uncommitted
 from med_idefics.registry import PREDICTIONS_DIR, number, retry_write, set_version_tag, versions
 
 PROMOTED, KEPT, NO_CANDIDATE = "promoted", "kept", "no-candidate"
@@ -64,7 +64,7 @@ def candidate(model_version, suite: str, metric: str) -> Candidate | None:
     return Candidate(str(model_version.version), tags.get("variant", "?"), value,
                      number(tags.get(f"{suite}.{metric}_ci_low")), number(tags.get(f"{suite}.{metric}_ci_high")),
                      None if eval_run in (None, NONE) else eval_run,
-                     *(tags.get(k, NONE) for k in ("git_commit", "git_dirty", "dvc_exp_name")))  # fmt: skip
+                     *(tags.get(k, NONE) for k in SOURCE_TAGS))  # fmt: skip
 
 
 def promote(

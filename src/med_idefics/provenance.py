@@ -109,6 +109,9 @@ def _written_by_pipeline(path: str, outputs: set[str]) -> bool:
     return any(path == out or path.startswith(f"{out}/") for out in outputs)
 
 
+SOURCE_TAGS = ("git_commit", "git_dirty", "dvc_exp_name")
+
+
 def source_state(root: Path | None = None) -> dict[str, str]:
     """``git_commit``, ``git_dirty`` and ``dvc_exp_name`` (``none`` outside ``dvc exp run``): what a run or a
     registered version was made from."""
@@ -120,7 +123,7 @@ def source_state(root: Path | None = None) -> dict[str, str]:
 def uncommitted(state: dict[str, str]) -> str | None:
     """Why ``state`` (:func:`source_state`'s tags; missing ones unknown) is not a committed state, or None when it
     is: made in a DVC experiment (queued or run, not yet applied and committed), from a dirty tree, or outside git."""
-    commit, dirty, experiment = (state.get(k, NONE) for k in ("git_commit", "git_dirty", "dvc_exp_name"))
+    commit, dirty, experiment = (state.get(k, NONE) for k in SOURCE_TAGS)
     if experiment != NONE:
         return f"made in DVC experiment {experiment!r}"
     if commit == NONE or dirty == NONE:

@@ -8,7 +8,8 @@ run ``register-<variant>``) and tags the version with its variant, training run,
 (same ``package_sha256``) gets its tags refreshed instead of a new version.
 
 Each version also records where it was made (:func:`med_idefics.provenance.source_state`: ``git_commit``,
-``git_dirty``, ``dvc_exp_name``), refreshed when the same package is registered again, from a committed tree say.
+``git_dirty``, ``dvc_exp_name``): registered again, the same package takes the new state when that is a committed one
+(an experiment applied and committed), and keeps a committed one it had (a later experiment reproducing it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from med_idefics import results
 from med_idefics.config import ConfigError, Params
-from med_idefics.provenance import redact, source_state
+from med_idefics.provenance import NONE, SOURCE_TAGS, redact, source_state, uncommitted
 
 OUTPUTS_DIR = Path("outputs")
 METRICS_DIR, PREDICTIONS_DIR = Path(results.METRICS_DIR), Path(results.PREDICTIONS_DIR)
@@ -99,9 +100,12 @@ def register_variant(params: Params, variant: str, outputs_dir: Path, metrics_di
     same = ("variant", "package_sha256")
     existing = [v for v in versions(client, name) if all(v.tags.get(k) == tags[k] for k in same)]
     if existing:
-        version = str(min(existing, key=lambda v: int(v.version)).version)
-        _tag_version(client, name, version, tags, description)
-        return Registration(variant, version, False, tags)
+        first = min(existing, key=lambda v: int(v.version))
+        made = {k: first.tags.get(k, NONE) for k in SOURCE_TAGS}
+        if uncommitted(tags) and not uncommitted(made):  # the same package, made from a commit before: keep that
+            tags |= made
+        _tag_version(client, name, str(first.version), tags, description)
+        return Registration(variant, str(first.version), False, tags)
     run_tags = {"variant": variant, "training_run_id": training_run or "none"}
     run_name = f"register-{variant}"
     with tempfile.TemporaryDirectory() as staging, tracked_run(params, run_name, run_tags, dvc_stage=dvc_stage):
