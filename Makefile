@@ -20,7 +20,7 @@ demo: venv ## Run the demo profile end to end, offline on CPU: demo data, the DV
 	# `dvc repro`, DEMO_JOBS independent stages at a time; each stage's log in outputs/logs/
 	med-idefics repro --jobs $(DEMO_JOBS)
 	$(MAKE) --no-print-directory demo-check
-	@echo "Results: reports/results.md · MLflow UI: mlflow ui --backend-store-uri sqlite:///mlflow.db"
+	@echo "Results: reports/results.md · MLflow: $$(med-idefics tracking-uri --ui)"
 
 test: venv ## Run the offline test-suite (no network, no GPU), two workers
 	pytest -q -n 2 -m "not demo and not paper_smoke and not slow"

@@ -1,8 +1,9 @@
-"""After `make demo`: the variants can be compared where researchers look — the MLflow store at the repo root and
-`dvc exp show`. Each evaluated variant is one MLflow row (its training run, or the base's run) carrying the headline
-metrics with their intervals; evaluation runs keep one predictions table each; datasets are logged inputs; the report
-run holds files, not dozens of metrics; DVC declares only numbers as metrics. Marked `demo` (deselected by `make test`:
-a fresh clone has no pipeline outputs); a missing output fails, naming the command that makes it."""
+"""After `make demo`: the variants can be compared where researchers look — the MLflow store the pipeline logged to
+(`mlflow.db` at the repo root, or the server `$MLFLOW_TRACKING_URI` names) and `dvc exp show`. Each evaluated variant
+is one MLflow row (its training run, or the base's run) carrying the headline metrics with their intervals; evaluation
+runs keep one predictions table each; datasets are logged inputs; the report run holds files, not dozens of metrics;
+DVC declares only numbers as metrics. Marked `demo` (deselected by `make test`: a fresh clone has no pipeline
+outputs); a missing output fails, naming the command that makes it."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from med_idefics.config import load_params
 from med_idefics.data.schema import split_path
 from med_idefics.data.suites import suite_splits
 from med_idefics.files import file_md5
 from med_idefics.results import CI_SUFFIXES, base_run_folder, read_json, read_run_info
-from med_idefics.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from med_idefics.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, resolve_tracking_uri, sqlite_file
 
 pytestmark = pytest.mark.demo
 HEADLINE = "closed_accuracy"
@@ -36,10 +38,12 @@ def params(root):
 
 
 @pytest.fixture(scope="module")
-def client(root) -> MlflowClient:
-    db = root / "mlflow.db"
-    assert db.is_file(), f"{db} missing: run `make demo` first"
-    return MlflowClient(tracking_uri=f"sqlite:///{db}")
+def client(params) -> MlflowClient:
+    """The store the pipeline logged to: params mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else mlflow.db."""
+    uri = resolve_tracking_uri(params)
+    db = sqlite_file(uri)
+    assert db is None or db.is_file(), f"{db} missing: run `make demo` first"
+    return MlflowClient(tracking_uri=uri)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +154,22 @@ def test_dvc_exp_show_has_no_string_valued_metric(root):
             checked += 1
     assert checked > 0, "dvc exp show listed no metrics files: run `make demo`"
     assert not strings, strings[:10]
+
+
+def test_the_demo_ends_with_the_champion_the_promotion_rules_choose(root, client, params):
+    """The alias is where `promote` decided (outputs/registry/promotion.json). A store with no champion yet (a fresh
+    clone's) ends with one — the best validation score — unless every version came from uncommitted work, which the
+    decision then names."""
+    decision = read_json(root / "outputs" / "registry" / "promotion.json")
+    reg = params.registry
+    try:
+        champion = str(client.get_model_version_by_alias(reg.model_name, reg.alias).version)
+    except MlflowException:
+        champion = None
+    assert champion == decision["champion_after"], decision["reason"]
+    if decision["champion_before"] is None and decision["rule"] != "uncommitted":
+        assert decision["rule"] == "no-champion" and champion is not None, decision["reason"]
+        best = max(c["value"] for c in decision["candidates"])
+        assert decision["challenger"]["value"] == best and decision["chosen"] == champion
+    if decision["rule"] == "uncommitted":  # e.g. `make demo` on a tree with uncommitted changes: it says how to go on
+        assert "--allow-uncommitted" in decision["reason"] and decision["left_out"], decision["reason"]

@@ -139,3 +139,36 @@ def test_mlflow_run_evaluate_entry_point_with_its_empty_default_name(project, re
 
     metrics = json.loads((project / "outputs/mlproject/metrics/base/med-halt.json").read_text())
     assert metrics["n"] == 1 and read_run_info(project / "outputs/mlproject/metrics/base")["variant"] == "base"
+
+
+def test_mlflow_run_without_an_experiment_name_logs_into_the_projects_experiment(project, repo_root):
+    """`mlflow run . -e promote` as the README writes it (no --experiment-name): the project run opens in
+    `med-idefics` and is the stage's run; from outside the checkout MLflow opens it in Default, and the stage logs
+    its run in `med-idefics` all the same, the project run pointing there."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    for name in ("MLproject", "conda.yaml"):
+        shutil.copy(repo_root / name, project / name)
+    client = MlflowClient()
+
+    def mlflow_run(cwd: Path) -> None:
+        command = [str(BIN / "mlflow"), "run", str(project), "-e", "promote", "--env-manager", "local"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env_with_venv(), cwd=cwd)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    mlflow_run(project)
+    (run,) = _runs("promote")
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.source.type"] == "PROJECT"
+    assert run.data.tags["mlflow.project.entryPoint"] == "promote" and "mlflow_project_run_id" not in run.data.tags
+    assert not client.search_runs(["0"], run_view_type=ViewType.ALL)  # nothing in Default
+
+    elsewhere = project.parent / "elsewhere"
+    elsewhere.mkdir()
+    mlflow_run(elsewhere)
+    (second,) = [r for r in _runs("promote") if r.info.run_id != run.info.run_id]
+    assert second.info.status == "FINISHED" and second.data.tags["mlflow.project.entryPoint"] == "promote"
+    (project_run,) = client.search_runs(["0"], run_view_type=ViewType.ALL)
+    assert second.data.tags["mlflow_project_run_id"] == project_run.info.run_id
+    assert project_run.info.status == "FINISHED"
+    assert project_run.data.tags["moved_to"] == f"med-idefics/{second.info.run_id}"

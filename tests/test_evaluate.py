@@ -259,3 +259,43 @@ def test_the_base_is_a_tracked_run_that_its_evaluations_attach_to(workspace, rep
     for key in ("exact_match", "exact_match_ci_low", "exact_match_ci_high"):
         assert row[f"vqa-rad/{key}"] == pytest.approx(scores[key])
     assert read_run_info(tmp_path / "metrics" / "base")["training_run_id"] == base_run.info.run_id
+
+
+def test_evaluating_again_what_was_evaluated_changes_nothing(params, tmp_path, monkeypatch):
+    """After `dvc pull` a clone has the outputs and the store has their runs: evaluating again answers the same, so
+    it keeps the recorded evaluation run — no second run, run_info.json byte-identical, nothing for DVC to redo. An
+    evaluation whose recorded run is not in this store (another server), or that answers otherwise, is a new run."""
+    from med_idefics.evaluate import EvalRequest, evaluate
+    from med_idefics.tracking import setup_tracking
+
+    request = EvalRequest("two-stage", ["vqa-rad"], predictions_dir=tmp_path / "pred", metrics_dir=tmp_path / "m")
+    evaluate(params, request)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    recorded = read_run_info(tmp_path / "m" / "two-stage")["eval_runs"]["vqa-rad"]
+    client, experiment_id = MlflowClient(), setup_tracking(params)
+
+    evaluate(params, request)
+    assert {p: p.read_bytes() for p in files} == before
+    assert [r.info.run_id for r in client.search_runs([experiment_id], "tags.variant = 'two-stage'")] == [recorded]
+
+    store = tmp_path / "other-store" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    evaluate(params, request)  # the recorded run means nothing in this store
+    (elsewhere,) = MlflowClient().search_runs([setup_tracking(params)], "tags.variant = 'two-stage'")
+    assert read_run_info(tmp_path / "m" / "two-stage")["eval_runs"]["vqa-rad"] == elsewhere.info.run_id != recorded
+
+    fewer_tokens = replace_eval(params, max_new_tokens=1)
+    evaluate(fewer_tokens, request)  # other answers: a new evaluation
+    runs = MlflowClient().search_runs([setup_tracking(params)], "tags.variant = 'two-stage'")
+    latest = read_run_info(tmp_path / "m" / "two-stage")["eval_runs"]["vqa-rad"]
+    assert len(runs) == 2 and latest != elsewhere.info.run_id
+
+
+def replace_eval(params, **changes):
+    import copy
+    from dataclasses import replace
+
+    changed = copy.deepcopy(params)
+    changed.eval = replace(changed.eval, **changes)
+    return changed

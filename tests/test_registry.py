@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from pydicom.data import get_testdata_file
@@ -20,7 +21,8 @@ from med_idefics.cli.registry import predict_command  # noqa: F401  (registers t
 from med_idefics.config import ConfigError, load_params
 from med_idefics.data.images import normalize_image, to_png_bytes
 from med_idefics.predictions import write_predictions
-from med_idefics.registry import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote, register
+from med_idefics.promotion import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote
+from med_idefics.registry import register
 from med_idefics.results import write_run_info
 from med_idefics.tracking import setup_tracking
 
@@ -60,14 +62,23 @@ def write_metrics(
 @pytest.fixture
 def project(tmp_path, repo_root, tiny_base_dir, monkeypatch):
     """A tmp project (the cwd): params.yaml on the tiny base."""
-    import yaml
 
     monkeypatch.chdir(tmp_path)
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["model"]["base_dir"] = str(tiny_base_dir)
     params["eval"] |= {"max_new_tokens": 4, "batch_size": 4, "bootstrap_resamples": 200}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "params.yaml")
+    _git(tmp_path, "commit", "-qm", "params")
     return tmp_path
+
+
+def _git(root: Path, *args: str) -> str:
+    import subprocess
+
+    identity = ["-c", "user.email=t@t", "-c", "user.name=t"]
+    return subprocess.run(["git", "-C", str(root), *identity, *args], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture
@@ -101,7 +112,7 @@ def test_register_never_loads_the_model_and_logs_the_signature_only(trained, mon
         assert [c.name for c in info.signature.outputs.inputs] == ["answer"]
 
 
-def test_register_promote_load_and_predict(trained, tiny_base_dir):
+def test_register_promote_load_and_predict(trained, tiny_base_dir, tmp_path_factory, monkeypatch):
     project = trained
     params = load_params("params.yaml")
     write_metrics(project, "single-stage", 0.60)
@@ -151,6 +162,19 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir):
         assert result.exit_code == 0, result.output
         assert result.stdout.strip() == expected[1]
 
+    # A registered model carries its config: answered from a directory with no checkout (no params.yaml) at all.
+    nowhere = tmp_path_factory.mktemp("no-checkout")
+    monkeypatch.chdir(nowhere)
+    for model in (f"models:/{NAME}/{two_version}", f"models:/{NAME}@champion"):
+        argv = ["predict", "--model", model, "--image", str(project / "scan.png"), "--question", questions[1]]
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == expected[1]
+    assert list(nowhere.iterdir()) == []  # and nothing written there (no mlflow.db)
+    result = CliRunner().invoke(main, ["predict", "--image", str(project / "scan.png"), "--question", "q"])
+    assert result.exit_code != 0 and "--model" in result.output  # nothing names the model to load: say so
+    monkeypatch.chdir(project)
+
     # Registering again adds nothing; a retrained adapter is a new version.
     assert not any(r.created for r in register(params))
     assert len(_versions()) == 2
@@ -165,14 +189,23 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir):
     assert promote(params)["champion_after"] == two_version
 
 
+COMMITTED = {"git_commit": "0123abc", "git_dirty": "false", "dvc_exp_name": "none"}
+
+
 def _fake_version(
-    client: MlflowClient, variant: str, closed_accuracy: float | None, eval_run_id: str | None = None, paper=None
+    client: MlflowClient,
+    variant: str,
+    closed_accuracy: float | None,
+    eval_run_id: str | None = None,
+    paper=None,
+    provenance: dict[str, str] = COMMITTED,
 ):
     """A version with the tags `register` writes (no model behind it: promotion reads only the registry):
-    ``closed_accuracy`` the strict one, ``paper`` the paper's (default: the same)."""
+    ``closed_accuracy`` the strict one, ``paper`` the paper's (default: the same); ``provenance`` where it came from
+    (default: a committed tree, no DVC experiment)."""
     with mlflow.start_run(run_name=f"fake-{variant}", experiment_id=setup_tracking(load_params("params.yaml"))) as run:
         pass
-    tags, suite = {"variant": variant}, SELECTION_SUITE
+    tags, suite = {"variant": variant, **provenance}, SELECTION_SUITE
     if closed_accuracy is not None:
         tags |= {
             f"{suite}.closed_accuracy_strict": repr(closed_accuracy),
@@ -199,7 +232,7 @@ def _status(client: MlflowClient) -> dict[str, str | None]:
 
 
 def test_promotion_needs_evidence_beats_the_champion_and_is_idempotent(project):
-    params, client = load_params("params.yaml"), MlflowClient()
+    params, client = load_params("params.yaml", ["registry.require_significance=false"]), MlflowClient()
     unevaluated = _fake_version(client, "two-stage", None)
     assert promote(params)["outcome"] == NO_CANDIDATE
     with pytest.raises(mlflow.exceptions.MlflowException):
@@ -253,7 +286,7 @@ def test_promotion_on_validation_needs_a_validation_split_and_a_dry_run_moves_no
 
 
 def test_promotion_ranks_on_strict_closed_accuracy_not_the_papers_substring_test(project):
-    params, client = load_params("params.yaml"), MlflowClient()
+    params, client = load_params("params.yaml", ["registry.require_significance=false"]), MlflowClient()
     assert params.registry.metric == "closed_accuracy_strict"
     honest = _fake_version(client, "single-stage", 0.70)
     yes_no_to_everything = _fake_version(client, "two-stage", 0.0, paper=1.0)  # "yes no": perfect for the paper
@@ -261,33 +294,111 @@ def test_promotion_ranks_on_strict_closed_accuracy_not_the_papers_substring_test
     assert decision["chosen"] == honest and yes_no_to_everything != honest
 
 
-def test_significance_required_promotes_only_on_a_significant_paired_test(project):
-    params = load_params("params.yaml", ["registry.require_significance=true"])
+def test_by_default_the_champion_moves_only_on_a_significant_paired_test(project):
+    params = load_params("params.yaml")
+    assert params.registry.require_significance and not params.registry.allow_uncommitted  # the shipped defaults
     client = MlflowClient()
     champion = _fake_version(client, "single-stage", 0.50, _eval_run([True] * 20 + [False] * 20))
-    promote(params)
+    first = promote(params)
+    assert first["outcome"] == PROMOTED and first["rule"] == "no-champion"
     # 2 more right answers out of 40: better, but McNemar p = 0.5
     slightly = _fake_version(client, "two-stage", 0.55, _eval_run([True] * 22 + [False] * 18))
     decision = promote(params)
-    assert decision["outcome"] == KEPT and decision["chosen"] == slightly
-    assert decision["test"].get("p_value") == pytest.approx(0.5), decision["test"]
-    assert not decision["test"]["significant"]
+    assert decision["outcome"] == KEPT and decision["rule"] == "not-significant" and decision["chosen"] == slightly
+    assert decision["p_value"] == pytest.approx(0.5) and not decision["test"]["significant"]
+    # the decision records both sides: score, commit, dirty state, DVC experiment
+    assert decision["challenger"]["version"] == slightly and decision["challenger"]["value"] == 0.55
+    assert decision["champion"]["version"] == champion and decision["champion"]["value"] == 0.50
+    for side in ("challenger", "champion"):
+        assert {k: decision[side][k] for k in COMMITTED} == COMMITTED
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
-    assert client.get_model_version(NAME, slightly).tags["promotion.status"] == "challenger"
+    tags = client.get_model_version(NAME, slightly).tags
+    assert tags["promotion.status"] == "challenger" and tags["promotion.rule"] == "not-significant"
+    assert tags["promotion.p_value"] == "0.5" and tags["promotion.champion_score"] == "0.5"
+    result = CliRunner().invoke(main, ["promote", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("dry run, nothing moved: kept by rule not-significant:"), result.output
+    assert "p=0.5" in result.stdout and "commit 0123abc" in result.stdout, result.output
     # 18 more right answers: p < 0.05
     clearly = _fake_version(client, "two-stage-n300", 0.95, _eval_run([True] * 38 + [False] * 2))
     decision = promote(params)
-    assert decision["outcome"] == PROMOTED and decision["chosen"] == clearly and decision["test"]["p_value"] < 0.05
-    assert float(client.get_model_version(NAME, clearly).tags["promotion.p_value"]) < 0.05
+    assert decision["outcome"] == PROMOTED and decision["rule"] == "significant" and decision["chosen"] == clearly
+    assert (
+        decision["p_value"] < 0.05 and float(client.get_model_version(NAME, clearly).tags["promotion.p_value"]) < 0.05
+    )
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == clearly
+
+
+@pytest.mark.parametrize(
+    "provenance",
+    [{**COMMITTED, "dvc_exp_name": "queued-lr", "git_dirty": "true"}, {**COMMITTED, "git_dirty": "true"},
+     {**COMMITTED, "git_commit": "none"}],
+    ids=["dvc-experiment", "dirty-tree", "outside-git"],
+)  # fmt: skip
+def test_a_version_from_uncommitted_work_is_registered_but_not_promoted_unless_asked(project, provenance):
+    params, client = load_params("params.yaml"), MlflowClient()
+    champion = _fake_version(client, "single-stage", 0.50, _eval_run([True] * 20 + [False] * 20))
+    promote(params)
+    stray = _fake_version(client, "two-stage", 0.95, _eval_run([True] * 38 + [False] * 2), provenance=provenance)
+    decision = promote(params)
+    assert decision["outcome"] == KEPT and decision["rule"] == "uncommitted" and decision["chosen"] == stray
+    assert [c["version"] for c in decision["left_out"]] == [stray]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
+    assert "--allow-uncommitted" in client.get_model_version(NAME, stray).tags["promotion.reason"]
+    result = CliRunner().invoke(main, ["promote", "--dry-run"])
+    assert result.stdout.startswith("dry run, nothing moved: kept by rule uncommitted:"), result.output
+    result = CliRunner().invoke(main, ["promote", "--allow-uncommitted"])  # asked: the evidence decides
+    assert result.exit_code == 0 and "promoted by rule significant" in result.stdout, result.output
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == stray
+
+
+def test_register_records_where_a_version_came_from(trained, monkeypatch):
+    """Commit, dirty state and DVC experiment on each version: the pipeline's own outputs (dvc.lock, DVC outs) do not
+    make a tree dirty, an edited params.yaml does; DVC_EXP_NAME names the experiment."""
+    project = trained
+    write_metrics(project, "two-stage", 0.7)
+    outs = [f"metrics/two-stage/{name}" for name in ("validation.json", "vqa-rad.json", "run_info.json")]
+    lock = {"schema": "2.0", "stages": {"evaluate@two-stage": {"outs": [{"path": path} for path in outs]}}}
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock))
+    _git(project, "add", "dvc.lock", "metrics")
+    _git(project, "commit", "-qm", "results")
+    write_metrics(project, "two-stage", 0.75)  # a rerun changed a tracked output: still a committed state
+    (project / "dvc.lock").write_text((project / "dvc.lock").read_text() + "\n")
+    params = load_params("params.yaml")
+    params_yaml = project / "params.yaml"
+    params_yaml.write_text(params_yaml.read_text() + "# edited\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "queued-lr")
+    (stray,) = register(params, ["two-stage"])
+    tags = _versions()[stray.version].tags
+    assert tags["git_dirty"] == "true" and tags["dvc_exp_name"] == "queued-lr"
+
+    _git(project, "checkout", "params.yaml")  # the experiment applied and committed: the same package, registered again
+    monkeypatch.delenv("DVC_EXP_NAME")
+    (clean,) = register(params, ["two-stage"])
+    head = _git(project, "rev-parse", "HEAD").strip()
+    assert clean.version == stray.version and not clean.created
+    expected = {"git_commit": head, "git_dirty": "false", "dvc_exp_name": "none"}
+    assert {k: _versions()[clean.version].tags[k] for k in COMMITTED} == expected
+
+    params_yaml.write_text(params_yaml.read_text() + "# edited again\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "queued-lr-2")  # a later experiment reproducing it: still the committed one
+    register(params, ["two-stage"])
+    assert {k: _versions()[clean.version].tags[k] for k in COMMITTED} == expected
 
 
 def test_concurrent_promotions_leave_one_consistent_champion(project):
+    """Two promotions at once, under the default rules: the alias ends on the version they choose, the significantly
+    better one; an uncommitted version scoring higher still is left out by both."""
     params, client = load_params("params.yaml"), MlflowClient()
-    values = [0.61, 0.74, 0.70, 0.52]
-    versions = [_fake_version(client, "two-stage-n0", values[0])]
+    right = {0.61: 24, 0.74: 38, 0.70: 27, 0.52: 21}  # of 40 questions, each set a prefix of the next: paired
+    versions = [_fake_version(client, "two-stage-n0", 0.61, _eval_run([True] * 24 + [False] * 16))]
     assert promote(params)["champion_after"] == versions[0]  # a champion to replace
-    versions += [_fake_version(client, f"two-stage-n{i}", value) for i, value in enumerate(values[1:], start=1)]
-    best = versions[values.index(max(values))]
+    for i, value in enumerate((0.74, 0.70, 0.52), start=1):
+        correct = [True] * right[value] + [False] * (40 - right[value])
+        versions.append(_fake_version(client, f"two-stage-n{i}", value, _eval_run(correct)))
+    best = versions[1]
+    stray = {**COMMITTED, "dvc_exp_name": "queued-lr"}
+    _fake_version(client, "two-stage-n9", 0.99, _eval_run([True] * 40), provenance=stray)
     barrier, errors, decisions = threading.Barrier(2), [], []
 
     def run():

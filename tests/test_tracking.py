@@ -266,12 +266,47 @@ def test_tracking_uri_precedence(params, tmp_path, monkeypatch):
     (root / "params.yaml").write_text("profile: demo\n")
     monkeypatch.chdir(root / "deep" / "er")
     assert resolve_tracking_uri(params) == f"sqlite:///{root / 'mlflow.db'}"
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "dvc-root"))  # dvc exp run --temp: the real repository
-    assert resolve_tracking_uri(params) == f"sqlite:///{tmp_path / 'dvc-root' / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from-env.db")
-    assert resolve_tracking_uri(params) == "sqlite:///from-env.db"
+    monkeypatch.setenv("DVC_ROOT", str(root))  # dvc repro: DVC names the repository the stage runs in
+    assert resolve_tracking_uri(params) == f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/from-env.db")
+    assert resolve_tracking_uri(params) == "sqlite:////elsewhere/from-env.db"
     params.mlflow.tracking_uri = "http://tracking.example:5000"
     assert resolve_tracking_uri(params) == "http://tracking.example:5000"
+
+
+def test_a_relative_sqlite_uri_is_anchored_at_the_repository_root(params, tmp_path, monkeypatch):
+    """`sqlite:///mlflow.db` (the README's form) names the repository's store from any directory, never the cwd's."""
+    root = tmp_path / "project"
+    (root / "sub").mkdir(parents=True)
+    (root / "params.yaml").write_text("profile: demo\n")
+    monkeypatch.chdir(root / "sub")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert resolve_tracking_uri(params) == f"sqlite:///{root / 'mlflow.db'}"
+    params.mlflow.tracking_uri = "sqlite:///stores/team.db?timeout=30"
+    assert resolve_tracking_uri(params) == f"sqlite:///{root / 'stores/team.db'}?timeout=30"
+    for unchanged in ("sqlite:////abs/mlflow.db", "sqlite:///:memory:", "postgresql+psycopg2://u@h/db"):
+        params.mlflow.tracking_uri = unchanged
+        assert resolve_tracking_uri(params) == unchanged
+
+
+def test_an_experiment_copy_uses_only_the_store_pinned_in_its_params(params, tmp_path, monkeypatch):
+    """A queued (or --temp) DVC experiment runs in a copy whose environment is `dvc queue start`'s, not the one it
+    was queued in: unless its params pin the store, it refuses to start and says how to pin it."""
+    repo, copy = tmp_path / "repo", tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    (repo / "params.yaml").write_text("profile: demo\n")
+    (copy / "params.yaml").write_text("profile: demo\n")
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    with pytest.raises(ConfigError, match=r"-S mlflow\.tracking_uri=sqlite:///mlflow\.db"):
+        resolve_tracking_uri(params)  # queued without a store in mind: the default one, but it must be said
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team:5000")
+    with pytest.raises(ConfigError, match=r"dvc queue start.*-S mlflow\.tracking_uri=http://team:5000"):
+        resolve_tracking_uri(params)
+    params.mlflow.tracking_uri = "sqlite:///mlflow.db"  # pinned when queued: the repository's store, not the copy's
+    assert resolve_tracking_uri(params) == f"sqlite:///{repo / 'mlflow.db'}"
+    params.mlflow.tracking_uri = "http://team:5000"
+    assert resolve_tracking_uri(params) == "http://team:5000"
 
 
 def test_default_store_and_artifacts_sit_at_the_repo_root(params, tmp_path, template_db, monkeypatch):
@@ -360,3 +395,27 @@ def test_no_secret_reaches_the_tracking_store(store, params, monkeypatch):
         content = path.read_bytes()
         for secret in (FAKE_TOKEN, "s3cr3t-from-env", "hunter2-long"):
             assert secret.encode() not in content, f"{secret} leaked into {path}"
+
+
+def test_tracking_uri_command_names_the_configured_store_and_make_demo_says_it(repo_root, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from med_idefics.cli import main
+
+    root = tmp_path / "project"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(repo_root / "params.yaml", root / "params.yaml")
+    monkeypatch.chdir(root / "sub")
+    runner = CliRunner()
+    for env, printed, ui in [
+        ({}, f"sqlite:///{root / 'mlflow.db'}", f"mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}"),
+        ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, "http://127.0.0.1:5000", "http://127.0.0.1:5000 (the"),
+    ]:
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        result = runner.invoke(main, ["tracking-uri", "--params", str(root / "params.yaml")])
+        assert result.exit_code == 0 and result.stdout.strip() == printed, result.output
+        result = runner.invoke(main, ["tracking-uri", "--ui", "--params", str(root / "params.yaml")])
+        assert result.stdout.startswith(ui), result.output
+    demo_recipe = (repo_root / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "$(med-idefics tracking-uri --ui)" in demo_recipe and "sqlite:///" not in demo_recipe

@@ -203,7 +203,8 @@ class RegistryConfig:
     alias: str
     suite: str
     metric: str
-    require_significance: bool
+    require_significance: bool  # the champion moves only when the paired test says the candidate is better
+    allow_uncommitted: bool  # versions from uncommitted work (DVC experiments, dirty trees) may be promoted
 
 
 @dataclass

@@ -12,7 +12,10 @@ only), the run ids in ``<metrics_dir>/<variant>/run_info.json`` (:mod:`med_idefi
 ``eval-<variant>-<suite>`` with the suite's splits as dataset inputs and the predictions as a table
 (``predictions.json``: question, answer, prediction, correct). When the run that made the variant — its training run,
 or the base's run — is in the store, the evaluation runs nest under it and it gets the suite's headline metrics as
-``<suite>/<metric>`` (with ``_ci_low``/``_ci_high``): one row per variant in the MLflow runs table.
+``<suite>/<metric>`` (with ``_ci_low``/``_ci_high``): one row per variant in the MLflow runs table. Evaluating again
+what is already evaluated — the same answers and scores as the files hold, whose recorded run is in this store (a
+clone after ``dvc pull``, a forced rerun) — keeps that run and changes no file: no duplicate run, no new run id for DVC
+to see.
 
 A variant is ``base``; a name whose adapter is ``<outputs_dir>/<name>/adapter`` (``outputs/`` unless the request
 says; ``single-stage``, ``two-stage``, sweep points such as ``two-stage-n500``); or an adapter reference — anything
@@ -23,6 +26,7 @@ every other character than letters, digits, ``.``, ``_`` and ``-`` turned into `
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -188,10 +192,25 @@ def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
 
 
 def evaluate_suite(params, request, target: Target, suite: Suite, model, processor, parent: str | None) -> SuiteResult:
-    """One suite as one tracked run: generate, score, write the two files, log them."""
+    """One suite: generate and score; then, unless that reproduces the evaluation already recorded (see
+    :func:`_reproduces_recorded`), write the two files and log them as one tracked run."""
     from med_idefics.predictions import write_predictions
     from med_idefics.tracking import log_params, tracked_run
 
+    raws = generate_answers(
+        model,
+        processor,
+        suite.records,
+        suite.prefix,
+        params.eval.batch_size,
+        params.eval.max_new_tokens,
+        description=f"{target.name}/{suite.name}",
+    )
+    rows = prediction_rows(suite, raws)
+    metrics = suite_metrics(suite.name, rows, params)
+    where = (target.name, suite.name)
+    predictions_path = results.predictions_path(request.predictions_dir, *where)
+    metrics_path = results.metrics_path(request.metrics_dir, *where)
     tags = {
         "variant": target.name,
         "suite": suite.name,
@@ -200,24 +219,14 @@ def evaluate_suite(params, request, target: Target, suite: Suite, model, process
         "precision": precision_tag(params),
         "vqa_split": split_name(params.data.vqa),
     }
+    if _reproduces_recorded(request.metrics_dir / target.name, tags, rows, metrics, predictions_path, metrics_path):
+        return SuiteResult(metrics, predictions_path, metrics_path)
     run_name = f"eval-{target.name}-{suite.name}"
     with tracked_run(params, run_name, tags=tags, parent_run_id=parent, dvc_stage=request.dvc_stage) as run:
         if run is not None:
             log_params({"precision": tags["precision"]}, run.info.run_id)
-        raws = generate_answers(
-            model,
-            processor,
-            suite.records,
-            suite.prefix,
-            params.eval.batch_size,
-            params.eval.max_new_tokens,
-            description=f"{target.name}/{suite.name}",
-        )
-        rows = prediction_rows(suite, raws)
-        metrics = suite_metrics(suite.name, rows, params)
-        where = (target.name, suite.name)
-        predictions_path = write_predictions(results.predictions_path(request.predictions_dir, *where), rows)
-        metrics_path = write_json(results.metrics_path(request.metrics_dir, *where), metrics)
+        write_predictions(predictions_path, rows)
+        write_json(metrics_path, metrics)
         eval_run = run.info.run_id if run is not None else None
         info = {"variant": target.name, "training_run_id": target.training_run_id, "eval_runs": {suite.name: eval_run}}
         results.write_run_info(request.metrics_dir / target.name, info)
@@ -229,6 +238,30 @@ def evaluate_suite(params, request, target: Target, suite: Suite, model, process
             if parent is not None:  # the variant's row in the runs table: its headline numbers as <suite>/<metric>
                 log_metrics_to(parent, results.headline(suite.name, metrics))
     return SuiteResult(metrics, predictions_path, metrics_path)
+
+
+def _reproduces_recorded(variant_metrics: Path, tags: Mapping, rows, metrics, predictions_path, metrics_path) -> bool:
+    """True when the files already hold exactly these answers and scores and the evaluation run recorded beside them
+    is in this store, finished, with the same tags (variant, suite, training run, precision, …). Evaluating again
+    what a pulled clone already has then changes nothing: a second run would only be a duplicate, and a new run id in
+    ``run_info.json`` would make DVC redo every stage downstream (``dvc status`` would no longer be clean)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from med_idefics.predictions import WRITTEN_FIELDS, PredictionsError, read_predictions
+
+    recorded = results.eval_run_id(variant_metrics.parent, variant_metrics.name, tags["suite"])
+    if not recorded or not predictions_path.is_file() or not metrics_path.is_file():
+        return False
+    try:
+        same_rows = read_predictions(predictions_path) == [{k: row[k] for k in WRITTEN_FIELDS} for row in rows]
+        same_metrics = results.read_json(metrics_path) == json.loads(json.dumps(metrics))
+        run = MlflowClient().get_run(recorded)
+    except (PredictionsError, results.ResultsError, MlflowException):
+        return False
+    same_run = run.info.status == "FINISHED" and run.info.lifecycle_stage == "active"
+    same_run = same_run and all(run.data.tags.get(key) == str(value) for key, value in tags.items())
+    return same_rows and same_metrics and same_run
 
 
 def _parent_run(training_run_id: str | None, experiment_id: str) -> str | None:

@@ -16,6 +16,7 @@ import yaml
 from med_idefics.config import PARAMS_FILE
 
 DATA_DVC_FILE = "data.dvc"
+DVC_LOCK_FILE = "dvc.lock"
 NONE = "none"  # tag value for "not available", so that `tags.x = 'none'` is searchable in MLflow
 
 # Environment DVC gives a stage command (dvc 3.x: dvc/stage/run.py, dvc/repo/experiments/queue/base.py).
@@ -53,6 +54,16 @@ def store_root() -> Path:
     return Path(os.environ["DVC_ROOT"]) if os.environ.get("DVC_ROOT") else find_repo_root()
 
 
+def experiment_copy() -> Path | None:
+    """The real repository when this process runs in a DVC experiment's temporary copy (``dvc exp run --queue`` or
+    ``--temp``: the cwd is under ``.dvc/tmp/exps``, ``$DVC_ROOT`` names the repository); None otherwise."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    if not dvc_root:
+        return None
+    real = Path(dvc_root).resolve()
+    return None if find_repo_root() == real else real
+
+
 def _git(root: Path, *args: str) -> str | None:
     try:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=False)
@@ -66,9 +77,60 @@ def git_commit(root: Path) -> str:
 
 
 def git_dirty(root: Path) -> str:
-    """ "true" when tracked files differ from HEAD (untracked files do not count), "false", or "none" outside git."""
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return NONE if status is None else str(bool(status)).lower()
+    """ "true" when tracked files differ from HEAD, "false", or "none" outside git. Untracked files do not count, nor
+    what the pipeline itself writes — ``dvc.lock``, the outputs it lists, ``.gitignore`` entries DVC adds — so that a
+    ``dvc repro`` of a committed tree is still a committed state when its later stages run."""
+    changed = _git(root, "diff", "--name-only", "HEAD", "--")  # staged or not; None outside git or before a commit
+    if changed is None:
+        return NONE
+    outputs = pipeline_outputs(root)
+    return str(any(not _written_by_pipeline(path, outputs) for path in changed.splitlines() if path)).lower()
+
+
+def pipeline_outputs(root: Path) -> set[str]:
+    """The output paths ``<root>/dvc.lock`` records (files or folders, relative to the root)."""
+    try:
+        lock = yaml.safe_load((root / DVC_LOCK_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return set()
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    return {
+        str(out["path"]).rstrip("/")
+        for stage in (stages or {}).values()
+        if isinstance(stage, dict)
+        for out in stage.get("outs") or []
+        if isinstance(out, dict) and out.get("path")
+    }
+
+
+def _written_by_pipeline(path: str, outputs: set[str]) -> bool:
+    if path == DVC_LOCK_FILE or Path(path).name == ".gitignore":
+        return True
+    return any(path == out or path.startswith(f"{out}/") for out in outputs)
+
+
+SOURCE_TAGS = ("git_commit", "git_dirty", "dvc_exp_name")
+
+
+def source_state(root: Path | None = None) -> dict[str, str]:
+    """``git_commit``, ``git_dirty`` and ``dvc_exp_name`` (``none`` outside ``dvc exp run``): what a run or a
+    registered version was made from."""
+    root = root or find_repo_root()
+    return {"git_commit": git_commit(root), "git_dirty": git_dirty(root),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or NONE}  # fmt: skip
+
+
+def uncommitted(state: dict[str, str]) -> str | None:
+    """Why ``state`` (:func:`source_state`'s tags; missing ones unknown) is not a committed state, or None when it
+    is: made in a DVC experiment (queued or run, not yet applied and committed), from a dirty tree, or outside git."""
+    commit, dirty, experiment = (state.get(k, NONE) for k in SOURCE_TAGS)
+    if experiment != NONE:
+        return f"made in DVC experiment {experiment!r}"
+    if commit == NONE or dirty == NONE:
+        return "made outside git (no commit to reproduce it from)"
+    if dirty != "false":
+        return f"made from uncommitted changes to commit {commit[:8]}"
+    return None
 
 
 def data_md5(root: Path) -> str:

@@ -1,8 +1,11 @@
 """MLflow tracking for every stage: where the store is, one run per stage invocation, honest run statuses.
 
 Tracking URI precedence: params ``mlflow.tracking_uri`` (explicit, e.g. ``--set mlflow.tracking_uri=...``) >
-``$MLFLOW_TRACKING_URI`` > ``sqlite:///<repo root>/mlflow.db``. For a sqlite store the experiment's artifacts live
-beside the database (``<db folder>/mlartifacts``); both paths are git-ignored.
+``$MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db``; a relative sqlite path is the repository root's (``$DVC_ROOT``
+under DVC), never the cwd's. In a DVC experiment's temporary copy (a queued or ``--temp`` experiment) the environment
+is whoever started the queue's, so only a store pinned in params counts; without one the stage refuses to start.
+For a sqlite store the experiment's artifacts live beside the database (``<db folder>/mlartifacts``); both paths are
+git-ignored.
 
 :func:`tracked_run` logs the resolved config (params and ``config.yaml``) and provenance tags, never secrets, and ends
 the run FINISHED, FAILED (tag ``error``) or KILLED (Ctrl-C, SIGTERM). The experiment is tagged as model training
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from med_idefics.config import ConfigError, Params
-from med_idefics.provenance import provenance_tags, redact, scrub_secrets, store_root
+from med_idefics.provenance import experiment_copy, provenance_tags, redact, scrub_secrets, store_root
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun
@@ -40,14 +43,21 @@ __all__ = [
     "resolve_tracking_uri",
     "scrub_secrets",
     "setup_tracking",
+    "sqlite_file",
     "tracked_run",
+    "ui_hint",
 ]
 
 DB_FILE = "mlflow.db"
+SQLITE = "sqlite:///"
+DEFAULT_URI = f"{SQLITE}{DB_FILE}"  # relative: the repository root's (anchored by resolve_tracking_uri)
 ARTIFACTS_DIR = "mlartifacts"
 MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 _TRUNCATED = "...[truncated]"
+# What `mlflow run` tags its project run with (source, entry point, git): copied onto a stage run taking its place.
+PROJECT_TAGS = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
+RUN_ID_VAR = "MLFLOW_RUN_ID"
 # MLflow 3's tag for what an experiment is (set by its UI when a user picks the type; read by its assistant). The 3.17
 # UI itself picks pages by its sidebar's GenAI / Model training switch, not by this tag (README: Compare variants).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -69,21 +79,54 @@ def is_main_process() -> bool:
 
 
 def resolve_tracking_uri(params: Params) -> str:
-    if params.mlflow.tracking_uri:
-        return params.mlflow.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{store_root() / DB_FILE}"
+    """The store this process logs to (see the module docstring); a relative sqlite path is anchored at the
+    repository root. In a DVC experiment's temporary copy only a store pinned in params is used, else ConfigError."""
+    uri = params.mlflow.tracking_uri
+    real_repo = experiment_copy()
+    if real_repo is not None and not uri:
+        would = anchor_sqlite(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI, real_repo)
+        shown = DEFAULT_URI if would == anchor_sqlite(DEFAULT_URI, real_repo) else would
+        raise ConfigError(
+            f"this stage runs in a DVC experiment's temporary copy (dvc exp run --queue or --temp; the repository is "
+            f"{real_repo}), where the environment is that of whoever started it (`dvc queue start`), not the one the "
+            "experiment was queued in, so $MLFLOW_TRACKING_URI cannot say where its runs belong. Pin the store in the "
+            f"experiment's params when queuing it: `dvc exp run --queue -S mlflow.tracking_uri={shown} …` "
+            f"(the store this process would have used; `med-idefics tracking-uri` prints the current one)"
+        )
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return anchor_sqlite(uri, real_repo or store_root())
+
+
+def anchor_sqlite(uri: str, root: Path) -> str:
+    """``sqlite:///<relative path>`` → ``sqlite:///<root>/<relative path>``; any other URI unchanged (an absolute
+    path is ``sqlite:////…``)."""
+    if not uri.startswith(SQLITE):
+        return uri
+    path, sep, query = uri.removeprefix(SQLITE).partition("?")
+    if not path or path == ":memory:" or Path(path).is_absolute():
+        return uri
+    return f"{SQLITE}{Path(root).resolve() / path}{sep}{query}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a file-backed sqlite store; None for anything else (a server, in-memory sqlite)."""
+    if not uri.startswith(SQLITE):
+        return None
+    db_path = uri.removeprefix(SQLITE).split("?", 1)[0]
+    return None if not db_path or db_path == ":memory:" else Path(db_path)
+
+
+def ui_hint(uri: str) -> str:
+    """How to look at the store ``uri``: a server's own page, else the command that serves a UI on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri} (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def _artifact_location(uri: str) -> str | None:
     """``<db folder>/mlartifacts`` for a file-backed sqlite store; None (the server decides) for anything else."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db_path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if not db_path or db_path == ":memory:":
-        return None
-    return str(Path(db_path).resolve().parent / ARTIFACTS_DIR)
+    db_path = sqlite_file(uri)
+    return None if db_path is None else str(db_path.resolve().parent / ARTIFACTS_DIR)
 
 
 @contextlib.contextmanager
@@ -103,11 +146,18 @@ def _quiet_store_setup() -> Iterator[None]:
 def setup_tracking(params: Params) -> str:
     """Point MLflow at the store and return the id of experiment ``mlflow.experiment``, creating it if needed."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(params)
-    name = params.mlflow.experiment
     mlflow.set_tracking_uri(uri)
+    return ensure_experiment(params.mlflow.experiment, uri)
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The id of experiment ``name`` in the current store (``uri``), created (artifacts beside a sqlite store,
+    tagged as model training) when missing; a deleted one is a ConfigError saying how to restore it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     with _quiet_store_setup():
         experiment = mlflow.get_experiment_by_name(name)
@@ -248,7 +298,10 @@ def tracked_run(
 
     experiment_id = setup_tracking(params)
     client = mlflow.MlflowClient()
+    project_run = _project_run_elsewhere(client, experiment_id)
     all_tags = {**provenance_tags(params.profile, dvc_stage), **{k: str(v) for k, v in (tags or {}).items()}}
+    if project_run is not None:
+        all_tags |= _project_source_tags(project_run)
     all_tags = {k: _truncate(v, MAX_TAG_LENGTH) for k, v in scrub_secrets(all_tags).items()}
     run = mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=all_tags
@@ -276,3 +329,38 @@ def tracked_run(
         raise
     finally:
         mlflow.end_run(status)
+        if project_run is not None:
+            _point_to(client, project_run, f"{params.mlflow.experiment}/{run_id}")
+
+
+def _project_run_elsewhere(client, experiment_id: str):
+    """The run ``mlflow run`` opened for this entry point (``$MLFLOW_RUN_ID``) when it is not in ``experiment_id``
+    (``mlflow run /path`` from outside the checkout: Default, see :mod:`med_idefics.mlflow_project`). A run cannot
+    change experiment: the variable is taken out of the environment, so that ``mlflow.start_run`` opens a run of the
+    stage's own instead of adopting that one. None when there is none, or it is to be adopted."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = os.environ.get(RUN_ID_VAR)
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:  # in another store: `mlflow run` ends it; the stage logs where its params say
+        del os.environ[RUN_ID_VAR]
+        return None
+    if run.info.experiment_id == experiment_id:
+        return None
+    del os.environ[RUN_ID_VAR]
+    return run
+
+
+def _project_source_tags(project_run) -> dict[str, str]:
+    tags = {k: v for k, v in project_run.data.tags.items() if k.startswith(PROJECT_TAGS)}
+    return tags | {"mlflow_project_run_id": project_run.info.run_id}
+
+
+def _point_to(client, project_run, moved_to: str) -> None:
+    """Tag the project run with where its stage logged (``<experiment>/<run id>``); `mlflow run` ends it."""
+    client.set_tag(project_run.info.run_id, "moved_to", moved_to)
+    note = f"This `mlflow run` logged in experiment {moved_to}; pass --experiment-name to open it there directly."
+    client.set_tag(project_run.info.run_id, "mlflow.note.content", note)

@@ -10,6 +10,7 @@ from med_idefics.cli import (  # noqa: F401
     report,
     repro,
     score,
+    tracking,
     train,
 )
 from med_idefics.cli.app import main, run_main

@@ -43,6 +43,33 @@ def params_options(func):
     return wrapper
 
 
+def optional_params_options(func):
+    """As :func:`params_options`, for a command that can do without a checkout: ``params`` is None when there is no
+    params.yaml here and no ``--params`` was given (``--set`` then has nothing to override: an error)."""
+
+    @click.option(
+        "--params",
+        "params_file",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help=f"The params file (default: {PARAMS_FILE} when there is one here; none is needed).",
+    )
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one params key.")
+    @functools.wraps(func)
+    def wrapper(*args, params_file: str | None, overrides: tuple[str, ...], **kwargs):
+        from pathlib import Path
+
+        from med_idefics.config import load_params
+
+        if params_file is None and not Path(PARAMS_FILE).is_file():
+            if overrides:
+                raise ConfigError(f"--set {overrides[0]}: there is no {PARAMS_FILE} here to override; pass --params")
+            return func(*args, params=None, **kwargs)
+        return func(*args, params=load_params(params_file or PARAMS_FILE, list(overrides)), **kwargs)
+
+    return wrapper
+
+
 def run_main() -> None:
     """Entry point: turn the project's own user errors into a one-line message and exit status 2."""
     from med_idefics.data.schema import DatasetError

@@ -1,0 +1,270 @@
+"""Stage: promotion. The alias ``registry.alias`` (champion) of ``registry.model_name`` moves only on evidence.
+
+The candidates are the versions that carry ``<registry.suite>.<registry.metric>`` (the validation split by default) —
+a version without evaluation metrics never is one. :func:`decide` applies these rules in order, and the decision
+names the one that decided (``rule``):
+
+- ``no-evidence``: no version has the metric; nothing moves.
+- ``uncommitted``: versions made from uncommitted work (:func:`med_idefics.provenance.uncommitted`: in a DVC
+  experiment not yet applied and committed, from a dirty tree, outside git) are registered but left out, unless
+  ``registry.allow_uncommitted`` (``promote --allow-uncommitted``); the rule decides when one of them scored best.
+- ``no-champion``: there is no champion yet; the best candidate becomes it.
+- ``already-champion``: the best candidate is the champion.
+- ``champion-unevaluated``: the champion has no evidence on the suite; the best candidate replaces it.
+- ``significant`` / ``not-significant`` / ``no-paired-test``: with ``registry.require_significance`` (the default), the
+  best candidate replaces the champion only when the paired test of :func:`med_idefics.metrics.compare` on the two
+  versions' predictions (McNemar for closed accuracy) says it is better, p < 0.05; ``better-score`` without it.
+
+Ties keep the champion, else the earliest version. The decision — both sides' scores, commit, dirty state and DVC
+experiment, the p-value — is recorded as ``promotion.*`` tags on the chosen version and as ``promotion.json`` in an
+MLflow run ``promote``. It is a function of the registry's contents, so concurrent promotions agree; the alias is set
+before any tag, registry writes are retried when a concurrent writer races them, and every run re-derives the
+``promotion.status`` tags from where the alias points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from med_idefics.config import ConfigError, Params
+from med_idefics.provenance import NONE, SOURCE_TAGS, uncommitted
+from med_idefics.registry import PREDICTIONS_DIR, number, retry_write, set_version_tag, versions
+
+PROMOTED, KEPT, NO_CANDIDATE = "promoted", "kept", "no-candidate"
+CHAMPION_STATUS = "champion"
+ALPHA = 0.05  # med_idefics.metrics' significance level, which `significant` in its paired tests is computed at
+
+
+@dataclass(frozen=True)
+class Candidate:
+    version: str
+    variant: str
+    value: float
+    ci_low: float | None
+    ci_high: float | None
+    eval_run_id: str | None
+    git_commit: str
+    git_dirty: str
+    dvc_exp_name: str
+
+    @property
+    def uncommitted(self) -> str | None:
+        return uncommitted(asdict(self))
+
+
+def candidate(model_version, suite: str, metric: str) -> Candidate | None:
+    """The version's evidence on ``suite``/``metric`` and where it was made, or None when it has no evidence."""
+    tags = model_version.tags
+    value = number(tags.get(f"{suite}.{metric}"))
+    if value is None:
+        return None
+    eval_run = tags.get(f"{suite}.eval_run_id")
+    return Candidate(str(model_version.version), tags.get("variant", "?"), value,
+                     number(tags.get(f"{suite}.{metric}_ci_low")), number(tags.get(f"{suite}.{metric}_ci_high")),
+                     None if eval_run in (None, NONE) else eval_run,
+                     *(tags.get(k, NONE) for k in SOURCE_TAGS))  # fmt: skip
+
+
+def promote(
+    params: Params, predictions_dir: Path = PREDICTIONS_DIR, dvc_stage: str | None = None, dry_run: bool = False
+) -> dict[str, Any]:
+    """Move ``registry.alias`` as the rules say; returns the decision.
+
+    ``dry_run``: decide and return the decision, but move no alias, write no tag and start no run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from med_idefics.tracking import setup_tracking, tracked_run
+
+    check_selection_suite(params)
+    setup_tracking(params)
+    client, reg = MlflowClient(), params.registry
+    registered = versions(client, reg.model_name)
+    candidates = sorted(filter(None, (candidate(v, reg.suite, reg.metric) for v in registered)), key=_version_number)
+    decision = decide(candidates, _alias_target(client, reg.model_name, reg.alias), params, Path(predictions_dir))
+    if dry_run:
+        return decision | {"dry_run": True, "run_id": None, "champion_after": decision["champion_before"]}
+    run_tags = {
+        "model_name": reg.model_name,
+        "alias": reg.alias,
+        "outcome": decision["outcome"],
+        "rule": decision["rule"],
+    }
+    with tracked_run(params, "promote", run_tags, dvc_stage=dvc_stage) as run:
+        decision["run_id"] = run.info.run_id if run is not None else None
+        if decision["outcome"] == PROMOTED:
+            retry_write(client.set_registered_model_alias, reg.model_name, reg.alias, decision["chosen"])
+        decision["champion_after"] = _alias_target(client, reg.model_name, reg.alias)
+        _record(client, reg.model_name, registered, decision)
+        if run is not None:
+            mlflow.log_dict(decision, "promotion.json")
+    return decision
+
+
+def check_selection_suite(params: Params) -> None:
+    """Promotion ranks on ``registry.suite``; the ``validation`` suite exists only when the config carves one."""
+    from med_idefics.data.suites import VALIDATION, has_validation
+
+    if params.registry.suite == VALIDATION and not has_validation(params):
+        raise ConfigError(
+            f"registry.suite is {VALIDATION}, but data.vqa.validation_fraction is 0: there is no validation split to "
+            "choose a model on. Set data.vqa.validation_fraction > 0 (e.g. 0.1) and rerun training and evaluation."
+        )
+
+
+def decide(candidates: list[Candidate], champion: str | None, params: Params, predictions_dir: Path) -> dict:
+    """The decision as a JSON-able dict: ``outcome`` (promoted, kept, no-candidate), ``rule`` (see the module
+    docstring), ``chosen`` (the version that is or becomes champion, or the challenger that was refused),
+    ``reason``, ``challenger`` and ``champion`` (each side's evidence and provenance), ``p_value``, ``left_out``."""
+    reg = params.registry
+    incumbent = next((c for c in candidates if c.version == champion), None)
+    held_back = [c for c in candidates if c.uncommitted and c is not incumbent and not reg.allow_uncommitted]
+    pool = [c for c in candidates if c not in held_back]
+    best = max(pool, key=lambda c: (c.value, c is incumbent, -_version_number(c))) if pool else None
+    better_held_back = [c for c in held_back if best is None or c.value > best.value]
+    decision: dict[str, Any] = {
+        "model_name": reg.model_name, "alias": reg.alias, "suite": reg.suite, "metric": reg.metric,
+        "require_significance": reg.require_significance, "allow_uncommitted": reg.allow_uncommitted,
+        "champion_before": champion, "candidates": [asdict(c) for c in candidates], "test": None, "p_value": None,
+        "champion": asdict(incumbent) if incumbent else None, "challenger": None,
+        "left_out": [asdict(c) | {"why": c.uncommitted} for c in held_back],
+    }  # fmt: skip
+
+    def outcome(result: str, rule: str, chosen: Candidate | None, reason: str) -> dict:
+        if chosen is not None and chosen is not incumbent:
+            decision["challenger"] = asdict(chosen)
+        return decision | {"outcome": result, "rule": rule, "chosen": chosen.version if chosen else champion,
+                           "reason": reason}  # fmt: skip
+
+    if not candidates:
+        reason = f"no version has {reg.suite}.{reg.metric}: register evaluated variants first"
+        return outcome(NO_CANDIDATE, "no-evidence", None, reason)
+    if better_held_back and (best is None or best is incumbent):
+        top = max(better_held_back, key=lambda c: (c.value, -_version_number(c)))
+        stays = f"{reg.alias} stays version {champion}" if champion else f"no version becomes {reg.alias}"
+        reason = (f"{_label(top, reg.metric)} scores best but was {top.uncommitted}; {stays}. Apply and commit the "
+                  "work, register it again (`med-idefics register`), or promote with --allow-uncommitted")  # fmt: skip
+        return outcome(KEPT, "uncommitted", top, reason)
+    label = _label(best, reg.metric)
+    if champion is None:
+        return outcome(PROMOTED, "no-champion", best, f"no {reg.alias} yet; {label}")
+    if best is incumbent:
+        return outcome(KEPT, "already-champion", best, f"{label} is already {reg.alias}")
+    if incumbent is None:
+        reason = f"{reg.alias} version {champion} has no {reg.suite}.{reg.metric}; {label}"
+        return outcome(PROMOTED, "champion-unevaluated", best, reason)
+    test = paired_test(incumbent, best, params, predictions_dir)
+    decision |= {"test": test, "p_value": test.get("p_value")}
+    against = f"{label} beats {reg.alias} version {champion} ({incumbent.value:.4f})"
+    if not reg.require_significance:
+        return outcome(PROMOTED, "better-score", best, f"{against}; registry.require_significance is off")
+    if test.get("significant") is None:
+        why = f"{against}, but the paired test was not possible: {test.get('error', 'no paired questions')}"
+        return outcome(KEPT, "no-paired-test", best, why)
+    if not (test["significant"] and test.get("diff", 0) > 0):
+        why = f"{against}, but not significantly ({test.get('test')} p={test.get('p_value')}; p < {ALPHA} needed)"
+        return outcome(KEPT, "not-significant", best, why)
+    return outcome(PROMOTED, "significant", best, f"{against}, {test.get('test')} p={test.get('p_value')}")
+
+
+def paired_test(incumbent: Candidate, challenger: Candidate, params: Params, predictions_dir: Path) -> dict:
+    """:func:`med_idefics.metrics.compare` of the two evaluations' predictions on ``registry.metric`` (McNemar for
+    closed accuracy and exact match): ``a``, ``b``, ``diff``, its interval, ``p_value``, ``significant``; or
+    ``{"error": why}`` when there is nothing to pair."""
+    from med_idefics.metrics import compare
+    from med_idefics.predictions import PredictionsError
+
+    suite, metric = params.registry.suite, params.registry.metric
+    try:
+        rows = [_predictions(c, suite, predictions_dir) for c in (incumbent, challenger)]
+        missing = [c.version for c, r in zip((incumbent, challenger), rows, strict=True) if r is None]
+        if missing:
+            return {"error": f"no {suite} predictions found for version(s) {missing}"}
+        result = compare(rows[0], rows[1], seed=params.eval.seed, resamples=params.eval.bootstrap_resamples)
+    except PredictionsError as err:
+        return {"error": str(err)}
+    return result.get(metric) or {"error": f"{metric} has no paired test"}
+
+
+def _predictions(c: Candidate, suite: str, predictions_dir: Path) -> list[dict] | None:
+    """The predictions the candidate's evaluation run logged; the local file only when no run is recorded."""
+    from med_idefics.predictions import read_predictions
+
+    if c.eval_run_id:
+        import mlflow
+
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=c.eval_run_id, artifact_path=f"predictions/{suite}.jsonl")
+        except Exception:  # mlflow raises several types for a missing run or artifact
+            return None
+        return read_predictions(path)
+    local = predictions_dir / c.variant / f"{suite}.jsonl"
+    return read_predictions(local) if local.is_file() else None
+
+
+def _record(client, name: str, registered: list, decision: dict) -> None:
+    """``promotion.*`` tags on the chosen version; ``promotion.status`` re-derived on every version that claims it."""
+    champion = decision["champion_after"]
+    if decision["chosen"] is not None:
+        listing = "; ".join(
+            f"v{c['version']} {c['variant']} {c['value']:.4f} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
+            for c in decision["candidates"]
+        )
+        tags = {
+            "promotion.outcome": decision["outcome"], "promotion.rule": decision["rule"],
+            "promotion.reason": decision["reason"], "promotion.metric": f"{decision['suite']}.{decision['metric']}",
+            "promotion.compared_with": decision["champion_before"] or NONE,
+            "promotion.champion_score": _fmt((decision["champion"] or {}).get("value")),
+            "promotion.p_value": _fmt(decision["p_value"]), "promotion.candidates": listing,
+            "promotion.run_id": decision["run_id"] or NONE,
+        }  # fmt: skip
+        for key, value in tags.items():
+            set_version_tag(client, name, decision["chosen"], key, value)
+        if decision["chosen"] != champion:
+            set_version_tag(client, name, decision["chosen"], "promotion.status", "challenger")
+    if champion is not None:
+        set_version_tag(client, name, champion, "promotion.status", CHAMPION_STATUS)
+    for v in registered:
+        if v.tags.get("promotion.status") == CHAMPION_STATUS and str(v.version) != champion:
+            set_version_tag(client, name, v.version, "promotion.status", f"replaced by version {champion}")
+
+
+def describe(decision: dict) -> list[str]:
+    """What ``med-idefics promote`` prints: the outcome, the rule that decided and why; then the evidence of each
+    side (score, commit, dirty state, DVC experiment) and the p-value."""
+    lines = [f"{decision['outcome']} by rule {decision['rule']}: {decision['reason']}"]
+    for side in ("challenger", "champion"):
+        c = decision.get(side)
+        if c:
+            where = f"commit {c['git_commit'][:8]}, dirty {c['git_dirty']}, DVC experiment {c['dvc_exp_name']}"
+            lines.append(
+                f"  {side}: version {c['version']} ({c['variant']}) {decision['metric']} {c['value']:.4f}; {where}"
+            )
+    if decision["test"]:
+        lines.append(f"  paired test: {decision['test'].get('test', 'none')} p={_fmt(decision['p_value'])}")
+    lines += [f"  left out: version {c['version']} ({c['variant']}) {c['value']:.4f}, {c['why']}" for c in
+              decision["left_out"]]  # fmt: skip
+    return lines
+
+
+def _label(c: Candidate, metric: str) -> str:
+    return f"version {c.version} ({c.variant}) {metric} {c.value:.4f}"
+
+
+def _alias_target(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:  # no such alias, or no such registered model yet
+        return None
+
+
+def _version_number(c: Candidate) -> int:
+    return int(c.version)
+
+
+def _fmt(value: float | None) -> str:
+    return NONE if value is None else f"{value:.4g}"
