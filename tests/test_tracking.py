@@ -28,6 +28,7 @@ from med_idefics.tracking import (
     log_params,
     log_split_inputs,
     resolve_tracking_uri,
+    seeded_run_name,
     setup_tracking,
     tracked_run,
 )
@@ -89,6 +90,17 @@ def test_params_and_config_are_logged(store, params):
     config = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml"))
     assert yaml.safe_load(config.read_text()) == params.to_dict()
     assert logged.info.artifact_uri.startswith(str(store.parent / "mlartifacts"))  # artifacts beside the sqlite db
+
+
+def test_a_runs_variant_is_a_param_and_its_name_says_the_seed(store, params):
+    """The compare page's "show diff only" lists params: the variant must be one (it is a tag too); a variant's run
+    is named with the seed, so that two seeds' rows and chart bars can be told apart."""
+    with tracked_run(params, seeded_run_name("two-stage", params.seed), tags={"variant": "two-stage"}) as run:
+        pass
+    logged = finished(run.info.run_id)
+    assert logged.info.run_name == "two-stage (seed 42)" == seeded_run_name("two-stage", 42)
+    assert (logged.data.params["variant"], logged.data.params["seed"]) == ("two-stage", "42")
+    assert logged.data.tags["variant"] == "two-stage"
 
 
 def test_long_param_values_are_cut_to_mlflow_limit(store, params):

@@ -14,7 +14,7 @@ from med_idefics.results import (
     VARIANTS,
     ResultsError,
     fmt_metric,
-    headline_names,
+    suite_metric_names,
     load_scores,
     ordered,
 )
@@ -38,7 +38,7 @@ def comparison_tables(metrics_dir: str | Path = METRICS_DIR, suites: list[str] |
     labels = {**METRIC_LABELS, **MED_HALT_LABELS}
     tables = []
     for suite in chosen:
-        names = headline_names(suite)
+        names = suite_metric_names(suite)
         table = Table(title=f"{suite} (95 % bootstrap intervals)", title_justify="left")
         table.add_column("Variant", no_wrap=True)
         table.add_column("n", justify="right")

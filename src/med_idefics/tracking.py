@@ -37,8 +37,10 @@ __all__ = [
     "log_metrics_to",
     "log_params",
     "log_split_inputs",
+    "param_strings",
     "resolve_tracking_uri",
     "scrub_secrets",
+    "seeded_run_name",
     "setup_tracking",
     "tracked_run",
 ]
@@ -129,16 +131,27 @@ def setup_tracking(params: Params) -> str:
     return experiment.experiment_id
 
 
+def seeded_run_name(variant: str, seed: int) -> str:
+    """The name of the run that makes a variant (its training, or the base's build): the variant and the training
+    seed, so that two seeds' rows in the runs table, and their bars in the chart view (whose legend shows run names),
+    can be told apart."""
+    return f"{variant} (seed {seed})"
+
+
 def _truncate(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - len(_TRUNCATED)] + _TRUNCATED
 
 
+def param_strings(mapping: Mapping[str, Any]) -> dict[str, str]:
+    """``mapping`` as MLflow stores it as params: secrets dropped, values stringified and cut to 6000 characters."""
+    return {str(k): _truncate(str(v), MAX_PARAM_LENGTH) for k, v in scrub_secrets(mapping).items()}
+
+
 def log_params(mapping: Mapping[str, Any], run_id: str | None = None) -> dict[str, str]:
-    """Log ``mapping`` as MLflow params: secrets dropped, values stringified and cut to MLflow's 6000 characters.
-    Returns what was logged."""
+    """Log ``mapping`` as MLflow params (:func:`param_strings`). Returns what was logged."""
     import mlflow
 
-    logged = {str(k): _truncate(str(v), MAX_PARAM_LENGTH) for k, v in scrub_secrets(mapping).items()}
+    logged = param_strings(mapping)
     mlflow.log_params(logged, run_id=run_id)
     return logged
 
@@ -258,6 +271,8 @@ def tracked_run(
     try:
         with sigterm_raises():
             log_params(params.flat(), run_id)
+            if all_tags.get("variant"):  # a param too: the compare page's "show diff only" lists params, not tags
+                log_params({"variant": all_tags["variant"]}, run_id)
             mlflow.log_dict(scrub_secrets(params.to_dict()), "config.yaml", run_id=run_id)
             end_stale_runs(experiment_id, detected_by=run_id)
             yield run
