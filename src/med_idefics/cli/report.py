@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
-from med_idefics.cli.app import main, params_options
-from med_idefics.cli.evaluate import SUITE_NAMES
+from med_idefics.cli.app import lazy_params_options, main, params_options
+from med_idefics.cli.evaluate import KNOWN_SUITE_NAMES, SUITE_NAMES
 
 # Defaults repeat med_idefics.report's METRICS_DIR, PREDICTIONS_DIR, REPORT_FILE (kept import-free for a fast --help)
 metrics_dir_option = click.option(
@@ -97,15 +97,41 @@ def review_import_command(
     "--suite",
     "suites",
     multiple=True,
-    type=click.Choice(SUITE_NAMES),
+    type=click.Choice(KNOWN_SUITE_NAMES),
     help="A suite to show (repeatable)  [default: every suite evaluated]",
 )
-def compare_command(metrics_dir: str, suites: tuple[str, ...]) -> None:
-    """Print the evaluated variants side by side: per suite, each headline metric with its 95 % interval."""
+@click.option("--all-metrics", is_flag=True, help="Also a table of the other metrics (F1, BLEU, paper closed acc.).")
+@click.option(
+    "--from-mlflow",
+    is_flag=True,
+    help="Read the tracking store, not metrics/: each variant's headline metrics as mean ± sd over its seeds.",
+)
+@click.option("--any-config", is_flag=True, help="With --from-mlflow: also runs whose params (besides seed) differ.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@lazy_params_options
+def compare_command(
+    metrics_dir: str, suites: tuple[str, ...], all_metrics: bool, from_mlflow: bool, any_config: bool, as_json: bool,
+    load_params,
+) -> None:  # fmt: skip
+    """Print the evaluated variants side by side, per suite, in 80 columns: each headline metric with its 95 %
+    interval and the n it rests on; or, --from-mlflow, over the training seeds in the tracking store."""
+    import json
+
     from rich.console import Console
 
-    from med_idefics.compare import comparison_tables
+    from med_idefics.compare import comparison_json, comparison_tables, seed_tables
 
+    if from_mlflow:
+        tables, data = seed_tables(load_params(), list(suites), any_config)
+    elif as_json:
+        tables, data = [], comparison_json(metrics_dir, list(suites))
+    else:
+        tables, data = comparison_tables(metrics_dir, list(suites), all_metrics), {}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
     console = Console()
-    for table in comparison_tables(metrics_dir, list(suites)):
+    for table in tables:
         console.print(table)
+    if data.get("left_out_note"):
+        click.echo(data["left_out_note"])
