@@ -385,6 +385,7 @@ def test_report_and_compare_over_seeds_from_the_tracking_store(evaluated, params
     text = build_report(params)["report"].read_text()
     seeds = text.split("## Over training seeds\n", 1)[1].split("\n## ", 1)[0]
     assert "Seeds 7, 42" in seeds and "1 runs of another configuration left out" in seeds
+    assert "3 evaluation runs and 1 report runs read from the store" in seeds  # seed 7's; seed 42 from its files
     two_stage = table_row(seeds, "two-stage")
     assert "0.950 ± 0.071 (2)" in two_stage  # EM: 36/40 at seed 7, 40/40 at seed 42
     assert table_row(seeds, "Two-stage vs single-stage", "2 of 2", "7, 42")

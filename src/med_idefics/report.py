@@ -150,6 +150,7 @@ def over_seeds(params: Params, scores: dict, tests: Tested) -> list[str]:
         found = collect(params, list(OVER_SEEDS_SUITES))
     except MlflowException as err:  # the report of this seed stands without the others
         return ["", "## Over training seeds", "", f"{MISSING} the tracking store could not be read: {err}"]
+    read = (sum(len(runs) for runs in found.runs.values()), len(found.claims))  # evaluation and report runs
     for (variant, suite), numbers in scores.items():
         if suite in OVER_SEEDS_SUITES:
             found.values.setdefault((suite, variant), {})[params.seed] = numbers
@@ -161,7 +162,9 @@ def over_seeds(params: Params, scores: dict, tests: Tested) -> list[str]:
     lines = ["", "## Over training seeds", ""]
     lines += [
         f"Seeds {', '.join(map(str, seeds))}: this run's and the tracking store's runs of the same configuration "
-        f"(every param but `seed` equal{left_out}). Each value: mean ± sd over the seeds (how many).",
+        f"(every param but `seed` equal{left_out}): {read[0]} evaluation runs and {read[1]} report runs read from the "
+        "store (their ids: `med-idefics compare --from-mlflow --json`). Each value: mean ± sd over the seeds (how "
+        "many).",
         "",
     ]
     columns = [(suite, short) for suite in OVER_SEEDS_SUITES for short in headline_metrics(suite)]
