@@ -22,6 +22,8 @@ from med_idefics.provenance import scrub_secrets
 from med_idefics.tracking import (
     EXPERIMENT_KIND_TAG,
     MAX_PARAM_LENGTH,
+    OTHER_COLORS,
+    RUN_COLOR_TAG,
     RunTerminated,
     end_stale_runs,
     is_main_process,
@@ -31,6 +33,7 @@ from med_idefics.tracking import (
     seeded_run_name,
     setup_tracking,
     tracked_run,
+    variant_color,
 )
 
 FAKE_TOKEN = "hf_FAKEtoken123456"
@@ -101,6 +104,9 @@ def test_a_runs_variant_is_a_param_and_its_name_says_the_seed(store, params):
     assert logged.info.run_name == "two-stage (seed 42)" == seeded_run_name("two-stage", 42)
     assert (logged.data.params["variant"], logged.data.params["seed"]) == ("two-stage", "42")
     assert logged.data.tags["variant"] == "two-stage"
+    assert logged.data.tags[RUN_COLOR_TAG] == variant_color("two-stage") == "#2ca02c"  # Figure 2's two-stage green
+    sweep = {variant_color(f"two-stage-n{n}") for n in (100, 500, 1000)}
+    assert sweep <= set(OTHER_COLORS) and variant_color("two-stage-n100") == variant_color("two-stage-n100")
 
 
 def test_long_param_values_are_cut_to_mlflow_limit(store, params):

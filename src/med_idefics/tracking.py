@@ -43,6 +43,7 @@ __all__ = [
     "seeded_run_name",
     "setup_tracking",
     "tracked_run",
+    "variant_color",
 ]
 
 DB_FILE = "mlflow.db"
@@ -54,6 +55,12 @@ _TRUNCATED = "...[truncated]"
 # UI itself picks pages by its sidebar's GenAI / Model training switch, not by this tag (README: Compare variants).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The colour MLflow 3's UI draws a run in (table dot, chart bars and lines; what its colour picker writes). A variant's
+# runs get the variant's colour — Figure 2's for the paper's three — so a bar names its variant whatever the seed;
+# MLflow's own colours come from the run id and repeat across variants.
+RUN_COLOR_TAG = "mlflow.runColor"
+VARIANT_COLORS = {"base": "#1f77b4", "single-stage": "#ff7f0e", "two-stage": "#2ca02c"}  # matplotlib C0, C1, C2
+OTHER_COLORS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 class RunTerminated(SystemExit):
@@ -129,6 +136,13 @@ def setup_tracking(params: Params) -> str:
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # an experiment made before, or by someone else
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def variant_color(variant: str) -> str:
+    """The run colour of a variant: :data:`VARIANT_COLORS`, else one of :data:`OTHER_COLORS` by a stable hash."""
+    import zlib
+
+    return VARIANT_COLORS.get(variant) or OTHER_COLORS[zlib.crc32(variant.encode()) % len(OTHER_COLORS)]
 
 
 def seeded_run_name(variant: str, seed: int) -> str:
@@ -262,6 +276,8 @@ def tracked_run(
     experiment_id = setup_tracking(params)
     client = mlflow.MlflowClient()
     all_tags = {**provenance_tags(params.profile, dvc_stage), **{k: str(v) for k, v in (tags or {}).items()}}
+    if all_tags.get("variant"):
+        all_tags.setdefault(RUN_COLOR_TAG, variant_color(all_tags["variant"]))
     all_tags = {k: _truncate(v, MAX_TAG_LENGTH) for k, v in scrub_secrets(all_tags).items()}
     run = mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=all_tags
