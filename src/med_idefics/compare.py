@@ -65,7 +65,10 @@ def _table(title: str, columns: list[str]):
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    # min_width: a narrow table (med-halt's one column) would otherwise wrap its title over two lines
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, min_width=min(len(title), WIDTH)
+    )
     table.add_column("Variant", no_wrap=True)
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
