@@ -269,3 +269,37 @@ def test_half_of_the_training_questions_have_a_general_persona_and_no_test_quest
     assert 0.4 <= len(with_persona) / len(train) <= 0.6
     assert not [q for q in with_persona if "radiologist" in q or "medical" in q]  # never the expert persona
     assert all(q == _bare(q) for q in (r["question"] for r in medium["test"]))
+
+
+QUESTION_TYPES = {  # the template's words → its question_type (VQA-RAD's codes)
+    "is there a lesion?": "PRES",
+    "is the lesion on the": "POS",
+    "which side is the lesion on?": "POS",
+    "is there more than one lesion?": "COUNT",
+    "how many lesions are there?": "COUNT",
+    "is this a": "MODALITY",
+    "is this an": "MODALITY",
+    "what modality is this?": "MODALITY",
+    "what type of image is this?": "MODALITY",
+    "does this image show the": "ORGAN",
+    "which organ is shown?": "ORGAN",
+    "what stain is used?": "ATTRIB",
+}
+
+
+@pytest.mark.parametrize("split", ["train", "test", "pathology"])
+def test_every_vqa_question_carries_its_templates_type(medium, split, tmp_path):
+    """The optional question_type column (the report's accuracy by type): every VQA question has its template's type,
+    it survives the parquet round trip (schema.question_types), and the general domain has none."""
+    from med_idefics.data.schema import question_types
+
+    for record in medium[split]:
+        question = _bare(record["question"])
+        (kind,) = {kind for start, kind in QUESTION_TYPES.items() if question.startswith(start)}
+        assert record["question_type"] == kind, question
+    assert all("question_type" not in record for record in medium["general"])
+    write_demo_dataset(tmp_path, SMALL, PROMPT)
+    stored = question_types(tmp_path, "demo")
+    test = build_demo_splits(SMALL, PROMPT)["test"]
+    assert {record["id"]: record["question_type"] for record in test}.items() <= stored.items()
+    assert not any(key.startswith("demo-general") for key in stored)

@@ -9,7 +9,7 @@ import pytest
 
 from med_idefics.metrics import compare, llava_normalize, score_row, summarize
 from med_idefics.predictions import PredictionsError
-from med_idefics.stats import bootstrap_ci, mcnemar_p, paired_bootstrap_ci
+from med_idefics.stats import bootstrap_ci, holm, mcnemar_p, paired_bootstrap_ci
 
 RESAMPLES = 1000
 
@@ -255,3 +255,10 @@ def test_compare_refuses_different_questions():
         compare(with_ids, [with_ids[0], {**with_ids[1], "id": "9"}], seed=0, resamples=RESAMPLES)
     with pytest.raises(PredictionsError, match="id '0' appears twice"):
         compare(with_ids, [with_ids[0], with_ids[0]], seed=0, resamples=RESAMPLES)
+
+
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 of 4: x4, x3, x2, x1, each at least the one before, at most 1
+    assert holm([0.01, 0.04, 0.03, None, 0.005]) == pytest.approx([0.03, 0.06, 0.06, None, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0] and holm([]) == [] and holm([None]) == [None]
+    assert holm([0.04]) == [0.04]  # one test: nothing to correct

@@ -19,7 +19,7 @@ from med_idefics.data import images as images_module
 from med_idefics.data import schema
 from med_idefics.data.importers import abstention_option, import_dataset
 from med_idefics.data.releases import load_plain_pickle
-from med_idefics.data.schema import DatasetError, read_records, split_path
+from med_idefics.data.schema import DatasetError, question_types, read_records, split_path
 
 PROMPT = "Describe this radiology image."
 
@@ -124,6 +124,8 @@ def test_slake_release_one_language_with_its_labels(tmp_path):
         "Brain",
         "Modality",
     )
+    assert record["question_type"] == "Modality"  # the column the report's accuracy by type reads, every source
+    assert question_types(tmp_path / "en", "slake") == {"1": "MODALITY"}
     import_dataset("slake", tmp_path / "zh", caption_prompt=PROMPT, source=str(folder), lang="zh")
     assert [r["id"] for r in read_records(tmp_path / "zh", "slake", "test")] == ["2"]
     with pytest.raises(DatasetError, match="release"):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import sys
 
 import pytest
+from conftest import REPO_ROOT
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -18,7 +20,7 @@ from med_idefics.config import load_params
 from med_idefics.metrics import summarize
 from med_idefics.plots import Estimate, curves
 from med_idefics.report import build_report
-from med_idefics.results import METRIC_LABELS, ResultsError, write_run_info
+from med_idefics.results import ResultsError, write_run_info
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N = 40  # questions per suite: the first half closed (yes/no), the second open
@@ -105,10 +107,11 @@ def test_report_tables_tests_figures_and_run(evaluated, params):
     assert "no test suite chooses a model" in text
 
     # the Figure-2 table: every variant × suite, values with intervals, "—" for what was not evaluated
-    assert "| Suite | Variant | n | Closed acc. (strict) | EM | F1 | BLEU | Closed acc. (paper) | Open recall |" in text
-    two_stage = table_row(text, "vqa-rad", "two-stage", "40")
+    header = "| Suite | Variant | n (closed/open) | Closed acc. (strict) | EM | F1 | BLEU | Closed acc. (paper) |"
+    assert header + " Open recall |" in text
+    two_stage = table_row(text, "vqa-rad", "two-stage", "40 (20/20)")
     assert two_stage.count("1.000 [1.00, 1.00]") == 6  # strict closed acc., EM, F1, BLEU, paper closed acc., recall
-    base = table_row(text, "vqa-rad", "base", "40")
+    base = table_row(text, "vqa-rad", "base", "40 (20/20)")
     assert re.search(r"\| 0\.500 \[0\.\d\d, 0\.\d\d\] \|", base)  # EM: 10 + 10 of 40 right
     assert table_row(text, "path-vqa", "base", "—").count("—") == 7
     assert not [line for line in text.splitlines() if line.startswith("| vqa-rad | two-stage-n")]  # in Figure 3
@@ -124,7 +127,7 @@ def test_report_tables_tests_figures_and_run(evaluated, params):
     swap = section(text, "Swapped image vs plain (two-stage)")
     for label in ("EM", "F1", "Closed acc. (strict)", "Closed acc. (paper)"):
         assert "+0.000" in table_row(swap, label) and table_row(swap, label).endswith("| no |")
-    assert table_row(swap, "EM").split(" | ")[4] == "1"  # McNemar p without discordant pairs
+    assert table_row(swap, "EM").split(" | ")[5:7] == ["1", "1"]  # McNemar p (and Holm's) without discordant pairs
     assert "not evaluated" in section(text, "Two-stage vs base, out of domain")
 
     # human grades: their own table, never a suite
@@ -144,7 +147,7 @@ def test_report_tables_tests_figures_and_run(evaluated, params):
         [client.get_experiment_by_name(params.mlflow.experiment).experiment_id], "attributes.run_name = 'report'"
     )
     assert run.info.status == "FINISHED"
-    files = {"results.md", "figure2.png", "figure3.png", "paired_tests.json"}
+    files = {"results.md", "figure2.png", "figure3.png", "figure3.csv", "paired_tests.json", "headline.json"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= files
     # the report run holds files and a few counts; each variant's numbers live on its own run
     assert run.data.metrics == {"variants": 5, "suites": 4, "claims_tested": 4}
@@ -158,29 +161,47 @@ def test_report_tables_tests_figures_and_run(evaluated, params):
     assert claims["Two-stage vs base, out of domain"]["not_tested"].startswith("not evaluated")
 
 
-def test_compare_prints_variants_by_headline_metrics_with_intervals(evaluated, monkeypatch):
+def test_compare_fits_80_columns_with_intervals_and_their_n(evaluated, monkeypatch):
+    """In an 80-column terminal: a table per suite, a row per variant, each headline metric as `value [95 % CI]` in
+    one piece, the n it rests on in its header; --all-metrics adds the others; every suite it prints is accepted."""
     from click.testing import CliRunner
 
     from med_idefics.cli.app import main
 
-    monkeypatch.setenv("COLUMNS", "250")  # rich wraps to the terminal width
-    result = CliRunner().invoke(main, ["compare", "--suite", "vqa-rad"], catch_exceptions=False)
+    write_variant(evaluated, "two-stage", "validation", predicted(15))
+    monkeypatch.setenv("COLUMNS", "80")  # rich wraps to the terminal width
+    result = CliRunner().invoke(main, ["compare", "--suite", "vqa-rad", "--all-metrics"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    header = next(line for line in lines if "Variant" in line)
-    positions = [header.index(label) for label in ("Variant", *METRIC_LABELS.values())]  # each one, in order
-    assert positions == sorted(positions)
-    rows = {line.split()[1]: line for line in lines if line.startswith("│") and "Variant" not in line}
+    assert max(map(len, lines)) <= 80, result.output
+    headline, more = (line for line in lines if line.startswith("vqa-rad"))
+    assert headline.startswith("vqa-rad: value [95 % CI]") and more.startswith("vqa-rad (more metrics)")
+    headers = "\n".join(lines[: lines.index(more)])
+    for label in ("Closed (strict)", "EM", "Open recall", "n = 20", "n = 40"):
+        assert label in headers, label
+    rows = {
+        line.split()[0]: line
+        for line in lines[: lines.index(more)]
+        if line.split()[:1] in (["base"], ["single-stage"]) or line.lstrip().startswith("two-stage")
+    }
     assert list(rows) == ["base", "single-stage", "two-stage", "two-stage-n1500", "two-stage-n500"]
-    assert rows["two-stage"].count("1.000 [1.00, 1.00]") == len(METRIC_LABELS)
+    assert rows["two-stage"].count("1.000 [1.00, 1.00]") == 3  # closed, EM, open recall: whole, not wrapped
     assert re.search(r"0\.500 \[0\.\d\d, 0\.\d\d\]", rows["base"])  # EM: 20 of 40 right
+    assert "F1" in result.output.split(more, 1)[1] and "BLEU" in result.output.split(more, 1)[1]
 
-    halt = CliRunner().invoke(main, ["compare", "--suite", "med-halt"], catch_exceptions=False).output
+    validation = CliRunner().invoke(main, ["compare", "--suite", "validation"], catch_exceptions=False)
+    assert validation.exit_code == 0 and "0.750 [" in validation.output  # 15 + 15 of 40 right
+    halt = CliRunner().invoke(main, ["compare", "--suite", "med-halt", "--all-metrics"], catch_exceptions=False).output
     assert "Hallucination rate" in halt and "0.750 [0.60, 0.90]" in halt and "single-stage" not in halt
     everything = CliRunner().invoke(main, ["compare"], catch_exceptions=False).output
-    assert [line.split(" (")[0] for line in everything.splitlines() if "bootstrap intervals" in line] == [
-        "vqa-rad", "swap", "expert-prompt", "med-halt"
+    assert [line.split(":")[0] for line in everything.splitlines() if "[95 % CI]" in line] == [
+        "vqa-rad", "swap", "expert-prompt", "med-halt", "validation"
     ]  # fmt: skip
+    as_json = json.loads(CliRunner().invoke(main, ["compare", "--json"], catch_exceptions=False).output)
+    assert as_json["suites"]["vqa-rad"]["two-stage"]["exact_match"] == {
+        "value": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 40
+    }  # fmt: skip
+    assert as_json["suites"]["vqa-rad"]["base"]["open_recall"]["n"] == 20
 
 
 def test_compare_without_the_suite_says_what_to_run(evaluated):
@@ -238,3 +259,166 @@ def test_cli_defaults_are_the_modules():
     assert defaults["out"].default == REPORT_FILE
     suite = {option.name: option for option in review_export_command.params}["suite"]
     assert tuple(suite.type.choices) == SUITES
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a reviewer asks: provenance, question types, yes-rate, multiple testing, n, Figure 3's every point, seeds
+
+
+def write_question_types(root, types: dict[str, str]) -> None:
+    """data/demo/test.parquet with an optional question_type column (what report reads the types from)."""
+    from med_idefics.data.schema import write_splits
+
+    records = [
+        {"id": row["id"], "image": None, "question": row["question"], "answer": row["answer"], "dataset": "demo",
+         "split": "test", "answer_type": "closed" if row["answer"] in ("yes", "no") else "open",
+         "question_type": types.get(row["id"])}
+        for row in questions()
+    ]  # fmt: skip
+    write_splits(root / "data", "demo", {"test": records})
+
+
+def test_report_states_provenance_types_yes_rate_holm_and_headline(evaluated, params):
+    write_question_types(
+        evaluated, {f"q{i}": "PRES" if i < 10 else "COUNT" if i < 30 else " modality" for i in range(N)}
+    )
+    written = build_report(params)
+    text = written["report"].read_text()
+
+    provenance = text.split("## Provenance\n", 1)[1].split("\n## ", 1)[0]
+    assert table_row(provenance, "Training seed", "42 (`seed`)")
+    assert (
+        "| Commit | `" in provenance
+        and "| Profile | `demo` |" in provenance
+        and "| Data | `data.dvc` md5" in provenance
+    )
+    evaluations = "expert-prompt `run-two-`, med-halt `run-two-`, swap `run-two-`, vqa-rad `run-two-`"
+    assert table_row(provenance, "two-stage", "—", "—", evaluations)  # no training run recorded in the fixture
+
+    # accuracy by question type: n (closed/open) per type, a column per variant; types normalized (" modality")
+    types = text.split("## Accuracy by question type (vqa-rad)\n", 1)[1].split("\n## ", 1)[0]
+    assert "| Question type | n (closed/open) | base | single-stage | two-stage |" in types
+    assert re.search(r"\| PRES \| 10 \(10/0\) \| 1\.000 \[1\.00, 1\.00\] \| 0\.400 ", types)  # base 10/10, single 4/10
+    assert table_row(types, "COUNT", "20 (10/10)") and table_row(types, "MODALITY", "10 (0/10)")
+
+    # yes-rate: base is right on its first 10 closed questions and flips the rest; truth is yes half the time
+    yes_rate = text.split("## Closed answers: yes-rate (vqa-rad)\n", 1)[1].split("\n## ", 1)[0]
+    assert table_row(yes_rate, "two-stage", "20", "0.500", "0.500", "0.000", "0.500")
+
+    # Holm beside the raw p-values; the verdict uses the adjusted one
+    claims = {c["title"]: c for c in json.loads(written["paired_tests"].read_text())["claims"]}
+    em = claims["Two-stage vs single-stage"]["test"]["exact_match"]
+    assert em["p_holm"] >= em["p_value"] and claims["Two-stage vs single-stage"]["reproduced"] is True
+    assert claims["Swapped image vs plain (two-stage)"]["reproduced"] is False
+    assert claims["Two-stage vs base, out of domain"]["reproduced"] is None
+    tested = [entry for c in claims.values() for entry in c.get("test", {}).values() if isinstance(entry, dict)]
+    p_values = [entry["p_value"] for entry in tested if "p_value" in entry]
+    assert len(p_values) == 12 and f"Holm-adjusted over all {len(p_values)} McNemar tests" in text
+
+    # the DVC metrics file: variant → suite → headline metric, numbers only
+    headline = json.loads(written["headline"].read_text())
+    assert headline["two-stage"]["vqa-rad"] == {"closed": 1.0, "em": 1.0, "open": 1.0}
+    assert headline["two-stage"]["med-halt"] == {"abstain": 0.25}
+    assert headline["base"]["vqa-rad"]["em"] == 0.5 and set(headline) == {
+        "base", "single-stage", "two-stage", "two-stage-n1500", "two-stage-n500"
+    }  # fmt: skip
+
+
+def test_figure3_draws_every_point_single_stage_included(evaluated, repo_root):
+    """n = 0 (single-stage) is on the axis and drawn, beside the sweep points and two-stage (the full stage-1 set);
+    checked on the matplotlib artists, not only on the CSV."""
+    import csv
+
+    from med_idefics.figures import figure3, figure3_series
+    from med_idefics.results import load_scores
+
+    params = load_params(repo_root / "params.yaml", ["data.captions.train_size=2000"])
+    points = figure3_series(load_scores("metrics")[0], params)
+    assert sorted(points) == [0, 500, 1500, 2000]
+    figure = figure3(points)
+    (ax,) = figure.axes
+    low, high = ax.get_xlim()
+    for line in ax.get_lines():
+        xs, ys = list(line.get_xdata()), list(line.get_ydata())
+        assert xs == [0, 500, 1500, 2000], xs
+        assert all(low < x < high for x in xs), (low, high)
+        finite = ax.transData.transform([(x, y) for x, y in zip(xs, ys, strict=True)])
+        assert all(map(math.isfinite, finite.ravel()))  # a log axis would send 0 to -inf
+    em = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}["EM"]
+    assert em == [pytest.approx(0.2), pytest.approx(0.4), pytest.approx(0.7), 1.0]  # single, n500, n1500, two-stage
+    assert ax.get_xscale() != "log"
+    labels = [tick.get_text() for tick in ax.get_xticklabels()]
+    assert labels[0] == "0\nsingle-stage" and labels[-1] == "2,000\ntwo-stage"
+
+    written = build_report(params)
+    rows = list(csv.DictReader(written["figure3_data"].open()))
+    assert [(r["n"], r["variant"]) for r in rows] == [
+        ("0", "single-stage"), ("500", "two-stage-n500"), ("1500", "two-stage-n1500"), ("2000", "two-stage")
+    ]  # fmt: skip
+    assert float(rows[0]["exact_match"]) == pytest.approx(0.2) and rows[0]["questions"] == "40"
+
+
+def _logged_eval(params, variant: str, suite: str, rows: list[dict]) -> None:
+    """An evaluation run as the evaluation stage logs it: tags variant and suite, the config as params, metrics."""
+    import mlflow
+
+    from med_idefics.tracking import tracked_run
+
+    summary = summarize(rows, seed=0, resamples=200)
+    with tracked_run(params, f"eval-{variant}-{suite}", tags={"variant": variant, "suite": suite}):
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, int | float)})
+
+
+def test_report_and_compare_over_seeds_from_the_tracking_store(evaluated, params, monkeypatch):
+    """A store with another seed's runs of the same configuration: the report's over-seeds table and
+    `compare --from-mlflow` show mean ± sd over both seeds; a run of another configuration is left out."""
+    from click.testing import CliRunner
+
+    from med_idefics.cli.app import main
+
+    other_seed = params_with(params, "seed=7")
+    for variant, right in (("base", 10), ("single-stage", 14), ("two-stage", 18)):
+        _logged_eval(other_seed, variant, "vqa-rad", predicted(right))
+    _logged_eval(params_with(params, "seed=7", "stage2.lr=0.5"), "two-stage", "vqa-rad", predicted(0))  # left out
+    build_report(other_seed, out="seed7/results.md")  # seed 7's report run: its claims' verdicts
+
+    text = build_report(params)["report"].read_text()
+    seeds = text.split("## Over training seeds\n", 1)[1].split("\n## ", 1)[0]
+    assert "Seeds 7, 42" in seeds and "1 runs of another configuration left out" in seeds
+    assert "3 evaluation runs and 1 report runs read from the store" in seeds  # seed 7's; seed 42 from its files
+    two_stage = table_row(seeds, "two-stage")
+    assert "0.950 ± 0.071 (2)" in two_stage  # EM: 36/40 at seed 7, 40/40 at seed 42
+    assert table_row(seeds, "Two-stage vs single-stage", "2 of 2", "7, 42")
+    assert table_row(seeds, "Swapped image vs plain (two-stage)", "0 of 2", "—")
+
+    for variant, right in (("base", 10), ("single-stage", 4), ("two-stage", N // 2)):  # seed 42's, as evaluated
+        _logged_eval(params, variant, "vqa-rad", predicted(right))
+    monkeypatch.setenv("COLUMNS", "80")
+    args = ["compare", "--from-mlflow", "--suite", "vqa-rad", "--params", str(REPO_ROOT / "params.yaml")]
+    args += ["--set", "eval.bootstrap_resamples=1000"]  # the configuration of the runs: every param but the seed
+    result = CliRunner().invoke(main, [*args, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["seeds"] == [7, 42] and data["left_out"] == 1
+    for variant in ("base", "single-stage", "two-stage"):
+        entry = data["suites"]["vqa-rad"][variant]
+        assert entry["seeds"] == [7, 42] and entry["metrics"]["em"]["n_seeds"] == 2
+    assert data["suites"]["vqa-rad"]["two-stage"]["metrics"]["em"]["mean"] == pytest.approx(0.95)
+    table = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert max(map(len, table.output.splitlines())) <= 80, table.output
+    assert "two-stage" in table.output and "0.950 ± 0.071 (2)" in table.output
+    assert "1 evaluation runs of another configuration left out" in table.output
+
+
+def params_with(params, *overrides: str):
+    return load_params(REPO_ROOT / "params.yaml", ["eval.bootstrap_resamples=1000", *overrides])
+
+
+def test_a_wide_sweep_keeps_zero_on_a_symmetric_log_axis():
+    from med_idefics.plots import curves_figure
+
+    points = [(0, Estimate(0.5)), (100, Estimate(0.6)), (500, Estimate(0.7)), (55_000, Estimate(0.8))]
+    (ax,) = curves_figure({"EM": points}, "t", "n", "score").axes
+    assert ax.get_xscale() == "symlog" and ax.get_xlim()[0] < 0 < ax.get_xlim()[1]
+    assert list(ax.get_lines()[0].get_xdata()) == [0, 100, 500, 55_000]
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["0", "100", "500", "55,000"]

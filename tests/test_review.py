@@ -242,3 +242,65 @@ def test_missing_or_unknown_evaluation_run(evaluated, params, params_args, monke
     assert exit_info.value.code == 2
     assert "error: MLflow run 0123456789abcdef not found" in capsys.readouterr().err
     assert mlflow.active_run() is None and not (path.parent / "vqa-rad-human.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Blind grading: several variants in one shuffled sheet that names none of them; a key kept apart unblinds it
+
+SINGLE_STAGE = {"r0": "no", "r1": "right lobe", "r2": "no", "r3": "a cyst, likely"}  # r1 wrong, r3 right
+
+
+def test_blind_sheet_mixes_variants_and_the_key_unblinds_them(evaluated, params, params_args):
+    source = evaluated / "outputs/predictions/two-stage/vqa-rad.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    answers = [
+        {**row, "prediction": SINGLE_STAGE[row["id"]], "raw_generation": SINGLE_STAGE[row["id"]]} for row in rows
+    ]
+    write_jsonl(evaluated / "outputs/predictions/single-stage/vqa-rad.jsonl", answers)
+    runs = {variant: eval_run(params, variant) for variant in ("two-stage", "single-stage")}
+
+    args = ["review", "export", "--blind", "--variant", "two-stage", "--variant", "single-stage", *params_args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    folder = evaluated / "reports" / "review" / "blind-vqa-rad"
+    sheet, page = read_sheet(folder / "sheet.csv"), (folder / "sheet.html").read_text()
+    key_file = evaluated / "reports" / "review" / "blind-vqa-rad.key.json"
+    assert sorted(p.name for p in folder.iterdir()) == ["sheet.csv", "sheet.html"]  # the key is not in the folder
+    assert f"--key {key_file}" in result.output and f"--key {key_file}" in page
+    for text in (json.dumps(sheet), page):
+        assert "two-stage" not in text and "single-stage" not in text  # no variant named anywhere a grader looks
+    assert sheet[0] == [*PAPER_HEADER, "id"] and [row[5] for row in sheet[1:]] == ["b0001", "b0002", "b0003", "b0004"]
+    key = json.loads(key_file.read_text())
+    order = [(item["variant"], item["question_id"]) for item in key["items"]]
+    assert sorted(order) == sorted((v, q) for v in ("two-stage", "single-stage") for q in ("r1", "r3"))
+    assert order != [("two-stage", "r1"), ("two-stage", "r3"), ("single-stage", "r1"), ("single-stage", "r3")]
+    assert page.count("data:image/png;base64,") == 4
+    for row, item in zip(sheet[1:], key["items"], strict=True):  # each row shows its own question and answer
+        prediction = (PREDICTED if item["variant"] == "two-stage" else SINGLE_STAGE)[item["question_id"]]
+        assert row[2] == prediction and row[0] == dict((i, q) for i, q, _ in RECORDS)[item["question_id"]]
+
+    for row in sheet[1:]:  # the grader marks right exactly the predictions equal to the truth
+        row[3] = "right" if row[1] == row[2] else "wrong"
+    write_sheet(evaluated / "graded.csv", sheet)
+    result = CliRunner().invoke(main, ["review", "import", "graded.csv", "--key", str(key_file), *params_args])
+    assert result.exit_code == 0, result.output
+    for variant, right in (("two-stage", 1), ("single-stage", 1)):
+        human = json.loads((evaluated / "metrics" / variant / "vqa-rad-human.json").read_text())
+        assert (human["n"], human["n_right"], human["blind"], human["eval_run_id"]) == (2, right, True, runs[variant])
+        assert MlflowClient().get_run(runs[variant]).data.metrics["human_accuracy"] == 0.5
+        assert f"{variant}: human_accuracy 0.500" in result.output
+
+    write_sheet(evaluated / "partial.csv", sheet[:-1])
+    partial = CliRunner().invoke(main, ["review", "import", "partial.csv", "--key", str(key_file), *params_args])
+    assert partial.exit_code != 0 and "not graded" in str(partial.exception)
+
+
+def test_blind_needs_two_variants_and_plain_import_needs_its_variant(evaluated, params, params_args):
+    with pytest.raises(GradingError, match="at least twice"):
+        from med_idefics.blind_review import export_blind
+
+        export_blind(params, ["two-stage"], "vqa-rad")
+    missing = CliRunner().invoke(main, ["review", "import", "x.csv", *params_args])
+    assert missing.exit_code != 0
+    page = export_sheet(params, "two-stage")[1].read_text()
+    assert "med-idefics review import two-stage-vqa-rad.csv --variant two-stage --suite vqa-rad" in page

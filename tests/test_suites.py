@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from med_idefics.cli.evaluate import SUITE_NAMES
+from med_idefics.cli.evaluate import KNOWN_SUITE_NAMES, SUITE_NAMES
 from med_idefics.config import ConfigError, load_params
 from med_idefics.data.collator import render_prompt
 from med_idefics.data.images import to_png_bytes
 from med_idefics.data.schema import DatasetError, write_splits
 from med_idefics.data.suites import (
+    KNOWN_SUITES,
     SUITES,
     derangement,
     distinct_images,
@@ -154,6 +155,7 @@ def test_expert_prompt_comes_before_the_prefix_and_the_question_in_the_rendered_
 
 def test_parse_suites():
     assert parse_suites("all") == list(SUITES) == list(SUITE_NAMES)
+    assert KNOWN_SUITE_NAMES == KNOWN_SUITES  # what `compare --suite` accepts: every suite it can print
     assert parse_suites("swap, vqa-rad,swap") == ["swap", "vqa-rad"]
     with pytest.raises(ConfigError, match="unknown suite"):
         parse_suites("vqa-rad,pathvqa")

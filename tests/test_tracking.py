@@ -22,14 +22,18 @@ from med_idefics.provenance import scrub_secrets
 from med_idefics.tracking import (
     EXPERIMENT_KIND_TAG,
     MAX_PARAM_LENGTH,
+    OTHER_COLORS,
+    RUN_COLOR_TAG,
     RunTerminated,
     end_stale_runs,
     is_main_process,
     log_params,
     log_split_inputs,
     resolve_tracking_uri,
+    seeded_run_name,
     setup_tracking,
     tracked_run,
+    variant_color,
 )
 
 FAKE_TOKEN = "hf_FAKEtoken123456"
@@ -89,6 +93,20 @@ def test_params_and_config_are_logged(store, params):
     config = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml"))
     assert yaml.safe_load(config.read_text()) == params.to_dict()
     assert logged.info.artifact_uri.startswith(str(store.parent / "mlartifacts"))  # artifacts beside the sqlite db
+
+
+def test_a_runs_variant_is_a_param_and_its_name_says_the_seed(store, params):
+    """The compare page's "show diff only" lists params: the variant must be one (it is a tag too); a variant's run
+    is named with the seed, so that two seeds' rows and chart bars can be told apart."""
+    with tracked_run(params, seeded_run_name("two-stage", params.seed), tags={"variant": "two-stage"}) as run:
+        pass
+    logged = finished(run.info.run_id)
+    assert logged.info.run_name == "two-stage (seed 42)" == seeded_run_name("two-stage", 42)
+    assert (logged.data.params["variant"], logged.data.params["seed"]) == ("two-stage", "42")
+    assert logged.data.tags["variant"] == "two-stage"
+    assert logged.data.tags[RUN_COLOR_TAG] == variant_color("two-stage") == "#2ca02c"  # Figure 2's two-stage green
+    sweep = {variant_color(f"two-stage-n{n}") for n in (100, 500, 1000)}
+    assert sweep <= set(OTHER_COLORS) and variant_color("two-stage-n100") == variant_color("two-stage-n100")
 
 
 def test_long_param_values_are_cut_to_mlflow_limit(store, params):

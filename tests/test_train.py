@@ -29,7 +29,7 @@ def _runs(name: str | None = None):
     if experiment is None:
         return []
     runs = mlflow.search_runs([experiment.experiment_id], output_format="list")
-    return [r for r in runs if name is None or r.info.run_name == name]
+    return [r for r in runs if name is None or r.info.run_name.split(" (seed ")[0] == name]  # "two-stage (seed 42)"
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
@@ -343,7 +343,7 @@ def test_init_adapter_runs_uri_resolves_in_the_configured_store(project, tmp_pat
     )
     assert summary["optimizer_steps"] == 1
     in_store = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert {r.info.run_name for r in in_store} == {"stage1", "two-stage"}
+    assert {r.info.run_name for r in in_store} == {"stage1 (seed 42)", "two-stage (seed 42)"}
     mlflow.set_tracking_uri(env_store)
     assert _runs() == []  # nothing went to the env store
 

@@ -1,5 +1,6 @@
-"""The ``base`` stage as a tracked MLflow run named ``base``: the row of the MLflow runs table that the bare base's
-evaluations attach to (nested runs, and ``<suite>/<metric>`` headline metrics), as a training run is for an adapter.
+"""The ``base`` stage as a tracked MLflow run named ``base (seed <seed>)``: the row of the MLflow runs table that the
+bare base's evaluations attach to (nested runs, and ``<suite>/<metric>`` headline metrics), as a training run is for an
+adapter.
 
 :func:`build_tracked_base` runs :func:`med_idefics.base.build_base` inside the run and records where the base came from:
 
@@ -26,11 +27,12 @@ VARIANT = "base"
 def build_tracked_base(params: Params, base_dir: str | Path | None = None, dvc_stage: str | None = None) -> dict:
     """:func:`med_idefics.base.build_base` as the MLflow run ``base``; returns what ``build_base`` returns."""
     from med_idefics.base import TINY, build_base
-    from med_idefics.tracking import tracked_run
+    from med_idefics.tracking import seeded_run_name, tracked_run
 
     out = Path(base_dir or params.model.base_dir)
     source = TINY if params.model.base == TINY else None
-    with tracked_run(params, VARIANT, tags={"variant": VARIANT}, dvc_stage=dvc_stage) as run:
+    run_name = seeded_run_name(VARIANT, params.seed)
+    with tracked_run(params, run_name, tags={"variant": VARIANT}, dvc_stage=dvc_stage) as run:
         result = build_base(params, out)
         source = source or result["source"]
         if run is not None:

@@ -27,7 +27,8 @@ class Estimate:
     high: float | None = None
 
 
-def _to_png(figure) -> bytes:
+def to_png(figure) -> bytes:
+    """Render ``figure`` as PNG bytes and close it."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(figure)
@@ -81,7 +82,7 @@ def grouped_bars(panels: Mapping[str, Mapping[str, Mapping[str, Estimate]]], tit
         figure.legend(handles, series, loc="upper center", ncol=min(len(series), 6), bbox_to_anchor=(0.5, 1.0))
     figure.suptitle(title, y=1.06 if handles else 1.0)
     figure.tight_layout()
-    return _to_png(figure)
+    return to_png(figure)
 
 
 def curves(
@@ -91,12 +92,28 @@ def curves(
     ylabel: str,
     references: Mapping[str, Mapping[str, Estimate]] | None = None,
     empty_message: str = "no points to plot",
+    x_labels: Mapping[float, str] | None = None,
 ) -> bytes:
+    """:func:`curves_figure` as PNG bytes."""
+    return to_png(curves_figure(lines, title, xlabel, ylabel, references, empty_message, x_labels))
+
+
+def curves_figure(
+    lines: Mapping[str, Sequence[tuple[float, Estimate]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    references: Mapping[str, Mapping[str, Estimate]] | None = None,
+    empty_message: str = "no points to plot",
+    x_labels: Mapping[float, str] | None = None,
+):
     """One line per key of ``lines`` through its (x, estimate) points with a shaded 95 % band. ``references[line]``
     adds horizontal lines in that line's colour, one dash style per reference name (e.g. other variants' values).
-    With no points at all the figure carries ``empty_message`` instead."""
+    The x axis shows every point: logarithmic beyond 0 when the points span 10x or more, with 0 still on it
+    (symmetric log, linear up to the smallest positive x), a tick at each point (``x_labels`` names some). With no
+    points at all the figure carries ``empty_message`` instead. Returns the matplotlib figure (the caller closes it)."""
     figure, ax = plt.subplots(figsize=(6.5, 4.2))
-    xs = [x for points in lines.values() for x, e in points if e.value is not None]
+    xs = sorted({x for points in lines.values() for x, e in points if e.value is not None})
     references = references or {}
     reference_names = dict.fromkeys(name for per_line in references.values() for name in per_line)
     styles = dict(zip(reference_names, ("--", ":", "-."), strict=False))
@@ -115,8 +132,8 @@ def curves(
                 ax.axhline(estimate.value, linestyle=styles[reference], linewidth=1, color=f"C{index}", label=label)
     if not xs:
         ax.text(0.5, 0.5, empty_message, ha="center", va="center", transform=ax.transAxes, wrap=True, color="gray")
-    elif max(xs) / max(min(xs), 1e-9) > 20:
-        ax.set_xscale("log")
+    else:
+        _x_axis(ax, xs, x_labels or {})
     ax.set_ylim(0, 1.05)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -124,4 +141,23 @@ def curves(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    return _to_png(figure)
+    return figure
+
+
+def _x_axis(ax, xs: Sequence[float], labels: Mapping[float, str]) -> None:
+    """Scale and ticks that show every x: log for a wide positive span; symmetric log when 0 is among a wide span (a
+    log axis cannot place 0); linear otherwise. Margins keep the end points off the frame."""
+    positive = [x for x in xs if x > 0]
+    low, high = min(xs), max(xs)
+    if positive and low >= 0 and high / min(positive) >= 10:
+        if low == 0:
+            ax.set_xscale("symlog", linthresh=min(positive), linscale=1.0)
+            ax.set_xlim(-0.25 * min(positive), high * 1.4)
+        else:
+            ax.set_xscale("log")
+            ax.set_xlim(low / 1.4, high * 1.4)
+    else:
+        margin = 0.05 * (high - low) or 1.0
+        ax.set_xlim(low - margin, high + margin)
+    ax.set_xticks(list(xs), [labels.get(x, f"{x:,g}") for x in xs], fontsize=8)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

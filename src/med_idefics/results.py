@@ -2,8 +2,9 @@
 registry, compare):
 
 - ``metrics/<variant>/<suite>.json``: the suite's scores (:func:`med_idefics.metrics.summarize`, or
-  :func:`~med_idefics.metrics.summarize_abstention` for med-halt). Numbers only: DVC declares these files as metrics,
-  and ``dvc exp show`` shows every key as a column;
+  :func:`~med_idefics.metrics.summarize_abstention` for med-halt), every metric with its interval: numbers only;
+- ``reports/headline.json``: the headline numbers of every variant and suite (:func:`headline_table`), the one file
+  DVC declares as metrics, so that ``dvc exp show`` has a few dozen columns, not hundreds;
 - ``metrics/<variant>/<suite>-human.json``: human grades (:mod:`med_idefics.review`);
 - ``metrics/<variant>/run_info.json``: the ids behind the scores (not a DVC metric): ``variant``,
   ``training_run_id`` (the MLflow run that made what was evaluated) and ``eval_runs`` (suite → its evaluation run);
@@ -42,6 +43,12 @@ METRIC_LABELS = {  # table columns, in order: first the closed accuracy that pro
     "open_recall": "Open recall",
 }
 MED_HALT_LABELS = {"abstention_rate": "Abstention rate", "hallucination_rate": "Hallucination rate"}
+# The headline metrics: short name → metric. A training run carries them as ``<suite>/<short>`` (values only, to 3
+# decimals; the intervals stay on the evaluation runs), and reports/headline.json holds them per variant and suite.
+# Short because MLflow's runs table shows the first ~15 characters of a column's name ("vqa-rad/closed").
+HEADLINE = {"closed": "closed_accuracy_strict", "em": "exact_match", "open": "open_recall"}
+MED_HALT_HEADLINE = {"abstain": "abstention_rate"}
+HEADLINE_DIGITS = 3  # 1/450 questions = 0.0022: a fourth digit would be noise on the demo's suites
 MISSING = "—"
 
 
@@ -130,23 +137,49 @@ def load_scores(metrics_dir: str | Path) -> tuple[dict[tuple[str, str], dict], d
     return scores, human
 
 
-def headline_names(suite: str) -> tuple[str, ...]:
-    """The metrics that summarise a suite: the answer metrics, or abstention and hallucination for med-halt."""
+def suite_metric_names(suite: str) -> tuple[str, ...]:
+    """Every metric a suite's scores hold: the answer metrics, or abstention and hallucination for med-halt."""
     from med_idefics.data.suites import MED_HALT  # imported here: it pulls in numpy and pyarrow
 
     return tuple(MED_HALT_LABELS if suite == MED_HALT else METRIC_LABELS)
 
 
+def headline_metrics(suite: str) -> dict[str, str]:
+    """The suite's headline metrics: short name → metric (:data:`HEADLINE`, or :data:`MED_HALT_HEADLINE`)."""
+    from med_idefics.data.suites import MED_HALT
+
+    return dict(MED_HALT_HEADLINE if suite == MED_HALT else HEADLINE)
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
 def headline(suite: str, scores: Mapping[str, Any]) -> dict[str, float]:
-    """``<suite>/<metric>`` and ``<suite>/<metric>_ci_low|_ci_high`` for each headline metric that has a value: the
-    names under which a training run carries its evaluation (MLflow groups charts by the part before ``/``)."""
+    """``<suite>/<short>`` → value (rounded to :data:`HEADLINE_DIGITS`) for each headline metric that has one: what a
+    training run carries of its evaluation on ``suite`` (MLflow groups charts by the part before ``/``)."""
     found = {}
-    for name in headline_names(suite):
-        for key in (name, *(name + suffix for suffix in CI_SUFFIXES)):
-            value = scores.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                found[f"{suite}/{key}"] = float(value)
+    for short, name in headline_metrics(suite).items():
+        if (value := _number(scores.get(name))) is not None:
+            found[f"{suite}/{short}"] = round(value, HEADLINE_DIGITS)
     return found
+
+
+def headline_table(scores: Mapping[tuple[str, str], Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant → suite → short name → value: the compact file of headline numbers DVC declares as metrics (the
+    paper's variants first, suites in the order of :data:`med_idefics.data.suites.KNOWN_SUITES`)."""
+    from med_idefics.data.suites import KNOWN_SUITES
+
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for variant in ordered({v for v, _ in scores}, VARIANTS):
+        for suite in ordered({s for v, s in scores if v == variant}, KNOWN_SUITES):
+            numbers = {
+                key.split("/", 1)[1]: value for key, value in headline(suite, scores.get((variant, suite), {})).items()
+            }
+            if numbers:
+                table.setdefault(variant, {})[suite] = numbers
+    return table
 
 
 def ordered(found: set[str], canonical: tuple[str, ...]) -> list[str]:
@@ -165,3 +198,9 @@ def fmt_metric(summary: Mapping | None, name: str) -> str:
     if not summary:
         return MISSING
     return fmt(summary.get(name), summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high"))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]

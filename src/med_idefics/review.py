@@ -71,16 +71,34 @@ def export_sheet(
 ) -> tuple[Path, Path, int]:
     """Write ``<out>.csv`` and ``<out>.html`` (default ``reports/review/<variant>-<suite>``); return both, and the
     number of questions. The images are the ones the model was shown: the suite's, rebuilt from params."""
-    from med_idefics.data.suites import load_suite
-
     source = predictions_path(predictions_dir, variant, suite)
+    chosen = gradable_rows(source, all_types)
+    images = suite_images(params, suite, chosen, source)
+    csv_path = Path(out).with_suffix(".csv") if out else Path(REVIEW_DIR) / f"{variant}-{suite}.csv"
+    html_path = csv_path.with_suffix(".html")
+    write_atomic(csv_path, sheet_csv(chosen))
+    note = SWAP_NOTE if suite == SWAP else ""
+    command = f"med-idefics review import {csv_path.name} --variant {variant} --suite {suite}"
+    write_atomic(html_path, sheet_html(chosen, images, f"{variant} on {suite}", csv_path.name, command, note))
+    return csv_path, html_path, len(chosen)
+
+
+def gradable_rows(source: Path, all_types: bool) -> list[dict]:
+    """The predictions a sheet grades: the open ones, or all with ``all_types``."""
     rows = read_predictions(source)
     chosen = rows if all_types else [row for row in rows if answer_type_of(row) == OPEN]
     if not chosen:
         raise GradingError(f"{source}: no open questions to grade; pass --all-types to grade every question")
+    return chosen
+
+
+def suite_images(params: Params, suite: str, rows: list[dict], source: Path) -> list[bytes]:
+    """The image each row's question was shown with (the suite's, rebuilt from params)."""
+    from med_idefics.data.suites import load_suite
+
     records = {record["id"]: record for record in load_suite(params, suite).records}
     images = []
-    for index, row in enumerate(chosen):
+    for index, row in enumerate(rows):
         record = records.get(row.get("id"))
         if record is None:
             raise GradingError(
@@ -89,12 +107,7 @@ def export_sheet(
                 "re-run the evaluation"
             )
         images.append(record["image"])
-    csv_path = Path(out).with_suffix(".csv") if out else Path(REVIEW_DIR) / f"{variant}-{suite}.csv"
-    html_path = csv_path.with_suffix(".html")
-    write_atomic(csv_path, sheet_csv(chosen))
-    note = SWAP_NOTE if suite == SWAP else ""
-    write_atomic(html_path, sheet_html(chosen, images, f"{variant} on {suite}", csv_path.name, note))
-    return csv_path, html_path, len(chosen)
+    return images
 
 
 def sheet_csv(rows: list[dict]) -> str:
@@ -106,7 +119,7 @@ def sheet_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def sheet_html(rows: list[dict], images: list[bytes], title: str, sheet_name: str, note: str = "") -> str:
+def sheet_html(rows: list[dict], images: list[bytes], title: str, sheet_name: str, command: str, note: str = "") -> str:
     """One card per row: the image as a base64 data URI (no files beside the page), question, truth, prediction."""
     esc = html.escape
     cards = []
@@ -131,7 +144,7 @@ dt {{ font-weight: bold; }} dd {{ margin: 0 0 .5em 0; }}
 <h1>Human evaluation: {esc(title)}</h1>
 <p>{len(rows)} questions. In <code>{esc(sheet_name)}</code>, set <code>correctness</code> to <code>right</code> or
 <code>wrong</code> on every line (a short <code>justification</code> helps), then run
-<code>med-idefics review import {esc(sheet_name)} …</code>.</p>
+<code>{esc(command)}</code>.</p>
 <p>{esc(note)}</p>
 {chr(10).join(cards)}
 </body></html>
@@ -257,17 +270,33 @@ def import_grades(
     metrics_dir: str | Path = METRICS_DIR,
 ) -> dict:
     """Validate ``graded``, then log human_accuracy (+ 95 % interval) to the evaluation run and the -human.json."""
+    graded = Path(graded)
+    source = predictions_path(predictions_dir, variant, suite)
+    grades = read_grades(graded)
+    selection = match_grades(grades, read_predictions(source), graded, source)
+    run_id = resolve_run(params, Path(metrics_dir), variant, suite, run_id)
+    return record_grades(params, variant, suite, grades, selection, run_id, graded, metrics_dir)
+
+
+def record_grades(
+    params: Params,
+    variant: str,
+    suite: str,
+    grades: list[Grade],
+    selection: str,
+    run_id: str,
+    graded: Path,
+    metrics_dir: str | Path,
+    extra: dict | None = None,
+) -> dict:
+    """human_accuracy of ``grades`` (+ 95 % interval) on the evaluation run ``run_id`` (the graded sheet as its
+    artifact) and in ``metrics/<variant>/<suite>-human.json``; returns that summary."""
     import json
 
     from mlflow import MlflowClient
 
     from med_idefics.stats import bootstrap_ci
 
-    graded = Path(graded)
-    source = predictions_path(predictions_dir, variant, suite)
-    grades = read_grades(graded)
-    selection = match_grades(grades, read_predictions(source), graded, source)
-    run_id = resolve_run(params, Path(metrics_dir), variant, suite, run_id)
     right = [float(grade.right) for grade in grades]
     low, high = bootstrap_ci(right, params.eval.seed, params.eval.bootstrap_resamples)
     summary = {
@@ -281,6 +310,7 @@ def import_grades(
         "human_accuracy_ci_low": low,
         "human_accuracy_ci_high": high,
         "graded_file": str(graded),
+        **(extra or {}),
     }
     client = MlflowClient()
     for key in ("human_accuracy", "human_accuracy_ci_low", "human_accuracy_ci_high"):

@@ -68,3 +68,16 @@ def mcnemar_p(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float | N
     if only_a + only_b == 0:
         return 1.0
     return float(stats.binomtest(only_a, only_a + only_b, p=0.5, alternative="two-sided").pvalue)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values, in their order (None stays None and is not counted): the
+    family-wise error stays at the nominal level whichever of the hypotheses are true. (statsmodels'
+    ``multipletests(method="holm")`` gives the same; it is not a dependency for these five lines.)"""
+    known = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        adjusted[index] = running
+    return adjusted

@@ -40,12 +40,15 @@ __all__ = [
     "log_metrics_to",
     "log_params",
     "log_split_inputs",
+    "param_strings",
     "resolve_tracking_uri",
     "scrub_secrets",
+    "seeded_run_name",
     "setup_tracking",
     "sqlite_file",
     "tracked_run",
     "ui_hint",
+    "variant_color",
 ]
 
 DB_FILE = "mlflow.db"
@@ -62,6 +65,12 @@ RUN_ID_VAR = "MLFLOW_RUN_ID"
 # UI itself picks pages by its sidebar's GenAI / Model training switch, not by this tag (README: Compare variants).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The colour MLflow 3's UI draws a run in (table dot, chart bars and lines; what its colour picker writes). A variant's
+# runs get the variant's colour — Figure 2's for the paper's three — so a bar names its variant whatever the seed;
+# MLflow's own colours come from the run id and repeat across variants.
+RUN_COLOR_TAG = "mlflow.runColor"
+VARIANT_COLORS = {"base": "#1f77b4", "single-stage": "#ff7f0e", "two-stage": "#2ca02c"}  # matplotlib C0, C1, C2
+OTHER_COLORS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
 class RunTerminated(SystemExit):
@@ -179,16 +188,34 @@ def ensure_experiment(name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
+def variant_color(variant: str) -> str:
+    """The run colour of a variant: :data:`VARIANT_COLORS`, else one of :data:`OTHER_COLORS` by a stable hash."""
+    import zlib
+
+    return VARIANT_COLORS.get(variant) or OTHER_COLORS[zlib.crc32(variant.encode()) % len(OTHER_COLORS)]
+
+
+def seeded_run_name(variant: str, seed: int) -> str:
+    """The name of the run that makes a variant (its training, or the base's build): the variant and the training
+    seed, so that two seeds' rows in the runs table, and their bars in the chart view (whose legend shows run names),
+    can be told apart."""
+    return f"{variant} (seed {seed})"
+
+
 def _truncate(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - len(_TRUNCATED)] + _TRUNCATED
 
 
+def param_strings(mapping: Mapping[str, Any]) -> dict[str, str]:
+    """``mapping`` as MLflow stores it as params: secrets dropped, values stringified and cut to 6000 characters."""
+    return {str(k): _truncate(str(v), MAX_PARAM_LENGTH) for k, v in scrub_secrets(mapping).items()}
+
+
 def log_params(mapping: Mapping[str, Any], run_id: str | None = None) -> dict[str, str]:
-    """Log ``mapping`` as MLflow params: secrets dropped, values stringified and cut to MLflow's 6000 characters.
-    Returns what was logged."""
+    """Log ``mapping`` as MLflow params (:func:`param_strings`). Returns what was logged."""
     import mlflow
 
-    logged = {str(k): _truncate(str(v), MAX_PARAM_LENGTH) for k, v in scrub_secrets(mapping).items()}
+    logged = param_strings(mapping)
     mlflow.log_params(logged, run_id=run_id)
     return logged
 
@@ -302,6 +329,8 @@ def tracked_run(
     all_tags = {**provenance_tags(params.profile, dvc_stage), **{k: str(v) for k, v in (tags or {}).items()}}
     if project_run is not None:
         all_tags |= _project_source_tags(project_run)
+    if all_tags.get("variant"):
+        all_tags.setdefault(RUN_COLOR_TAG, variant_color(all_tags["variant"]))
     all_tags = {k: _truncate(v, MAX_TAG_LENGTH) for k, v in scrub_secrets(all_tags).items()}
     run = mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=all_tags
@@ -311,6 +340,8 @@ def tracked_run(
     try:
         with sigterm_raises():
             log_params(params.flat(), run_id)
+            if all_tags.get("variant"):  # a param too: the compare page's "show diff only" lists params, not tags
+                log_params({"variant": all_tags["variant"]}, run_id)
             mlflow.log_dict(scrub_secrets(params.to_dict()), "config.yaml", run_id=run_id)
             end_stale_runs(experiment_id, detected_by=run_id)
             yield run

@@ -1,9 +1,10 @@
 """Stage: LoRA fine-tuning as a tracked run — stage 1 (captioning), stage 2 (VQA, continuing the stage-1 adapter's
 weights) and single-stage (VQA from the bare base, the paper's baseline).
 
-One run = one MLflow run named by its variant (its train and eval splits logged as dataset inputs), HF ``Trainer``
+One run = one MLflow run named by its variant and seed, ``two-stage (seed 42)`` (its train and eval splits logged as
+dataset inputs; ``variant`` and ``seed`` among its params), HF ``Trainer``
 driven entirely by params, checkpoints every ``save_steps`` that a rerun of the same command resumes from, the adapter
-saved in PEFT format (adapter only). Beside the adapter: ``train_summary.json`` (numbers only: a DVC metric) and
+saved in PEFT format (adapter only). Beside the adapter: ``train_summary.json`` (numbers only) and
 ``run_info.json`` (variant, stage, MLflow run id, whether it resumed: :mod:`med_idefics.results`).
 """
 
@@ -175,14 +176,15 @@ def _records(params: Params, task: str, train_size: int | None) -> tuple[list[di
 def train(params: Params, request: TrainRequest) -> dict[str, Any]:
     """Run one training stage; returns the summary written to ``<out_dir>/train_summary.json``."""
     prepared = prepare(params, request)
-    from med_idefics.tracking import is_main_process, log_params, tracked_run
+    from med_idefics.tracking import is_main_process, log_params, seeded_run_name, tracked_run
 
     tags = {"variant": prepared.variant, "stage": request.stage}
     if prepared.spec.task == "vqa":
         tags["vqa_split"] = split_name(params.data.vqa)
     if prepared.init_adapter_dir is not None:
         tags |= _init_adapter_tags(request.init_adapter or "outputs/stage1/adapter", prepared.init_adapter_dir)
-    with tracked_run(params, run_name=prepared.variant, tags=tags, dvc_stage=request.dvc_stage) as run:
+    run_name = seeded_run_name(prepared.variant, params.seed)
+    with tracked_run(params, run_name=run_name, tags=tags, dvc_stage=request.dvc_stage) as run:
         if run is not None:
             log_params({"precision": precision_label(params.quantization)}, run.info.run_id)
             _log_inputs(params, prepared.spec)

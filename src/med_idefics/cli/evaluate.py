@@ -6,6 +6,8 @@ from med_idefics.cli.app import main, params_options
 
 # = med_idefics.data.suites.SUITES and ALL (kept import-free for a fast --help; tested)
 SUITE_NAMES = ("vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt")
+# = med_idefics.data.suites.KNOWN_SUITES: every suite a variant can be evaluated on (and so compared on)
+KNOWN_SUITE_NAMES = (*SUITE_NAMES, "validation", "slake")
 
 
 @main.command("evaluate")

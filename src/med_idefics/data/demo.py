@@ -11,7 +11,8 @@ A miniature of the paper's world, split by what each stage may have seen:
   lesion count and side;
 - ``train`` / ``test``: a small medical VQA set (the VQA-RAD analogue, stage 2): ~7 questions per test image; on a
   training image every yes/no check is asked both ways (~10 questions), so the answer can never come from the picture
-  alone;
+  alone; each question carries its template's ``question_type`` in VQA-RAD's codes (PRES, POS, COUNT, MODALITY,
+  ORGAN; ATTRIB for pathology's stain), for the report's accuracy by question type;
 - ``pathology``: out-of-distribution tissue crops; ``nonsense``: Med-HALT-style questions without an image.
 
 The answers need the image: every attribute is a large visual cue (see :mod:`med_idefics.data.demo_images`), and the
@@ -44,7 +45,7 @@ from med_idefics.data.demo_images import (
     render_radiology,
 )
 from med_idefics.data.images import to_png_bytes
-from med_idefics.data.schema import DatasetError, infer_answer_type, write_splits
+from med_idefics.data.schema import QUESTION_TYPE, DatasetError, infer_answer_type, write_splits
 
 DATASET = "demo"
 NONSENSE_ANSWER = "i do not know"  # the abstention a Med-HALT nonsense question expects
@@ -186,26 +187,33 @@ def _findings(image: DemoImage, thing: str) -> str:
     return f"{_COUNT_WORDS[image.count]} {thing}{'s' if image.count > 1 else ''} on the {image.side} side"
 
 
-def _lesion_questions(image: DemoImage, thing: str = "lesion") -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(closed, open) (question, answer) pairs about lesions (or dots); side and multiplicity only when there is one."""
-    closed = [(f"is there a {thing}?", _yes_no(image.count > 0))]
-    open_ = [(f"how many {thing}s are there?", _COUNT_WORDS[image.count])]
+Question = tuple[str, str, str]  # (question, answer, question_type): the type in VQA-RAD's codes
+
+
+def _lesion_questions(image: DemoImage, thing: str = "lesion") -> tuple[list[Question], list[Question]]:
+    """(closed, open) questions about lesions (or dots); side and multiplicity only when there is one."""
+    closed = [(f"is there a {thing}?", _yes_no(image.count > 0), "PRES")]
+    open_ = [(f"how many {thing}s are there?", _COUNT_WORDS[image.count], "COUNT")]
     if image.count:
         closed += [
-            (f"is the {thing} on the {image.asked_side}?", _yes_no(image.side == image.asked_side)),
-            (f"is there more than one {thing}?", _yes_no(image.count > 1)),
+            (f"is the {thing} on the {image.asked_side}?", _yes_no(image.side == image.asked_side), "POS"),
+            (f"is there more than one {thing}?", _yes_no(image.count > 1), "COUNT"),
         ]
-        open_.append((f"which side is the {thing} on?", image.side))
+        open_.append((f"which side is the {thing} on?", image.side, "POS"))
     return closed, open_
 
 
-def radiology_questions(image: DemoImage) -> list[tuple[str, str]]:
+def radiology_questions(image: DemoImage) -> list[Question]:
     closed, open_ = _lesion_questions(image)
     closed += [
-        (f"is this {_ARTICLE[image.asked_look]} {image.asked_look} image?", _yes_no(image.look == image.asked_look)),
-        (f"does this image show the {image.asked_organ}?", _yes_no(image.organ == image.asked_organ)),
+        (
+            f"is this {_ARTICLE[image.asked_look]} {image.asked_look} image?",
+            _yes_no(image.look == image.asked_look),
+            "MODALITY",
+        ),
+        (f"does this image show the {image.asked_organ}?", _yes_no(image.organ == image.asked_organ), "ORGAN"),
     ]
-    open_ += [("what modality is this?", image.look), ("which organ is shown?", image.organ)]
+    open_ += [("what modality is this?", image.look, "MODALITY"), ("which organ is shown?", image.organ, "ORGAN")]
     return closed + open_
 
 
@@ -226,7 +234,9 @@ def contrast(image: DemoImage, rng: np.random.Generator) -> DemoImage:
 def general_questions(image: DemoImage, rng: np.random.Generator | None = None) -> list[tuple[str, str]]:
     """The general-domain twins of :func:`radiology_questions`: same forms, everyday words. With ``rng``, the colour and
     pattern checks take one of two wordings each (the radiology form, "is this a red image?", or an everyday one)."""
-    closed, open_ = _lesion_questions(image, "dot")
+    closed, open_ = (
+        [(question, answer) for question, answer, _ in questions] for questions in _lesion_questions(image, "dot")
+    )
     thing, article = ("square", "a") if rng is None or rng.random() < 0.5 else ("image", "the")
     closed += [
         (f"is this a {image.asked_look} {thing}?", _yes_no(image.look == image.asked_look)),
@@ -242,9 +252,13 @@ def object_question(rng: np.random.Generator) -> tuple[str, str]:
     return _OBJECT_QUESTION.format(thing), _yes_no(thing == "square")
 
 
-def pathology_questions(image: DemoImage) -> list[tuple[str, str]]:
+def pathology_questions(image: DemoImage) -> list[Question]:
     closed, open_ = _lesion_questions(image)
-    return closed + open_ + [("what type of image is this?", "pathology"), ("what stain is used?", image.look)]
+    return (
+        closed
+        + open_
+        + [("what type of image is this?", "pathology", "MODALITY"), ("what stain is used?", image.look, "ATTRIB")]
+    )
 
 
 def nonsense_questions(rng: np.random.Generator, n: int, subjects: Sequence[str] = _NONSENSE_SUBJECTS) -> list[str]:
@@ -258,8 +272,10 @@ def _yes_no(value: bool) -> str:
     return "yes" if value else "no"
 
 
-def _record(record_id: str, split: str, image: bytes | None, question: str, answer: str) -> dict:
-    return {
+def _record(
+    record_id: str, split: str, image: bytes | None, question: str, answer: str, question_type: str | None = None
+) -> dict:
+    record = {
         "id": record_id,
         "image": image,
         "question": question,
@@ -268,6 +284,7 @@ def _record(record_id: str, split: str, image: bytes | None, question: str, answ
         "dataset": DATASET,
         "split": split,
     }
+    return record if question_type is None else record | {QUESTION_TYPE: question_type}
 
 
 def _render(
@@ -302,11 +319,14 @@ def lexicon(caption_prompt: str) -> list[str]:
     professions, subjects, adjectives = _persona_slots(clinical=True)
     personas = [_PERSONA.format(p, s, a) for p in professions for s in subjects for a in adjectives]
     texts = [caption_prompt, GENERAL_CAPTION_PROMPT, _REPEAT_PROMPT, *_SHORT_PERSONAS, *personas]
-    domains = ((MODALITIES, ORGANS, caption, radiology_questions), (COLOURS, PATTERNS, general_caption, general_questions))
+    domains = (
+        (MODALITIES, ORGANS, caption, radiology_questions),
+        (COLOURS, PATTERNS, general_caption, general_questions),
+    )
     for looks, kinds, describe, ask in domains:
         for count, side in [(0, None), *((c, s) for c in range(1, len(_COUNT_WORDS)) for s in SIDES)]:
             image = DemoImage(looks[0], kinds[0], count, side, looks[-1], kinds[-1], SIDES[0])
-            texts += [describe(image), *(f"{q} {a}" for q, a in ask(image))]
+            texts += [describe(image), *(f"{q} {a}" for q, a, *_ in ask(image))]
     texts += [*MODALITIES, *ORGANS, *COLOURS, *PATTERNS]  # every value, not only those the example images name
     texts += [*_TEXT_ONLY_WORDS, *(_OBJECT_QUESTION.format(w) for w in ("square", *_EVERYDAY))]
     words = {word.strip(".,?:") for text in texts for word in text.lower().split()}
@@ -384,10 +404,10 @@ def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
         questions = pathology_questions(image) if pathology else radiology_questions(image)
         if train:  # each check asked both ways: the answer cannot come from the picture alone
             questions += [q for q in radiology_questions(contrast(image, contrasts)) if q not in questions]
-        for q, (question, answer) in enumerate(questions):
+        for q, (question, answer, kind) in enumerate(questions):
             if train and personas.random() < _TRAIN_PERSONA_SHARE:
                 question = f"{_persona(personas, clinical=False)} {question}"
-            records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer))
+            records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer, kind))
     return records
 
 

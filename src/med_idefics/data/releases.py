@@ -5,7 +5,8 @@
 - VQA-RAD, MEVF layout (the split most Med-VQA papers train on): ``trainset.json`` / ``testset.json`` (image_name);
   the images in ``--images``, else an ``images/`` or ``VQA_RAD Image Folder/`` beside the files or one level up.
 - SLAKE 1.0: ``train.json`` / ``validate.json`` / ``test.json`` + ``imgs/`` (img_name ``xmlabN/source.jpg``); one
-  language (``q_lang``, English by default); modality, location and content_type kept as extra columns.
+  language (``q_lang``, English by default); modality, location and content_type kept as extra columns, and
+  content_type again as ``question_type``, the column every source's question kind goes by.
 - PathVQA: ``{train,val,test}_vqa.pkl`` (lists of plain dicts) loaded with :func:`load_plain_pickle`, which refuses every
   global; images ``<img_id>.jpg`` in ``--images``, else ``images/`` beside or one level up, flat or in
   ``train/ val/ test/`` sub-folders as the release's ``pvqa/images``.
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from med_idefics.data.schema import CLOSED, OPEN, DatasetError
+from med_idefics.data.schema import CLOSED, OPEN, QUESTION_TYPE, DatasetError
 from med_idefics.data.sources import SourceSplit
 
 VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
@@ -33,7 +34,14 @@ VQA_RAD_PHRASES = {"train": ("freeform", "para"), "test": ("test_freeform", "tes
 VQA_RAD_EXTRAS = ("question_type", "image_organ", "phrase_type", "image_name")
 MEVF_FILES = {"train": "trainset.json", "test": "testset.json"}
 SLAKE_FILES = {"train": ("train.json",), "validation": ("validate.json", "validation.json"), "test": ("test.json",)}
-SLAKE_EXTRAS = ("modality", "location", "content_type", "q_lang", "img_name")
+SLAKE_EXTRAS = (
+    "modality",
+    "location",
+    "content_type",
+    QUESTION_TYPE,
+    "q_lang",
+    "img_name",
+)  # question_type = content_type
 PATH_VQA_FILES = {"train": "train_vqa.pkl", "validation": "val_vqa.pkl", "test": "test_vqa.pkl"}
 PATH_VQA_IMAGE_DIRS = {"train": "train", "validation": "val", "test": "test"}
 PATH_VQA_EXTRAS = ("question_type", "img_id")
@@ -144,6 +152,7 @@ def _slake(folder: Path, files: dict[str, Path], images: str | None, lang: str) 
                 "answer": entry.get("answer"),
                 "answer_type": entry.get("answer_type"),
                 **{column: entry.get(column) for column in SLAKE_EXTRAS},
+                QUESTION_TYPE: entry.get("content_type"),  # the one name the report reads for every source
             }
             for entry in entries
         ]
@@ -199,7 +208,9 @@ def path_vqa_questions(path: Path) -> list[dict]:
 def _path_vqa(folder: Path, files: dict[str, Path], images: str | None) -> Release:
     def opener(split: str) -> SourceSplit:
         rows = path_vqa_questions(files[split])
-        image_dir = _image_dir(folder, images, ("images",), f"PathVQA images (<img_id>.jpg, e.g. {_first_id(rows)}.jpg)")
+        image_dir = _image_dir(
+            folder, images, ("images",), f"PathVQA images (<img_id>.jpg, e.g. {_first_id(rows)}.jpg)"
+        )
         for sub in (image_dir / PATH_VQA_IMAGE_DIRS[split], image_dir):
             if any((sub / f"{_first_id(rows)}{suffix}").is_file() for suffix in IMAGE_SUFFIXES):
                 break

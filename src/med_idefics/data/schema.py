@@ -1,7 +1,9 @@
 """The one record schema every dataset is stored in, and atomic parquet I/O for ``data/<dataset>/<split>.parquet``.
 
 Records may carry extra string columns (SLAKE's modality, VQA-RAD's question_type, …) after the required ones; they are
-stored as written and ignored by :func:`read_split`, which returns the required columns only.
+stored as written and ignored by :func:`read_split`, which returns the required columns only. One of them has a meaning
+across sources: ``question_type`` (:data:`QUESTION_TYPE`) — VQA-RAD's and PathVQA's own, SLAKE's ``content_type``, the
+demo's template — which the report breaks accuracy down by (:func:`question_types`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(RECORD_SCHEMA.names)
+QUESTION_TYPE = "question_type"  # optional: what the question asks about (modality, organ, presence, …)
 
 YES_NO = frozenset({"yes", "no"})
 # A split is written in row groups of at most this many image bytes or records, so an import never holds more than
@@ -177,6 +180,20 @@ def read_split_schema(path: Path, dataset: str) -> None:
     missing = [c for c in COLUMNS if c not in pq.read_schema(path).names]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {missing}; re-import it with `med-idefics data`")
+
+
+def question_types(root: str | Path, dataset: str) -> dict[str, str]:
+    """record id → :data:`QUESTION_TYPE` over every split of ``dataset`` that has the column (``{}`` when none does):
+    only those two columns are read. Values are stripped and upper-cased, so "Pres " and "PRES" are one type."""
+    types: dict[str, str] = {}
+    for path in sorted(Path(root, dataset).glob("*.parquet")):
+        if QUESTION_TYPE not in pq.read_schema(path).names:
+            continue
+        table = pq.read_table(path, columns=["id", QUESTION_TYPE])
+        for record_id, kind in zip(table["id"].to_pylist(), table[QUESTION_TYPE].to_pylist(), strict=True):
+            if kind is not None and str(kind).strip():
+                types[record_id] = str(kind).strip().upper()
+    return types
 
 
 def count_records(root: str | Path, dataset: str, split: str) -> int:
