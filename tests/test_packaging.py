@@ -16,7 +16,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from med_idefics.config import ConfigError, Params, build, deep_merge, flatten, load_params
-from med_idefics.profiles import switch_profile
+from med_idefics.profiles import EXTENDS, apply_profile, overlay_chain, switch_profile
 
 REQUIRED = ["mlflow", "transformers", "peft", "bitsandbytes", "torch", "datasets", "dvc", "click", "scikit-learn"]
 REQUIRED += ["nltk", "accelerate", "pillow"]
@@ -95,18 +95,41 @@ def test_params_yaml_loads(repo_root):
 
 def test_every_config_builds_over_params(repo_root):
     files = config_files(repo_root)
-    assert {"paper", "demo"} <= {p.stem for p in files}
+    assert {"paper", "demo", "paper-fast"} <= {p.stem for p in files}
     base = yaml.safe_load((repo_root / "params.yaml").read_text())
     for path in files:
-        params = build(Params, deep_merge(base, yaml.safe_load(path.read_text()) or {}))
+        params = build(Params, apply_profile(base, path.stem, repo_root / "configs"))
         assert params.profile == path.stem, f"{path}: profile key should name the file"
+    assert [p.name for p in overlay_chain("paper-fast", repo_root / "configs")] == ["paper.yaml", "paper-fast.yaml"]
 
 
-def test_paper_and_demo_name_the_same_keys(repo_root):
-    def keys(name):
-        return set(flatten(yaml.safe_load((repo_root / "configs" / f"{name}.yaml").read_text())))
+def overlay_keys(repo_root, name) -> set[str]:
+    overlay = yaml.safe_load((repo_root / "configs" / f"{name}.yaml").read_text())
+    overlay.pop(EXTENDS, None)
+    return set(flatten(overlay))
 
-    assert keys("paper") == keys("demo")
+
+def test_paper_and_demo_name_the_same_keys_and_every_other_overlay_only_theirs(repo_root):
+    """Switching back to demo (or to paper) must undo every key another profile set."""
+    assert overlay_keys(repo_root, "paper") == overlay_keys(repo_root, "demo")
+    for path in config_files(repo_root):
+        extra = overlay_keys(repo_root, path.stem) - overlay_keys(repo_root, "demo")
+        assert not extra, f"{path} sets {sorted(extra)}, which configs/demo.yaml and configs/paper.yaml do not name"
+
+
+def test_paper_fast_is_the_paper_profile_with_the_speed_levers(repo_root):
+    base = yaml.safe_load((repo_root / "params.yaml").read_text())
+    paper = build(Params, apply_profile(base, "paper", repo_root / "configs"))
+    fast = build(Params, apply_profile(base, "paper-fast", repo_root / "configs"))
+    assert fast.model.base == paper.model.base and fast.data == paper.data and fast.sweep == paper.sweep
+    assert fast.quantization.load_in_4bit is False and fast.quantization.compute_dtype == "bfloat16"
+    assert fast.lora.dropout == 0.0 and fast.vision_cache.enabled
+    for stage in ("stage1", "stage2", "single_stage"):
+        fast_recipe, paper_recipe = getattr(fast, stage), getattr(paper, stage)
+        assert fast_recipe.torch_compile and not paper_recipe.torch_compile
+        # the same examples per optimizer step: the same steps and schedule as the paper's recipe
+        assert fast_recipe.micro_batch * fast_recipe.grad_accum == paper_recipe.micro_batch * paper_recipe.grad_accum
+        assert (fast_recipe.lr, fast_recipe.epochs) == (paper_recipe.lr, paper_recipe.epochs)
 
 
 def comments(text: str) -> list[str]:

@@ -56,6 +56,7 @@ def training_arguments(recipe: StageConfig, output_dir: Path, seed: int, run_nam
         report_to=[],  # MLflow logging is ours (MlflowStepLogger): one run per stage, named by variant
         remove_unused_columns=False,
         dataloader_num_workers=recipe.dataloader_workers,
+        torch_compile=recipe.torch_compile,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
         **resolve_precision(recipe.precision),
