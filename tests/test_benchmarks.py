@@ -60,3 +60,27 @@ def test_demo_run_reports_the_criteria_from_a_finished_demos_files(repo_root, mo
     demo_run.set_seed(params, 2026)
     assert params.read_text() == "profile: demo\nseed: 2026\nmodel:\n  seed: 1\n"
     sys.modules.pop("demo_run", None)
+
+
+def test_feature_cache_benchmark_reports_ratios_with_the_equality_checks(repo_root, monkeypatch, capsys):
+    """benchmarks/feature_cache.py at small sizes: its JSON, and the cached path equal to the plain one."""
+    import json
+
+    from med_idefics.modeling import realistic
+
+    try:
+        realistic.mistral_sentencepiece_file()
+    except Exception as err:  # the tokenizer file comes from the mistral-common wheel that `make venv` installs
+        pytest.skip(f"tiny-real-processor unavailable: {err}")
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    feature_cache = importlib.import_module("feature_cache")
+    try:
+        result = feature_cache.main(["--steps", "3", "--micro-batch", "2", "--questions", "4", "--batch", "2",
+                                     "--new-tokens", "2", "--json"])  # fmt: skip
+    finally:
+        sys.modules.pop("feature_cache", None)
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.rindex("\n{") :]) == json.loads(json.dumps(result))
+    assert {"train_ratio", "eval_ratio", "max_loss_rel_diff", "answers_identical"} <= set(result)
+    assert result["train_ratio"] > 0 and result["eval_ratio"] > 0  # timings: reported, never asserted
+    assert result["max_loss_rel_diff"] < 1e-4 and result["answers_identical"] is True

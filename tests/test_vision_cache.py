@@ -282,3 +282,44 @@ def test_training_stage_uses_the_cache_and_a_split_that_does_not_fit_runs_uncach
     params = load_params(project / "params.yaml", overrides | {"vision_cache.max_gib": 1e-6})
     summary = train(params, TrainRequest("single-stage", project / "outputs" / "tight"))
     assert summary["optimizer_steps"] > 0 and "running uncached" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One load of the base per evaluation process: adapters swapped
+
+
+def random_adapter(base_dir, params, out: Path, seed: int) -> Path:
+    """A saved LoRA adapter whose B matrices are random (a fresh one is the identity), so it changes the answers."""
+    model = load_adapted_model(base_dir, None, FP32)
+    torch.manual_seed(seed)
+    model = add_lora(model, params.lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_answers_after_an_adapter_swap_equal_a_fresh_load(tiny_setup, tmp_path):
+    from med_idefics.modeling.generation import AdapterSwitch
+
+    base_dir, processor, records = tiny_setup
+    params = load_params(REPO_ROOT / "params.yaml")
+    adapters = [random_adapter(base_dir, params, tmp_path / f"adapter-{seed}", seed) for seed in (1, 2)]
+    kwargs = {"show_progress": False, "min_new_tokens": 4}
+
+    def fresh(adapter):
+        return generate_answers(load_adapted_model(base_dir, adapter, FP32), processor, records, "", 4, 4, **kwargs)
+
+    expected = {None: fresh(None), adapters[0]: fresh(adapters[0]), adapters[1]: fresh(adapters[1])}
+    assert len({tuple(answers) for answers in expected.values()}) == 3  # the adapters do change the answers
+    switch = AdapterSwitch(base_dir, FP32)
+    loads = []
+    for adapter in (None, adapters[0], adapters[1], None, adapters[0]):
+        model = switch.use(adapter)
+        loads.append(id(model.get_base_model()) if hasattr(model, "get_base_model") else id(model))
+        assert generate_answers(model, processor, records, "", 4, 4, **kwargs) == expected[adapter], adapter
+        if adapter is not None:
+            assert len(model.peft_config) == 1  # the previous adapter was deleted, not kept beside
+    assert len(set(loads)) == 1  # one base all along
