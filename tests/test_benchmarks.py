@@ -84,3 +84,38 @@ def test_feature_cache_benchmark_reports_ratios_with_the_equality_checks(repo_ro
     assert {"train_ratio", "eval_ratio", "max_loss_rel_diff", "answers_identical"} <= set(result)
     assert result["train_ratio"] > 0 and result["eval_ratio"] > 0  # timings: reported, never asserted
     assert result["max_loss_rel_diff"] < 1e-4 and result["answers_identical"] is True
+
+
+def test_gpu_check_cpu_path_writes_a_rate_table_estimate_reads(repo_root, monkeypatch, tmp_path):
+    """benchmarks/gpu_check.py --shape tiny-real-processor --device cpu: every section runs (QLoRA too: bitsandbytes
+    is installed here), the adapter reloaded through the registered model answers as before, and `estimate` reads
+    the result as its rate table."""
+    import json
+
+    from med_idefics.estimate import load_rates, train_rate
+    from med_idefics.modeling import realistic
+
+    try:
+        realistic.mistral_sentencepiece_file()
+    except Exception as err:
+        pytest.skip(f"tiny-real-processor unavailable: {err}")
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    gpu_check = importlib.import_module("gpu_check")
+    out = tmp_path / "gpu_check.json"
+    try:
+        report = gpu_check.main(["--shape", "tiny-real-processor", "--device", "cpu", "--steps", "1",
+                                 "--micro-batches", "2", "--answer-batches", "1,2", "--new-tokens", "2",
+                                 "--workers", "0", "--out", str(out)])  # fmt: skip
+    finally:
+        sys.modules.pop("gpu_check", None)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    settings = {(r["quantization"], r["micro_batch"], r["cache"]) for r in report["train"]}
+    assert settings == {("float32", 2, False), ("float32", 2, True), ("4bit", 2, False), ("4bit", 2, True)}
+    assert all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in report["train"])
+    assert [a["batch"] for a in report["answers"]] == [a["batch"] for a in report["answers_cached"]] == [1, 2]
+    assert report["flow"]["answers_equal_after_reload"] is True and report["model_load_s"] > 0
+    assert report["skipped"] == []
+    rates = load_rates(out)
+    assert train_rate(rates, "4bit", 2, False, False)[0] == next(
+        r["samples_per_s"] for r in report["train"] if (r["quantization"], r["cache"]) == ("4bit", False)
+    )

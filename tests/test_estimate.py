@@ -62,7 +62,10 @@ def test_gpu_check_results_replace_the_reference_rates(repo_root, tmp_path):
     path = tmp_path / "gpu_check.json"
     path.write_text(json.dumps(measured))
     rates = load_rates(path)
-    assert rates["source"] == "gpu_check on a test GPU" and rates["model_load_s"] == REFERENCE_RATES["model_load_s"]
+    assert rates["source"] == "gpu_check on a test GPU + reference rates for the rest"
+    assert rates["model_load_s"] == REFERENCE_RATES["model_load_s"] and rates["answers"] == measured["answers"]
+    assert len(rates["train"]) == len(REFERENCE_RATES["train"])  # the measured row replaced its reference row
+    assert train_rate(rates, "4bit", 2, False, False) == (61.0, "")
     params = profile_params(repo_root, "paper", tmp_path)
     faster = estimate(params, rates)
     reference = estimate(params, REFERENCE_RATES)

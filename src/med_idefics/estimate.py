@@ -81,12 +81,22 @@ class StageCost:
 
 
 def load_rates(path: str | Path | None = None) -> dict[str, Any]:
-    """``path``, else gpu_check's results when they exist, else the reference rates."""
+    """``path``, else gpu_check's results when they exist, else the reference rates. Measured training rows replace
+    the reference rows of the same setting; settings gpu_check did not measure (QLoRA without bitsandbytes, say)
+    keep the reference rate, and the source says so."""
     candidate = Path(path) if path else GPU_CHECK_RESULTS
-    if candidate.is_file():
-        rates = json.loads(candidate.read_text())
-        return {**REFERENCE_RATES, **rates, "source": rates.get("source", str(candidate))}
-    return REFERENCE_RATES
+    if not candidate.is_file():
+        return REFERENCE_RATES
+    measured = json.loads(candidate.read_text())
+
+    def key(row: dict) -> tuple:
+        return row["quantization"], row["micro_batch"], row["cache"], row["compiled"]
+
+    rows = list(measured.get("train", []))
+    kept = [row for row in REFERENCE_RATES["train"] if key(row) not in {key(r) for r in rows}]
+    source = measured.get("source", str(candidate)) + (" + reference rates for the rest" if kept else "")
+    rates = {**REFERENCE_RATES, **{k: v for k, v in measured.items() if k in REFERENCE_RATES and v}}
+    return rates | {"train": rows + kept, "source": source}
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float:
