@@ -63,8 +63,15 @@ CAPTION = (
 
 
 class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.end, self.skipped = time.monotonic() + seconds, []
+    """Sections start only while their estimated need fits; the report is rewritten after each section, so a run
+    stopped at the lease's limit still leaves what it measured."""
+
+    def __init__(self, seconds: float, out: str) -> None:
+        self.end, self.skipped, self.out = time.monotonic() + seconds, [], Path(out)
+
+    def save(self, report: dict) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(report, indent=1) + "\n")
 
     def allows(self, what: str, needs: float) -> bool:
         if time.monotonic() + needs <= self.end:
@@ -94,15 +101,18 @@ def records(n: int, side: int, seed: int = 0) -> list[dict]:
 
 def build(shape: str, processor_dir: str | None, device: str):
     """(model on ``device`` in bf16 or fp32, processor)."""
-    from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+    from transformers import AutoTokenizer, Idefics2ForConditionalGeneration
 
     from med_idefics.modeling import realistic
 
-    processor = AutoProcessor.from_pretrained(processor_dir) if processor_dir else realistic.build_processor()
+    tokenizer = AutoTokenizer.from_pretrained(processor_dir) if processor_dir else None
+    processor = realistic.build_processor(tokenizer=tokenizer)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if shape == "tiny-real-processor":
-        model, _ = realistic.build_realistic(seed=0)
-        return model.to(device, dtype), processor
+        torch.manual_seed(0)
+        model = Idefics2ForConditionalGeneration(realistic.model_config(processor.tokenizer))
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+        return model.to(device, dtype).eval(), processor
     from eval_throughput import idefics2_8b_config
 
     with torch.device(device):
@@ -163,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=("idefics2-8b", "tiny-real-processor"), default="idefics2-8b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--processor", default=None, help="a saved processor (default: build the real one)")
-    parser.add_argument("--save-processor", default=None, help="only save the real processor there, and stop")
+    parser.add_argument("--processor", default=None, help="the real processor's saved tokenizer (default: build it)")
+    parser.add_argument("--save-processor", default=None, help="only save the real tokenizer there, and stop")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds of work before sections are skipped")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per training configuration")
     parser.add_argument("--micro-batches", default="2,16")
@@ -176,9 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.save_processor:
         from med_idefics.modeling import realistic
 
-        realistic.build_processor().save_pretrained(args.save_processor)
+        realistic.build_tokenizer().save_pretrained(args.save_processor)
         return {}
-    budget, started = Budget(args.budget), time.monotonic()
+    budget, started = Budget(args.budget, args.out), time.monotonic()
     device = args.device
     side = 980 if args.shape == "idefics2-8b" else 400
     micro_batches = [int(b) for b in args.micro_batches.split(",")]
@@ -206,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"quantization": quantization, "micro_batch": micro_batch, "cache": cache, "compiled": compiled,
                    "gradient_checkpointing": checkpointing, "samples_per_s": rate, "peak_gib": peak}  # fmt: skip
             report["train"].append(row)
+            budget.save(report)
             print(json.dumps(row), flush=True)
 
     grid = [(mb, cache, False) for mb in micro_batches for cache in (False, True)]
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
             fill(store, model, processor, [r["image"] for r in recs[:n]], "answering", 16, args.workers)
             cached = answers_rate(model, processor, recs[:n], batch, args.new_tokens, store)
             report["answers_cached"].append({"batch": batch, "answers_per_s": cached})
+            budget.save(report)
             print(json.dumps(report["answers"][-1]), json.dumps(report["answers_cached"][-1]), flush=True)
     flow(params, model, processor, recs, scratch, args, budget, report)
     del model
@@ -233,8 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    compute_dtype="bfloat16" if device == "cuda" else "float32")  # fmt: skip
         trained("4bit", load_base_model(scratch / "base", qlora), True, grid)
     report["work_seconds"] = round(time.monotonic() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    budget.save(report)
     print(f"{args.out}: {len(report['train'])} training rates, {len(report['answers'])} answer rates; "
           f"skipped: {report['skipped'] or 'nothing'}")  # fmt: skip
     return report
@@ -273,6 +284,7 @@ def flow(params, model, processor, recs, scratch: Path, args, budget: Budget, re
         after = registered_answers(params, scratch, questions, args.device, started, report)
     report["flow"] = {"questions": len(questions), "answers_equal_after_reload": before == after,
                       "distinct_answers": len(set(before))}  # fmt: skip
+    budget.save(report)
     print(json.dumps(report["flow"]), flush=True)
 
 

@@ -101,7 +101,9 @@ def build_tokenizer() -> LlamaTokenizer:
     return tokenizer
 
 
-def build_processor(do_image_splitting: bool = False) -> Idefics2Processor:
+def build_processor(do_image_splitting: bool = False, tokenizer: LlamaTokenizer | None = None) -> Idefics2Processor:
+    """Idefics2-8b's processor; ``tokenizer``: a saved copy of :func:`build_tokenizer`'s (on a machine without the
+    mistral-common wheel)."""
     image_processor = Idefics2ImageProcessorPil(
         do_image_splitting=do_image_splitting,
         size={"longest_edge": LONGEST_EDGE, "shortest_edge": SHORTEST_EDGE},
@@ -110,7 +112,7 @@ def build_processor(do_image_splitting: bool = False) -> Idefics2Processor:
     )
     return Idefics2Processor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=tokenizer or build_tokenizer(),
         image_seq_len=IMAGE_SEQ_LEN,
         chat_template=CHAT_TEMPLATE,
     )

@@ -35,6 +35,7 @@ from med_idefics.data.feature_store import FeatureStore, image_digest, pad_featu
 
 BATCH_KEYS = ("vision_hidden_states", "patch_attention_mask")
 _HOOK_ATTR = "_med_idefics_vision_cache_hook"
+_GUARD_ATTR = "_med_idefics_vision_cache_guard"
 
 
 def unwrap(model):
@@ -161,7 +162,22 @@ def connector_inputs(model, vision_hidden_states: torch.Tensor, patch_attention_
         pooled = [f.reshape(-1, f.shape[-1]) for f in features.split(counts)]
         output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
         return {"mm_encoder_outputs": {"image": output}}
-    return {"image_hidden_states": features.reshape(-1, features.shape[-1])}  # transformers 5.17
+    if getattr(inner, _GUARD_ATTR, None) is None:  # transformers 5.17: see _only_where_image_tokens_are
+        setattr(inner, _GUARD_ATTR, inner.register_forward_pre_hook(_only_where_image_tokens_are, with_kwargs=True))
+    return {"image_hidden_states": features.reshape(-1, features.shape[-1])}
+
+
+def _only_where_image_tokens_are(module, args, kwargs):
+    """transformers 5.17's ``generate`` passes ``image_hidden_states`` to every decoding step (5.2x drops
+    ``mm_encoder_outputs`` after the prompt), where a generated ``<image>`` token would take an image feature the
+    pixel path never gives it: features go only to a forward whose ``<image>`` tokens match them, as 5.2x checks."""
+    features, input_ids = kwargs.get("image_hidden_states"), kwargs.get("input_ids")
+    if features is None or input_ids is None:
+        return None
+    if int((input_ids == module.config.image_token_id).sum()) * features.shape[-1] != features.numel():
+        kwargs["image_hidden_states"] = None
+        return args, kwargs
+    return None
 
 
 def _take_cached_features(module, args, kwargs):
