@@ -41,7 +41,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "src"), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO / "src")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -113,10 +113,9 @@ def build(shape: str, processor_dir: str | None, device: str):
         model = Idefics2ForConditionalGeneration(realistic.model_config(processor.tokenizer))
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
         return model.to(device, dtype).eval(), processor
-    from eval_throughput import idefics2_8b_config
-
     with torch.device(device):
-        model = Idefics2ForConditionalGeneration._from_config(idefics2_8b_config(processor.tokenizer), dtype=dtype)
+        config = realistic.idefics2_8b_config(processor.tokenizer)
+        model = Idefics2ForConditionalGeneration._from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model.eval(), processor
 
@@ -223,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     compiled = [(max(micro_batches), True, True)] if device == "cuda" else []  # inductor on CPU: minutes, no use
     trained("bf16" if model.dtype == torch.bfloat16 else str(model.dtype).removeprefix("torch."), model, False,
             [*grid, *compiled])  # fmt: skip
+    model.eval()
+    for config in (model.config, model.config.text_config):  # the LoRA preparation turned the KV cache off
+        config.use_cache = True
     for batch in answer_batches:
         n = min(len(recs), 8 if batch == 1 else batch)
         if budget.allows(f"answers at batch {batch}", 60):
