@@ -15,8 +15,7 @@ It writes ``--out`` (default ``benchmarks/results/gpu_check.json``), which ``med
 table. On the lent machine (torch 2.11, transformers 5.17, no bitsandbytes/mlflow/dvc, no network)::
 
     # here, once: the real processor needs mistral-common's tokenizer file, which that machine lacks
-    echo /gpu-check/ >> .git/info/exclude
-    .venv/bin/python benchmarks/gpu_check.py --save-processor gpu-check/processor
+    .venv/bin/python benchmarks/gpu_check.py --save-processor gpu-check/processor   # gpu-check/ is git-ignored
     # the device run (carry: ["gpu-check"]):
     PYTHONPATH=src python3 benchmarks/gpu_check.py --processor gpu-check/processor --out $OUT/gpu_check.json
 

@@ -323,3 +323,18 @@ def test_answers_after_an_adapter_swap_equal_a_fresh_load(tiny_setup, tmp_path):
         if adapter is not None:
             assert len(model.peft_config) == 1  # the previous adapter was deleted, not kept beside
     assert len(set(loads)) == 1  # one base all along
+
+
+def test_a_failed_write_leaves_neither_a_cache_file_nor_a_temporary(tmp_path, monkeypatch):
+    import med_idefics.data.feature_store as feature_store
+
+    store = FeatureStore(tmp_path, {"base": "x"}, 2**20)
+
+    def crash(tensors, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(feature_store, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.save("d" * 32, torch.ones(4, 8), (2, 2))
+    assert "d" * 32 not in store and sorted(p.name for p in store.folder.iterdir()) == ["context.json"]
