@@ -27,30 +27,11 @@ from PIL import Image
 from med_idefics.config import load_params
 from med_idefics.data.demo import vqa_records
 from med_idefics.evaluate import generate_answers
+from med_idefics.modeling.realistic import idefics2_8b_config
 from med_idefics.modeling.tiny import build_tiny, build_tokenizer
 from med_idefics.prompts import END_OF_UTTERANCE
 
 IDEFICS2_8B_IMAGE_SIZE = 980
-
-
-def idefics2_8b_config(tokenizer):
-    """The Idefics2-8B dimensions (HuggingFaceM4/idefics2-8b config.json), token ids from ``tokenizer``."""
-    from transformers import Idefics2Config
-
-    from med_idefics.modeling.tiny import IMAGE
-
-    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
-    return Idefics2Config(
-        vision_config={"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
-                       "num_attention_heads": 16, "image_size": IDEFICS2_8B_IMAGE_SIZE, "patch_size": 14},
-        perceiver_config={"hidden_size": 4096, "resampler_n_latents": 64, "resampler_depth": 3,
-                          "resampler_n_heads": 16, "resampler_head_dim": 96, "num_key_value_heads": 4},
-        text_config={"model_type": "mistral", "vocab_size": 32003, "hidden_size": 4096, "intermediate_size": 14336,
-                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "sliding_window": 4096, **ids},
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-        tie_word_embeddings=False,
-    )  # fmt: skip
 
 
 def idefics2_8b(texts: list[str], device: str = "cuda"):

@@ -60,3 +60,62 @@ def test_demo_run_reports_the_criteria_from_a_finished_demos_files(repo_root, mo
     demo_run.set_seed(params, 2026)
     assert params.read_text() == "profile: demo\nseed: 2026\nmodel:\n  seed: 1\n"
     sys.modules.pop("demo_run", None)
+
+
+def test_feature_cache_benchmark_reports_ratios_with_the_equality_checks(repo_root, monkeypatch, capsys):
+    """benchmarks/feature_cache.py at small sizes: its JSON, and the cached path equal to the plain one."""
+    import json
+
+    from med_idefics.modeling import realistic
+
+    try:
+        realistic.mistral_sentencepiece_file()
+    except Exception as err:  # the tokenizer file comes from the mistral-common wheel that `make venv` installs
+        pytest.skip(f"tiny-real-processor unavailable: {err}")
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    feature_cache = importlib.import_module("feature_cache")
+    try:
+        result = feature_cache.main(["--steps", "3", "--micro-batch", "2", "--questions", "4", "--batch", "2",
+                                     "--new-tokens", "2", "--json"])  # fmt: skip
+    finally:
+        sys.modules.pop("feature_cache", None)
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.rindex("\n{") :]) == json.loads(json.dumps(result))
+    assert {"train_ratio", "eval_ratio", "max_loss_rel_diff", "answers_identical"} <= set(result)
+    assert result["train_ratio"] > 0 and result["eval_ratio"] > 0  # timings: reported, never asserted
+    assert result["max_loss_rel_diff"] < 1e-4 and result["answers_identical"] is True
+
+
+def test_gpu_check_cpu_path_writes_a_rate_table_estimate_reads(repo_root, monkeypatch, tmp_path):
+    """benchmarks/gpu_check.py --shape tiny-real-processor --device cpu: every section runs (QLoRA too: bitsandbytes
+    is installed here), the adapter reloaded through the registered model answers as before, and `estimate` reads
+    the result as its rate table."""
+    import json
+
+    from med_idefics.estimate import load_rates, train_rate
+    from med_idefics.modeling import realistic
+
+    try:
+        realistic.mistral_sentencepiece_file()
+    except Exception as err:
+        pytest.skip(f"tiny-real-processor unavailable: {err}")
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    gpu_check = importlib.import_module("gpu_check")
+    out = tmp_path / "gpu_check.json"
+    try:
+        report = gpu_check.main(["--shape", "tiny-real-processor", "--device", "cpu", "--steps", "1",
+                                 "--micro-batches", "2", "--answer-batches", "1,2", "--new-tokens", "2",
+                                 "--workers", "0", "--out", str(out)])  # fmt: skip
+    finally:
+        sys.modules.pop("gpu_check", None)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    settings = {(r["quantization"], r["micro_batch"], r["cache"]) for r in report["train"]}
+    assert settings == {("float32", 2, False), ("float32", 2, True), ("4bit", 2, False), ("4bit", 2, True)}
+    assert all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in report["train"])
+    assert [a["batch"] for a in report["answers"]] == [a["batch"] for a in report["answers_cached"]] == [1, 2]
+    assert report["flow"]["answers_equal_after_reload"] is True and report["model_load_s"] > 0
+    assert report["skipped"] == []
+    rates = load_rates(out)
+    assert train_rate(rates, "4bit", 2, False, False)[0] == next(
+        r["samples_per_s"] for r in report["train"] if (r["quantization"], r["cache"]) == ("4bit", False)
+    )

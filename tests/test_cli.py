@@ -21,7 +21,7 @@ def test_the_top_level_help_lists_the_pipeline_commands():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
     for name in ("data", "base", "train", "evaluate", "score", "report", "review", "register", "promote", "predict",
-                 "profile"):  # fmt: skip
+                 "profile", "estimate"):  # fmt: skip
         assert f"  {name} " in result.output, name
 
 
@@ -45,3 +45,14 @@ def test_a_bad_params_key_is_one_line_naming_it(tmp_path, monkeypatch, repo_root
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: params.yaml: stage1.lr must be > 0, got -1.0"]
+
+
+def test_evaluate_refuses_one_name_for_several_variants(tmp_path, monkeypatch, repo_root):
+    import shutil
+
+    from med_idefics.config import ConfigError
+
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["evaluate", "--variant", "base", "--variant", "two-stage", "--name", "x"])
+    assert isinstance(result.exception, ConfigError) and "--name names one variant" in str(result.exception)

@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from med_idefics.config import ConfigError, Params, build, deep_merge, flatten, load_params
-from med_idefics.profiles import switch_profile
+from med_idefics.profiles import EXTENDS, apply_profile, overlay_chain, switch_profile
 
 REQUIRED = ["mlflow", "transformers", "peft", "bitsandbytes", "torch", "datasets", "dvc", "click", "scikit-learn"]
 REQUIRED += ["nltk", "accelerate", "pillow"]
@@ -94,45 +94,58 @@ def test_params_yaml_loads(repo_root):
     assert params.profile in {p.stem for p in config_files(repo_root)}
 
 
-def profile_of(path: Path) -> str:
-    return (yaml.safe_load(path.read_text()) or {}).get("profile")
-
-
 def test_every_config_builds_over_params(repo_root):
     """A profile's file is named by its ``profile`` key; a file named otherwise refines that profile
     (``paper-smoke`` → ``paper``) and builds over it."""
     files = config_files(repo_root)
-    assert {"paper", "demo"} <= {p.stem for p in files}
+    assert {"paper", "demo", "paper-fast"} <= {p.stem for p in files}
     base = yaml.safe_load((repo_root / "params.yaml").read_text())
     for path in files:
-        profile = profile_of(path)
-        under = base if profile == path.stem else deep_merge(base, yaml.safe_load(
-            (repo_root / "configs" / f"{profile}.yaml").read_text()))  # fmt: skip
-        assert profile == path.stem or path.stem.startswith(f"{profile}-"), f"{path}: profile key should name it"
-        params = build(Params, deep_merge(under, yaml.safe_load(path.read_text()) or {}))
-        assert params.profile == profile
+        params = build(Params, apply_profile(base, path.stem, repo_root / "configs"))
+        overlay = yaml.safe_load(path.read_text()) or {}
+        # a profile's file names it; an overlay may stay the profile it extends (paper-smoke: the paper's, smaller)
+        assert params.profile in (path.stem, overlay.get(EXTENDS)), f"{path}: profile key should name the file"
+    assert [p.name for p in overlay_chain("paper-fast", repo_root / "configs")] == ["paper.yaml", "paper-fast.yaml"]
 
 
-def test_the_paper_smoke_overlay_applies_over_the_paper_profile_only(repo_root, tmp_path):
+def test_the_paper_smoke_overlay_is_the_paper_profile_with_its_base_and_sizes_only(repo_root, tmp_path):
     params_file = tmp_path / "params.yaml"
     shutil.copy(repo_root / "params.yaml", params_file)
-    with pytest.raises(ConfigError, match=r"refines the paper profile.*med-idefics profile paper"):
-        switch_profile("paper-smoke", params_file, repo_root / "configs")
-    switch_profile("paper", params_file, repo_root / "configs")
-    smoke = switch_profile("paper-smoke", params_file, repo_root / "configs")
+    smoke = switch_profile("paper-smoke", params_file, repo_root / "configs")  # from the demo: paper, then its overlay
     assert (smoke.profile, smoke.model.base, smoke.quantization.load_in_4bit) == ("paper", "tiny-real-processor", True)
-    paper = build(Params, deep_merge(yaml.safe_load((repo_root / "params.yaml").read_text()),
-                                     yaml.safe_load((repo_root / "configs" / "paper.yaml").read_text())))  # fmt: skip
-    smoke_keys = set(flatten(yaml.safe_load((repo_root / "configs" / "paper-smoke.yaml").read_text())))
+    paper = build(Params, apply_profile(yaml.safe_load((repo_root / "params.yaml").read_text()), "paper",
+                                        repo_root / "configs"))  # fmt: skip
     differ = {k for k, v in smoke.flat().items() if paper.flat()[k] != v}
-    assert differ <= smoke_keys and "quantization.load_in_4bit" not in differ
+    assert differ and differ <= overlay_keys(repo_root, "paper-smoke") and "quantization.load_in_4bit" not in differ
 
 
-def test_paper_and_demo_name_the_same_keys(repo_root):
-    def keys(name):
-        return set(flatten(yaml.safe_load((repo_root / "configs" / f"{name}.yaml").read_text())))
+def overlay_keys(repo_root, name) -> set[str]:
+    overlay = yaml.safe_load((repo_root / "configs" / f"{name}.yaml").read_text())
+    overlay.pop(EXTENDS, None)
+    return set(flatten(overlay))
 
-    assert keys("paper") == keys("demo")
+
+def test_paper_and_demo_name_the_same_keys_and_every_other_overlay_only_theirs(repo_root):
+    """Switching back to demo (or to paper) must undo every key another profile set."""
+    assert overlay_keys(repo_root, "paper") == overlay_keys(repo_root, "demo")
+    for path in config_files(repo_root):
+        extra = overlay_keys(repo_root, path.stem) - overlay_keys(repo_root, "demo")
+        assert not extra, f"{path} sets {sorted(extra)}, which configs/demo.yaml and configs/paper.yaml do not name"
+
+
+def test_paper_fast_is_the_paper_profile_with_the_speed_levers(repo_root):
+    base = yaml.safe_load((repo_root / "params.yaml").read_text())
+    paper = build(Params, apply_profile(base, "paper", repo_root / "configs"))
+    fast = build(Params, apply_profile(base, "paper-fast", repo_root / "configs"))
+    assert fast.model.base == paper.model.base and fast.data == paper.data and fast.sweep == paper.sweep
+    assert fast.quantization.load_in_4bit is False and fast.quantization.compute_dtype == "bfloat16"
+    assert fast.lora.dropout == 0.0 and fast.vision_cache.enabled
+    for stage in ("stage1", "stage2", "single_stage"):
+        fast_recipe, paper_recipe = getattr(fast, stage), getattr(paper, stage)
+        assert fast_recipe.torch_compile and not paper_recipe.torch_compile
+        # the same examples per optimizer step: the same steps and schedule as the paper's recipe
+        assert fast_recipe.micro_batch * fast_recipe.grad_accum == paper_recipe.micro_batch * paper_recipe.grad_accum
+        assert (fast_recipe.lr, fast_recipe.epochs) == (paper_recipe.lr, paper_recipe.epochs)
 
 
 def comments(text: str) -> list[str]:
@@ -146,12 +159,12 @@ def test_switching_profile_and_back_restores_params(repo_root, tmp_path):
     shutil.copytree(repo_root / "configs", tmp_path / "configs")
     original = params_file.read_text()
     current = yaml.safe_load(original)["profile"]
-    profiles = {p.stem for p in config_files(repo_root) if profile_of(p) == p.stem}
-    others = sorted(profiles - {current})
+    others = sorted({p.stem for p in config_files(repo_root)} - {current})  # paper-smoke too: it says profile paper
     assert others, "only one profile"
     for other in others:
-        assert switch_profile(other, params_file, tmp_path / "configs").profile == other
-        assert load_params(params_file).profile == other
+        named = yaml.safe_load((repo_root / "configs" / f"{other}.yaml").read_text())["profile"]
+        assert switch_profile(other, params_file, tmp_path / "configs").profile == named
+        assert load_params(params_file).profile == named
         switch_profile(current, params_file, tmp_path / "configs")
         assert yaml.safe_load(params_file.read_text()) == yaml.safe_load(original)
         assert comments(params_file.read_text()) == comments(original), "comments were lost"

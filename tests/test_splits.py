@@ -63,11 +63,12 @@ def test_split_keys_are_checked(repo_root, override, key):
 def test_every_shipped_profile_uses_the_official_split(repo_root):
     import yaml
 
-    for path in (repo_root / "params.yaml", *sorted((repo_root / "configs").glob("*.yaml"))):
-        config = yaml.safe_load(path.read_text())
-        if config["profile"] != path.stem and "split" not in config.get("data", {}).get("vqa", {}):
-            continue  # an overlay of a profile (paper-smoke) that keeps the profile's split
-        assert config["data"]["vqa"]["split"] == "official", path
+    from med_idefics.profiles import apply_profile
+
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert params["data"]["vqa"]["split"] == "official"
+    for path in sorted((repo_root / "configs").glob("*.yaml")):  # as applied: an overlay on top of what it extends
+        assert apply_profile(params, path.stem, repo_root / "configs")["data"]["vqa"]["split"] == "official", path
 
 
 @pytest.fixture

@@ -174,6 +174,7 @@ class StageConfig:
     precision: str  # auto | fp32 | bf16 | fp16
     gradient_checkpointing: bool
     dataloader_workers: int  # processes preparing batches (0 = in the training process)
+    torch_compile: bool  # HF Trainer's torch_compile: the training model compiled by torch.compile
 
 
 @dataclass
@@ -195,6 +196,21 @@ class EvalConfig:
     expert_prompt: str
     bootstrap_resamples: int
     seed: int
+    dataloader_workers: int  # processes preparing the images of answering batches (0 = in the process)
+
+
+@dataclass
+class VisionCacheConfig:
+    """The frozen vision encoder's outputs, computed once per image and kept on disk
+    (:mod:`med_idefics.modeling.vision_cache`)."""
+
+    enabled: bool
+    dir: str  # one folder per (base, processor settings, dtype); files keyed by the image's digest
+    max_gib: float  # the whole folder's bound: a split is cached only when its images fit
+
+    def __post_init__(self) -> None:
+        if self.max_gib < 0:
+            raise ConfigError(f"vision_cache.max_gib must be >= 0, got {self.max_gib}")
 
 
 @dataclass
@@ -227,6 +243,7 @@ class Params:
     eval: EvalConfig
     registry: RegistryConfig
     mlflow: MlflowConfig
+    vision_cache: VisionCacheConfig
     sweep: SweepConfig
 
     def __post_init__(self) -> None:
@@ -245,6 +262,8 @@ class Params:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         if self.eval.batch_size <= 0 or self.eval.max_new_tokens <= 0:
             raise ConfigError("eval.batch_size and eval.max_new_tokens must be > 0")
+        if self.eval.dataloader_workers < 0:
+            raise ConfigError(f"eval.dataloader_workers must be >= 0, got {self.eval.dataloader_workers}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

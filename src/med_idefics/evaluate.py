@@ -174,37 +174,69 @@ def suite_metrics(suite_name: str, rows: Sequence[Mapping], params: Params) -> d
 
 def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
     """Evaluate ``request.variant`` on ``request.suites``; checks data and adapter before loading the model."""
-    from med_idefics.modeling.loading import require_cuda_for_a_large_base
+    return evaluate_variants(params, [request])[0]
+
+
+def evaluate_variants(params: Params, requests: Sequence[EvalRequest]) -> list[dict[str, SuiteResult]]:
+    """Evaluate several variants in one process: the base is loaded once and each variant's adapter swapped onto it
+    (:class:`~med_idefics.modeling.generation.AdapterSwitch`); every suite and adapter is checked before loading.
+    With ``vision_cache.enabled``, each suite's images are encoded once for all variants."""
+    from med_idefics.modeling.generation import AdapterSwitch
+    from med_idefics.modeling.loading import load_processor, require_cuda_for_a_large_base
+    from med_idefics.modeling.vision_cache import open_store
     from med_idefics.tracking import setup_tracking
 
     require_cuda_for_a_large_base(params.model.base_dir)  # before the suites' images are read
-    suites = [load_suite(params, name) for name in request.suites]
+    suites = [[load_suite(params, name) for name in request.suites] for request in requests]
     experiment_id = setup_tracking(params)  # also points MLflow at the store that runs:/ and models:/ refer to
-    try:
-        target = resolve_target(request.variant, request.name, request.outputs_dir)
-    except AdapterError as err:
-        raise ConfigError(str(err)) from err
-    if target.adapter is None:  # the base: its own tracked run (`med-idefics base`) is the row it belongs to
-        target = replace(target, training_run_id=results.run_id_of(results.base_run_folder(params.model.base_dir)))
-    processor, model = load_model(params, target)
-    parent = _parent_run(target.training_run_id, experiment_id)
-    return {suite.name: evaluate_suite(params, request, target, suite, model, processor, parent) for suite in suites}
+    targets = []
+    for request in requests:
+        try:
+            target = resolve_target(request.variant, request.name, request.outputs_dir)
+        except AdapterError as err:
+            raise ConfigError(str(err)) from err
+        if target.adapter is None:  # the base: its own tracked run (`med-idefics base`) is the row it belongs to
+            target = replace(target, training_run_id=results.run_id_of(results.base_run_folder(params.model.base_dir)))
+        targets.append(target)
+    processor = load_processor(params.model.base_dir)
+    switch = AdapterSwitch(params.model.base_dir, params.quantization, params.model.attn_implementation)
+    store = open_store(params, switch.model, processor)
+    answered = []
+    for request, target, variant_suites in zip(requests, targets, suites, strict=True):
+        model = switch.use(target.adapter_dir)
+        parent = _parent_run(target.training_run_id, experiment_id)
+        answered.append(
+            {
+                suite.name: evaluate_suite(params, request, target, suite, model, processor, parent, store)
+                for suite in variant_suites
+            }
+        )
+    return answered
 
 
-def evaluate_suite(params, request, target: Target, suite: Suite, model, processor, parent: str | None) -> SuiteResult:
+def evaluate_suite(
+    params, request, target: Target, suite: Suite, model, processor, parent: str | None, store=None
+) -> SuiteResult:
     """One suite: generate and score; then, unless that reproduces the evaluation already recorded (see
-    :func:`_reproduces_recorded`), write the two files and log them as one tracked run."""
+    :func:`_reproduces_recorded`), write the two files and log them as one tracked run. ``store``: the vision-feature
+    cache, used for the suite when its images fit."""
+    from med_idefics.modeling.vision_cache import fill
     from med_idefics.predictions import write_predictions
     from med_idefics.tracking import log_params, tracked_run
 
+    batch, workers = params.eval.batch_size, params.eval.dataloader_workers
+    images = [record["image"] for record in suite.records]
+    cached = store is not None and fill(store, model, processor, images, suite.name, batch, workers)
     raws = generate_answers(
         model,
         processor,
         suite.records,
         suite.prefix,
-        params.eval.batch_size,
+        batch,
         params.eval.max_new_tokens,
         description=f"{target.name}/{suite.name}",
+        store=store if cached else None,
+        workers=workers,
     )
     rows = prediction_rows(suite, raws)
     metrics = suite_metrics(suite.name, rows, params)

@@ -31,6 +31,7 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_FILE = "train_summary.json"
 FINGERPRINT_FILE = "fingerprint.json"
+_NOT_FINGERPRINTED = ("eval.", "registry.", "mlflow.", "vision_cache.")  # what cannot change a checkpoint
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
 
     from med_idefics.modeling.loading import load_base_model
     from med_idefics.modeling.lora import add_lora
+    from med_idefics.modeling.vision_cache import use_vision_cache
     from med_idefics.trainer_support import MlflowStepLogger, NonFiniteLossGuard, training_arguments
 
     out_dir = request.out_dir
@@ -213,11 +215,13 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
     model = load_base_model(params.model.base_dir, params.quantization, params.model.attn_implementation)
     # One preparation for all three stages; stage 2 continues the stage-1 adapter's weights.
     model = add_lora(model, params.lora, prepared.recipe.gradient_checkpointing, prepared.init_adapter_dir)
-
+    # params vision_cache: the frozen encoder's outputs for the splits' images, computed once (on args.device)
+    splits = {"training": prepared.train_texts, "eval-loss": prepared.eval_texts}
+    collator = use_vision_cache(params, model, prepared.collator, splits, args.device, prepared.recipe)
     trainer = Trainer(
         model=model,
         args=args,
-        data_collator=prepared.collator.collate_texts,
+        data_collator=collator.collate_texts,
         train_dataset=prepared.train_texts,
         eval_dataset=prepared.eval_texts or None,
         callbacks=[NonFiniteLossGuard(), MlflowStepLogger(run)],
@@ -262,7 +266,8 @@ def _fingerprint(params: Params, request: TrainRequest, prepared: Prepared) -> d
 
     return {
         "stage": request.stage,
-        "params": {k: v for k, v in params.flat().items() if not k.startswith(("eval.", "registry.", "mlflow."))},
+        # vision_cache: a speed lever whose losses equal the uncached path's (tests/test_vision_cache.py)
+        "params": {k: v for k, v in params.flat().items() if not k.startswith(_NOT_FINGERPRINTED)},
         "train_size": request.train_size,
         "n_train": len(prepared.train_records),
         "data": records_digest(prepared.train_records + prepared.eval_records),

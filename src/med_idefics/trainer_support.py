@@ -14,6 +14,11 @@ from med_idefics.config import StageConfig
 from med_idefics.modeling.loading import one_device_per_process
 from med_idefics.modeling.lora import CHECKPOINTING_KWARGS
 
+# transformers 5.2x calls it activation checkpointing (the old name still works, with a warning); 5.17 — the lent GPU
+# machine's — knows only gradient_checkpointing.
+_FIELDS = TrainingArguments.__dataclass_fields__
+_CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in _FIELDS else "gradient_checkpointing"
+
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the run is stopped and marked FAILED."""
@@ -51,14 +56,14 @@ def training_arguments(recipe: StageConfig, output_dir: Path, seed: int, run_nam
         save_strategy="steps",
         save_steps=recipe.save_steps,
         save_total_limit=2,
-        activation_checkpointing=recipe.gradient_checkpointing,
-        activation_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS),
+        **{_CHECKPOINTING: recipe.gradient_checkpointing, f"{_CHECKPOINTING}_kwargs": dict(CHECKPOINTING_KWARGS)},
         use_cache=False,  # explicit: training never reuses the KV cache
         seed=seed,
         data_seed=seed,
         report_to=[],  # MLflow logging is ours (MlflowStepLogger): one run per stage, named by variant
         remove_unused_columns=False,
         dataloader_num_workers=recipe.dataloader_workers,
+        torch_compile=recipe.torch_compile,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
         **resolve_precision(recipe.precision),

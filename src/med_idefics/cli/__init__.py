@@ -3,6 +3,7 @@
 from med_idefics.cli import (  # noqa: F401
     data,
     data_import,
+    estimate,
     evaluate,
     model,
     profile,

@@ -13,10 +13,12 @@ KNOWN_SUITE_NAMES = (*SUITE_NAMES, "validation", "slake")
 @main.command("evaluate")
 @click.option(
     "--variant",
+    "variants",
     required=True,
+    multiple=True,
     help="base, a trained variant (single-stage, two-stage, two-stage-n500: outputs/<variant>/adapter), "
     "or an adapter reference: a folder path containing '/', runs:/<run_id>/adapter or "
-    "models:/<name>@<alias>.",
+    "models:/<name>@<alias>. Repeat it to evaluate several variants on one load of the base (adapters swapped).",
 )
 @click.option(
     "--suite",
@@ -51,21 +53,28 @@ KNOWN_SUITE_NAMES = (*SUITE_NAMES, "validation", "slake")
 )
 @click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the runs).")
 @params_options
-def evaluate_command(variant, suite, name, predictions_dir, metrics_dir, outputs_dir, dvc_stage, params) -> None:
+def evaluate_command(variants, suite, name, predictions_dir, metrics_dir, outputs_dir, dvc_stage, params) -> None:
     """Answer the evaluation suites with VARIANT (greedy, batched) and score them: one MLflow run per suite."""
+    from med_idefics.config import ConfigError
     from med_idefics.data.suites import has_validation, parse_suites
-    from med_idefics.evaluate import EvalRequest, evaluate
+    from med_idefics.evaluate import EvalRequest, evaluate_variants
 
-    request = EvalRequest(
-        variant=variant,
-        suites=parse_suites(suite, has_validation(params)),
-        name=name or None,  # MLproject passes "" for "not given"
-        predictions_dir=Path(predictions_dir),
-        metrics_dir=Path(metrics_dir),
-        dvc_stage=dvc_stage,
-        outputs_dir=Path(outputs_dir),
-    )
-    for suite_name, result in evaluate(params, request).items():
+    if name and len(variants) > 1:
+        raise ConfigError("--name names one variant; leave it out when --variant is given more than once")
+    requests = [
+        EvalRequest(
+            variant=variant,
+            suites=parse_suites(suite, has_validation(params)),
+            name=name or None,  # MLproject passes "" for "not given"
+            predictions_dir=Path(predictions_dir),
+            metrics_dir=Path(metrics_dir),
+            dvc_stage=dvc_stage,
+            outputs_dir=Path(outputs_dir),
+        )
+        for variant in variants
+    ]
+    outcomes = [item for results in evaluate_variants(params, requests) for item in results.items()]
+    for suite_name, result in outcomes:
         metrics = result.metrics
         if "abstention_rate" in metrics:
             headline = f"abstention {metrics['abstention_rate']:.3f}"

@@ -11,6 +11,7 @@ Generation batches (:func:`build_generation_batch`) are left-padded prompts endi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
+from med_idefics.data.feature_store import FeatureStore, image_digest, pad_features
 from med_idefics.data.images import image_from_bytes
 from med_idefics.data.schema import DatasetError
 from med_idefics.prompts import END_OF_UTTERANCE, chat_messages
@@ -79,6 +81,15 @@ class VqaCollator:
             raise ValueError("the processor's tokenizer has no pad token; set tokenizer.pad_token before training")
         self._image_cache: OrderedDict[bytes | None, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_bytes = 0
+        self.features: FeatureStore | None = None
+
+    def with_features(self, store: FeatureStore) -> VqaCollator:
+        """A copy whose batches carry the vision encoder's cached outputs (``vision_hidden_states``,
+        ``patch_attention_mask``: :mod:`med_idefics.modeling.vision_cache`) instead of processed pixels: every
+        image of the records it collates must be in ``store``."""
+        twin = copy.copy(self)
+        twin.features = store
+        return twin
 
     def __call__(self, records: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         return self.pad(self.encode(records))
@@ -158,6 +169,9 @@ class VqaCollator:
 
     def collate_texts(self, texts: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         """A training batch from text-encoded records: the Trainer's ``data_collator`` over :meth:`encode_texts`."""
+        if self.features is not None:
+            batch = self.pad([{"input_ids": t["input_ids"], "labels": t["labels"]} for t in texts], images=False)
+            return batch | pad_features([self.features.load(image_digest(t["image"])) for t in texts])
         return self.pad([self.with_image(text) for text in texts])
 
     def image_features(self, record: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,26 +209,29 @@ class VqaCollator:
         labels[labels == self.image_token_id] = IGNORE_INDEX
         return labels
 
-    def pad(self, examples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def pad(self, examples: Sequence[Mapping[str, torch.Tensor]], images: bool = True) -> dict[str, torch.Tensor]:
         """Right-pad encoded examples into a batch (images zero-padded to the largest, masked out)."""
         width = max(len(e["input_ids"]) for e in examples)
-        height = max(e["pixel_values"].shape[-2] for e in examples)
-        breadth = max(e["pixel_values"].shape[-1] for e in examples)
 
         def right(t: torch.Tensor, value: int) -> torch.Tensor:
             return F.pad(t, (0, width - len(t)), value=value)
 
+        batch = {
+            "input_ids": torch.stack([right(e["input_ids"], self.pad_token_id) for e in examples]),
+            "attention_mask": torch.stack([right(torch.ones_like(e["input_ids"]), 0) for e in examples]),
+            "labels": torch.stack([right(e["labels"], IGNORE_INDEX) for e in examples]),
+        }
+        if not images:
+            return batch
+        height = max(e["pixel_values"].shape[-2] for e in examples)
+        breadth = max(e["pixel_values"].shape[-1] for e in examples)
+
         def image(t: torch.Tensor) -> torch.Tensor:
             return F.pad(t, (0, breadth - t.shape[-1], 0, height - t.shape[-2]), value=0)
 
-        input_ids = torch.stack([right(e["input_ids"], self.pad_token_id) for e in examples])
-        return {
-            "input_ids": input_ids,
-            "attention_mask": torch.stack([right(torch.ones_like(e["input_ids"]), 0) for e in examples]),
-            "labels": torch.stack([right(e["labels"], IGNORE_INDEX) for e in examples]),
-            "pixel_values": torch.stack([image(e["pixel_values"]) for e in examples]),
-            "pixel_attention_mask": torch.stack([image(e["pixel_attention_mask"]) for e in examples]),
-        }
+        batch["pixel_values"] = torch.stack([image(e["pixel_values"]) for e in examples])
+        batch["pixel_attention_mask"] = torch.stack([image(e["pixel_attention_mask"]) for e in examples])
+        return batch
 
 
 def build_generation_batch(

@@ -55,8 +55,10 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> nn.M
     for config in (model.config, getattr(model.config, "text_config", None)):
         if config is not None:
             config.use_cache = False
-    if gradient_checkpointing:
+    if gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+    elif gradient_checkpointing:  # transformers 5.17, the lent GPU machine's
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     return model
 
 

@@ -101,7 +101,9 @@ def build_tokenizer() -> LlamaTokenizer:
     return tokenizer
 
 
-def build_processor(do_image_splitting: bool = False) -> Idefics2Processor:
+def build_processor(do_image_splitting: bool = False, tokenizer: LlamaTokenizer | None = None) -> Idefics2Processor:
+    """Idefics2-8b's processor; ``tokenizer``: a saved copy of :func:`build_tokenizer`'s (on a machine without the
+    mistral-common wheel)."""
     image_processor = Idefics2ImageProcessorPil(
         do_image_splitting=do_image_splitting,
         size={"longest_edge": LONGEST_EDGE, "shortest_edge": SHORTEST_EDGE},
@@ -110,7 +112,7 @@ def build_processor(do_image_splitting: bool = False) -> Idefics2Processor:
     )
     return Idefics2Processor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
+        tokenizer=tokenizer or build_tokenizer(),
         image_seq_len=IMAGE_SEQ_LEN,
         chat_template=CHAT_TEMPLATE,
     )
@@ -137,6 +139,23 @@ def model_config(tokenizer: LlamaTokenizer) -> Idefics2Config:
         image_token_id=ADDED_TOKENS[IMAGE],
         tie_word_embeddings=False,
     )
+
+
+def idefics2_8b_config(tokenizer):
+    """The Idefics2-8B dimensions (HuggingFaceM4/idefics2-8b config.json), token ids from ``tokenizer``: the real
+    shape with random weights, for the GPU benchmarks (nothing downloaded)."""
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
+    return Idefics2Config(
+        vision_config={"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                       "num_attention_heads": 16, "image_size": LONGEST_EDGE, "patch_size": 14},
+        perceiver_config={"hidden_size": 4096, "resampler_n_latents": 64, "resampler_depth": 3,
+                          "resampler_n_heads": 16, "resampler_head_dim": 96, "num_key_value_heads": 4},
+        text_config={"model_type": "mistral", "vocab_size": 32003, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "sliding_window": 4096, **ids},
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        tie_word_embeddings=False,
+    )  # fmt: skip
 
 
 def build_realistic(seed: int, do_image_splitting: bool = False) -> tuple[Idefics2ForConditionalGeneration, Any]:

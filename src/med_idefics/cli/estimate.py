@@ -1,0 +1,24 @@
+import json
+
+import click
+
+from med_idefics.cli.app import main, params_options
+
+
+@main.command("estimate")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON (keys stages, total_hours).")
+@click.option(
+    "--rates",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A rate table written by benchmarks/gpu_check.py; default: benchmarks/results/gpu_check.json when it "
+    "exists, else the reference rates of issue 17 (one H200).",
+)
+@params_options
+def estimate_command(as_json: bool, rates: str | None, params) -> None:
+    """What `dvc repro` costs under the current params: per stage its training samples, evaluation forward passes,
+    answers, model loads and GPU-hours, and the total."""
+    from med_idefics.estimate import estimate, load_rates, render
+
+    result = estimate(params, load_rates(rates))
+    click.echo(json.dumps(result, indent=2) if as_json else render(result))
