@@ -27,15 +27,22 @@ def test_the_paper_profile_counts(repo_root, tmp_path):
     stages = {s["name"]: s for s in result["stages"]}
     steps = math.ceil(math.ceil(55_000 / 2) / 8) * 3  # micro-batch 2 x 8 accumulation, 3 epochs
     assert stages["stage1"]["optimizer_steps"] == steps and stages["stage1"]["train_samples"] == steps * 16
-    assert stages["stage1"]["eval_samples"] == (steps // 250 + 1) * 5_000  # 5,000 captions every 250 steps
+    assert stages["stage1"]["eval_samples"] == (steps // 1_000 + 1) * 500  # 500 captions every 1,000 steps
     assert not stages["stage1"]["vision_cache"] and stages["stage2"]["vision_cache"]  # ROCO does not fit, VQA-RAD does
     # VQA-RAD: 1,797 train questions less a 10 % validation carve-out; 2 epochs
     assert stages["stage2"]["train_samples"] == math.ceil(math.ceil(1_617 / 2) / 8) * 2 * 16
     per_variant = 451 * 3 + 6_761 + 1_858 + 180  # vqa-rad, swap, expert-prompt; path-vqa; med-halt; validation
     assert stages["evaluate@two-stage"]["answers"] == per_variant and stages["evaluate@two-stage"]["loads"] == 1
-    assert [n for n, s in stages.items() if s["duplicate_of"]] == ["sweep@55000"]  # = stage1 + stage2 again
+    sweep = [f"sweep_{stage}@{n}" for n in (7_000, 20_000, 35_000) for stage in ("stage1", "stage2", "evaluate")]
+    assert [n for n in stages if n.startswith("sweep")] == sweep  # each point three stages; none at 55,000
+    assert not [n for n, s in stages.items() if s["duplicate_of"]]
+    assert stages["sweep_stage1@7000"]["train_samples"] == math.ceil(math.ceil(7_000 / 2) / 8) * 3 * 16
+    assert stages["sweep_evaluate@7000"]["answers"] == 451 + 180 and stages["sweep_evaluate@7000"]["loads"] == 1
+    assert stages["register"]["loads"] == 0  # the signature only: MLflow loads no model to check an input example
+    trained = sum(s["train_samples"] for s in result["stages"])
+    assert sum(s["eval_samples"] for s in result["stages"]) < 0.10 * trained  # in-training evaluation under 10 %
     assert result["total_hours"] == round(sum(s["hours"] for s in result["stages"]), 2)
-    assert 30 < result["total_hours"] < 50  # issue 17 counted ~35-45 GPU-hours for this configuration
+    assert 15 < result["total_hours"] < 25  # issue 17 counted ~35-45 GPU-hours before the sweep and stage-1 fixes
     assert {"path-vqa/test", "roco/train", "vqa-rad/train"} <= set(result["assumed_sizes"])
 
 
@@ -76,12 +83,15 @@ def test_cli_prints_80_columns_and_json(repo_root, tmp_path, monkeypatch):
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params = apply_profile(params, "paper", repo_root / "configs")
     params["data"]["root"] = str(tmp_path / "data")
+    params["data"]["captions"]["train_size"] = None  # all of ROCO train (65,000 assumed): a point of 70,000 is that
+    params["sweep"]["sizes"] = [7_000, 70_000]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     table = CliRunner().invoke(main, ["estimate"])
     assert table.exit_code == 0, table.output
     assert max(len(line) for line in table.output.splitlines()) <= 80
-    assert "sweep@55000*" in table.output and "repeats stage1 + stage2" in table.output
+    assert "sweep_stage1@70000*" in table.output and "sweep_stage2@70000*" in table.output
+    assert "sweep_stage1@7000*" not in table.output and "* repeats stage1 or stage2" in table.output
     result = CliRunner().invoke(main, ["estimate", "--json"])
     data = json.loads(result.output)
     assert set(data) >= {"stages", "total_hours"}

@@ -30,6 +30,8 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from med_idefics.cli import main
+from med_idefics.config import load_params
+from med_idefics.tracking import seeded_run_name
 
 BIN = Path(sys.executable).parent
 NAME = "med-idefics-vqa"
@@ -169,7 +171,8 @@ def test_a_team_works_against_a_tracking_server(team_project, team_server, tmp_p
     # Everything is on the server: run artifacts, logged models and versions; nothing in the project's own store.
     experiment = client.get_experiment_by_name("med-idefics")
     runs = client.search_runs([experiment.experiment_id])
-    assert {"single-stage", "eval-single-stage-validation", "register-single-stage", "promote"} <= {
+    training = seeded_run_name("single-stage", load_params("params.yaml").seed)
+    assert {training, "eval-single-stage-validation", "register-single-stage", "promote"} <= {
         r.info.run_name for r in runs
     }
     assert all(r.info.artifact_uri.startswith(REMOTE) for r in runs), [r.info.artifact_uri for r in runs]
