@@ -211,6 +211,24 @@ def test_compare_without_the_suite_says_what_to_run(evaluated):
         comparison_tables(suites=["path-vqa"])
 
 
+def test_compare_reads_metrics_anywhere_and_needs_params_only_from_mlflow(evaluated, monkeypatch):
+    """Without params.yaml here, `compare` still reads a metrics folder; --from-mlflow, which groups the runs of the
+    configuration params.yaml holds, says what it needs."""
+    from click.testing import CliRunner
+
+    from med_idefics.cli.app import main
+
+    elsewhere = evaluated / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shown = CliRunner().invoke(main, ["compare", "--metrics-dir", str(evaluated / "metrics"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["suites"]["vqa-rad"]["two-stage"]["exact_match"]["n"] == 40
+    refused = CliRunner().invoke(main, ["compare", "--from-mlflow"])
+    assert refused.exit_code != 0
+    assert "reads params.yaml: run it in the checkout, or pass --params" in str(refused.exception)
+
+
 def test_partial_results_without_sweep_still_report(tmp_path, monkeypatch, params):
     monkeypatch.chdir(tmp_path)
     write_variant(tmp_path, "two-stage", "vqa-rad", predicted(12))

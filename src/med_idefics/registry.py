@@ -20,6 +20,7 @@ import math
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,15 +111,17 @@ def register_variant(params: Params, variant: str, outputs_dir: Path, metrics_di
     run_name = f"register-{variant}"
     with tempfile.TemporaryDirectory() as staging, tracked_run(params, run_name, run_tags, dvc_stage=dvc_stage):
         package = serving.package(base_dir, adapter_dir, config, Path(staging))
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=serving.VqaModel(),
-            artifacts=package.artifacts,
-            signature=package.signature,  # no input example: MLflow would load and run the model to check it
-            pip_requirements=package.pip_requirements,
-            code_paths=[str(Path(serving.__file__).parent)],  # the med_idefics package, as registered
-            registered_model_name=name,
-        )
+        with warnings.catch_warnings():  # MLflow advises an input example: left out on purpose
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=serving.VqaModel(),
+                artifacts=package.artifacts,
+                signature=package.signature,  # no input example: MLflow would load and run the model to check it
+                pip_requirements=package.pip_requirements,
+                code_paths=[str(Path(serving.__file__).parent)],  # the med_idefics package, as registered
+                registered_model_name=name,
+            )
         version = str(info.registered_model_version)
         _tag_version(client, name, version, tags, description)
     return Registration(variant, version, True, tags)

@@ -70,22 +70,6 @@ def optional_params_options(func):
     return wrapper
 
 
-def lazy_params_options(func):
-    """As :func:`params_options`, but passes ``load_params``: a function that reads them, for a command that needs
-    params only in some of its modes (``compare --from-mlflow``), so that its other modes run without params.yaml."""
-
-    @click.option("--params", "params_file", default=PARAMS_FILE, type=click.Path(dir_okay=False),
-                  help="The params file (only where the mode needs it).")  # fmt: skip
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one params key.")
-    @functools.wraps(func)
-    def wrapper(*args, params_file: str, overrides: tuple[str, ...], **kwargs):
-        from med_idefics.config import load_params
-
-        return func(*args, load_params=lambda: load_params(params_file, list(overrides)), **kwargs)
-
-    return wrapper
-
-
 def run_main() -> None:
     """Entry point: turn the project's own user errors into a one-line message and exit status 2."""
     from med_idefics.data.schema import DatasetError

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import click
 
-from med_idefics.cli.app import lazy_params_options, main, params_options
+from med_idefics.cli.app import main, optional_params_options, params_options
 from med_idefics.cli.evaluate import KNOWN_SUITE_NAMES, SUITE_NAMES
+from med_idefics.config import PARAMS_FILE, ConfigError, Params
 
 # Defaults repeat med_idefics.report's METRICS_DIR, PREDICTIONS_DIR, REPORT_FILE (kept import-free for a fast --help)
 metrics_dir_option = click.option(
@@ -158,10 +159,10 @@ def review_import_command(
 )
 @click.option("--any-config", is_flag=True, help="With --from-mlflow: also runs whose params (besides seed) differ.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-@lazy_params_options
+@optional_params_options
 def compare_command(
     metrics_dir: str, suites: tuple[str, ...], all_metrics: bool, from_mlflow: bool, any_config: bool, as_json: bool,
-    load_params,
+    params: Params | None,
 ) -> None:  # fmt: skip
     """Print the evaluated variants side by side, per suite, in 80 columns: each headline metric with its 95 %
     interval and the n it rests on; or, --from-mlflow, over the training seeds in the tracking store."""
@@ -172,7 +173,9 @@ def compare_command(
     from med_idefics.compare import comparison_json, comparison_tables, seed_tables
 
     if from_mlflow:
-        tables, data = seed_tables(load_params(), list(suites), any_config)
+        if params is None:  # the configuration whose seeds are grouped
+            raise ConfigError(f"compare --from-mlflow reads {PARAMS_FILE}: run it in the checkout, or pass --params")
+        tables, data = seed_tables(params, list(suites), any_config)
     elif as_json:
         tables, data = [], comparison_json(metrics_dir, list(suites))
     else:
