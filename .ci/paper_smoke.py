@@ -4,14 +4,16 @@ What a GPU user runs (README, *Paper profile on a GPU*), with this working tree'
 
     med-idefics profile paper                      then `med-idefics profile paper-smoke`: the base and sizes only
     med-idefics data roco|vqa-rad|path-vqa|med-halt --source …     each ends with `dvc add data`
+    git add -A && git commit                        the copy is a git repository of its own
     dvc repro
 
-in ``outputs/paper-smoke/``: a copy of the working tree's files as git sees them (tracked and not ignored), with its
-own ``params.yaml``, ``data/``, ``dvc.lock``, DVC cache and MLflow store — the working copy's params, data, outputs
-and store are never touched. The datasets come from small local files in the hub datasets' own schemas, written
-here from the demo's images (ROCO ``image, image_id, caption``; PathVQA ``image, question, answer``; Med-HALT's
-``reasoning_fake.csv`` as released); VQA-RAD is its authors' release in ``../shared/realdata/vqa-rad`` when that is
-there (passed as a relative path, as the README's example does), else a generated file in the hub's schema.
+in ``outputs/paper-smoke/``: a copy of the working tree's files as git sees them (tracked and not ignored), a git
+repository of its own, with its own ``params.yaml``, ``data/``, ``dvc.lock``, DVC cache and MLflow store — the
+working copy's params, data, outputs and store are never touched. The datasets come from small local files in the
+hub datasets' own schemas, written here from the demo's images (ROCO ``image, image_id, caption``; PathVQA ``image,
+question, answer``; Med-HALT's ``reasoning_fake.csv`` as released); VQA-RAD is its authors' release in
+``../shared/realdata/vqa-rad`` when that is there (passed as a relative path, as the README's example does), else
+a generated file in the hub's schema.
 
 After ``dvc repro``, the cheap ``base`` stage is forced to run again, as any change to its code would make it, and
 ``dvc status`` must stay clean: a rerun of the base must not invalidate the GPU stages after it. Last,
@@ -52,6 +54,7 @@ def main() -> None:
     sources = write_sources(dest / "sources")
     for dataset, options in import_commands(sources, dest).items():
         run(["med-idefics", "data", dataset, *options], dest, env)
+    commit(dest, env)
     run(["dvc", "repro"], dest, env)
     # A rerun of the cheap base stage (as any edit to its code makes one) must leave every later stage up to date.
     run(["dvc", "repro", "--force", "--single-item", "base"], dest, env)
@@ -87,9 +90,22 @@ def copy_working_tree(repo: Path, dest: Path) -> None:
             target.write_bytes(data)
             target.chmod(source.stat().st_mode & 0o777)
     manifest.write_text("\n".join(files) + "\n")
-    # The copy is DVC's repository without a git of its own: DVC would otherwise take this repository's git, which
-    # ignores outputs/paper-smoke/ and so refuses data.dvc. Its runs' git_commit tag is then this repository's HEAD.
-    (dest / ".dvc" / "config.local").write_text("[core]\n    no_scm = true\n")
+    (dest / ".dvc" / "config.local").unlink(missing_ok=True)  # an earlier harness's no_scm: the copy has its own git
+    if not (dest / ".git").is_dir():  # a clone of its own, as a GPU user has (this repository's git ignores the copy)
+        subprocess.run(["git", "init", "-q", str(dest)], check=True)
+        (dest / ".git" / "info" / "exclude").write_text("/sources/\n")  # the hub-schema files the imports read
+
+
+def commit(dest: Path, env: dict[str, str]) -> None:
+    """Commit the copy's tree — code, params after the profile switch, data.dvc after the imports — as a GPU user
+    commits before `dvc repro`: the registry promotes only versions made from committed work (README)."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    identity = ["-c", "user.name=paper-smoke", "-c", "user.email=paper-smoke@localhost"]
+    run(["git", "add", "-A"], dest, env)
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=dest)
+    if staged.returncode != 0:
+        message = f"paper-smoke: the working tree of {head.stdout.strip() or 'this repository'}, paper profile, data"
+        run(["git", *identity, "commit", "-q", "-m", message], dest, env)
 
 
 def smoke_env(dest: Path) -> dict[str, str]:

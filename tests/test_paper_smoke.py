@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from med_idefics.config import Params, apply_overrides, build, load_params
 from med_idefics.data.suites import SUITES, VALIDATION
+from med_idefics.tracking import seeded_run_name
 
 pytestmark = pytest.mark.paper_smoke
 ROOT = Path(__file__).resolve().parents[1]  # the copy, outputs/paper-smoke/
@@ -69,8 +70,8 @@ def test_every_run_finished_and_a_champion_was_chosen(client, params):
     unfinished = sorted({f"{r.info.run_name} {r.info.status}" for r in runs if r.info.status != "FINISHED"})
     assert not unfinished, unfinished
     sweep = [f"two-stage-n{n}" for n in sweep_sizes(params)]
-    expected = {"base", "stage1", "two-stage", "single-stage", "report", "promote"}
-    expected |= {f"stage1-n{n}" for n in sweep_sizes(params)} | set(sweep)
+    trained = ["base", "stage1", "two-stage", "single-stage", *(f"stage1-n{n}" for n in sweep_sizes(params)), *sweep]
+    expected = {seeded_run_name(name, params.seed) for name in trained} | {"report", "promote"}
     expected |= {f"eval-{v}-{s}" for v in ("base", "single-stage", "two-stage") for s in (*SUITES, VALIDATION)}
     expected |= {f"eval-{v}-{s}" for v in sweep for s in ("vqa-rad", VALIDATION)}
     expected |= {f"register-{v}" for v in ("single-stage", "two-stage", *sweep)}
