@@ -17,6 +17,7 @@ they depend on the machine's load (printed), the ratios much less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -163,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    result = run(args.steps, args.micro_batch, args.questions, args.batch, args.new_tokens, args.threads)
+    # with --json, stdout is the JSON alone: the Trainer's log lines go to stderr with its progress bars
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = run(args.steps, args.micro_batch, args.questions, args.batch, args.new_tokens, args.threads)
     if args.json:
         print(json.dumps(result, indent=1))
         return result
