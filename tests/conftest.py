@@ -23,6 +23,16 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+def evaluation_model(params, adapter_dir: str | Path | None):
+    """(processor, model) as `med-idefics evaluate` loads them: the base once (AdapterSwitch), the adapter switched
+    on (None: the bare base)."""
+    from med_idefics.modeling.generation import AdapterSwitch
+    from med_idefics.modeling.loading import load_processor
+
+    switch = AdapterSwitch(params.model.base_dir, params.quantization, params.model.attn_implementation)
+    return load_processor(params.model.base_dir), switch.use(adapter_dir)
+
+
 @pytest.fixture(scope="session")
 def _migrated_store_template(tmp_path_factory) -> Path:
     """An empty, fully migrated MLflow sqlite store, made once: migrating a fresh store costs seconds."""

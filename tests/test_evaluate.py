@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import evaluation_model
 from mlflow import MlflowClient
 
 from med_idefics.cli import main
@@ -19,7 +20,6 @@ from med_idefics.data.suites import SUITES, VALIDATION, load_suite, suite_splits
 from med_idefics.evaluate import (
     Target,
     generate_answers,
-    load_model,
     output_name,
     resolve_target,
     training_run_of,
@@ -100,7 +100,7 @@ def params(workspace, repo_root, monkeypatch):
 
 
 def test_left_padding_gives_the_same_greedy_answer_alone_and_in_a_batch(params):
-    processor, model = load_model(params, Target("base"))
+    processor, model = evaluation_model(params, None)
     records = sorted(load_suite(params, "vqa-rad").records, key=lambda r: len(r["question"]))
     batch = [records[0], records[-1], records[len(records) // 2]]  # the shortest question is padded in the batch
     padded = build_generation_batch(processor, [record_image(r) for r in batch], [r["question"] for r in batch])
@@ -184,7 +184,7 @@ def test_the_adapter_changes_the_answers(params):
     records = load_suite(params, "vqa-rad").records[:4]
 
     def answers(target: Target) -> list[str]:
-        processor, model = load_model(params, target)
+        processor, model = evaluation_model(params, target.adapter_dir)
         return generate_answers(model, processor, records, "", 4, 4, min_new_tokens=4)
 
     adapter = resolve_target("two-stage")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import evaluation_model
 from mlflow import MlflowClient
 from pydicom.data import get_testdata_file
 
@@ -136,14 +137,13 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir, tmp_path_fact
     assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == two_version
 
     # Served answers are the evaluated answers: the evaluate stage's model loading and generation on the same adapter.
-    from med_idefics.evaluate import Target, load_model
     from med_idefics.modeling.generation import generate_answers
     from med_idefics.prompts import extract_answer
 
     dicom = normalize_image(get_testdata_file("CT_small.dcm"))
     questions = ["Is there a lesion?", "Which organ is shown?", "Where is the lesion?"]
     images = [to_png_bytes(dicom)] * 3
-    processor, model = load_model(params, Target("two-stage", adapter_dir=project / "outputs/two-stage/adapter"))
+    processor, model = evaluation_model(params, project / "outputs/two-stage/adapter")
     records = [{"image": image, "question": q} for image, q in zip(images, questions, strict=True)]
     expected = [extract_answer(raw) for raw in generate_answers(model, processor, records, "", 4, 4)]
     assert any(expected), "the tiny adapter should say something, or this comparison proves nothing"

@@ -41,7 +41,7 @@ from med_idefics.data.suites import MED_HALT, Suite, load_suite, suite_splits
 from med_idefics.files import write_json
 from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
 from med_idefics.modeling.adapters import AdapterError, is_remote, resolve_adapter
-from med_idefics.modeling.generation import generate_answers, load_adapted_model
+from med_idefics.modeling.generation import generate_answers
 from med_idefics.prompts import extract_answer
 
 BASE = "base"
@@ -138,17 +138,6 @@ def training_run_of(reference: str, adapter_dir: Path) -> str | None:
 
 def precision_tag(params: Params) -> str:
     return precision_label(params.quantization)
-
-
-def load_model(params: Params, target: Target):
-    """(processor, model in eval mode): the base at the shared precision, with the target's adapter on top."""
-    from med_idefics.modeling.loading import load_processor
-
-    processor = load_processor(params.model.base_dir)
-    model = load_adapted_model(
-        params.model.base_dir, target.adapter_dir, params.quantization, params.model.attn_implementation
-    )
-    return processor, model
 
 
 def prediction_rows(suite: Suite, raws: Sequence[str]) -> list[dict]:
