@@ -61,11 +61,6 @@ RELEASED_SIZES = {
 RELEASED_IMAGES = {("vqa-rad", "train"): 314, ("vqa-rad", "test"): 203, ("path-vqa", "test"): 858}
 
 
-def sweep_points(params: Params) -> list[int]:
-    """The stage-1 sizes the sweep trains (the one place that reads the sweep's params)."""
-    return list(params.sweep.sizes)
-
-
 @dataclass
 class StageCost:
     name: str
@@ -209,7 +204,7 @@ def estimate(params: Params, rates: dict | None = None) -> dict[str, Any]:
         training(params, rates, "stage2", params.stage2, int(n_vqa), int(n_monitor), vqa_images),
         training(params, rates, "single_stage", params.single_stage, int(n_vqa), int(n_monitor), vqa_images),
     ]
-    for size in sweep_points(params):  # three DVC stages per point, each its own process
+    for size in params.sweep.sizes:  # three DVC stages per point, each its own process
         n = min(size, n_captions)
         first = training(params, rates, f"sweep_stage1@{size}", params.stage1, n, n_caption_eval, n)
         second = training(params, rates, f"sweep_stage2@{size}", params.stage2, int(n_vqa), int(n_monitor), vqa_images)
