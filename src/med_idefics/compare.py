@@ -17,6 +17,7 @@ from med_idefics.results import (
     MISSING,
     VARIANTS,
     ResultsError,
+    fmt_metric,
     headline_metrics,
     load_scores,
     ordered,
@@ -37,15 +38,6 @@ def n_of(summary: dict, name: str) -> int | None:
     key = "n_closed" if name.startswith("closed_accuracy") else "n_open" if name == "open_recall" else "n"
     value = summary.get(key)
     return value if isinstance(value, int) else None
-
-
-def fmt_interval(summary: dict | None, name: str) -> str:
-    """``0.871 [0.83, 0.91]``: at most 18 characters, so that three fit in 80 columns beside the variant."""
-    value = (summary or {}).get(name)
-    if value is None:
-        return MISSING
-    low, high = summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high")
-    return f"{value:.3f}" if low is None or high is None else f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def _chosen(found: set[str], suites: list[str] | None, where: str) -> list[str]:
@@ -99,7 +91,7 @@ def comparison_tables(
             more = " (more metrics)" if number else ""
             table = _table(f"{suite}{more}: value [95 % CI]", headers)
             for variant in (v for v in ordered(set(evaluated), VARIANTS) if v in evaluated):
-                table.add_row(variant, *(fmt_interval(evaluated[variant], name) for name in names))
+                table.add_row(variant, *(fmt_metric(evaluated[variant], name) for name in names))
             tables.append(table)
     return tables
 
