@@ -18,7 +18,7 @@ import med_idefics.cli.report  # noqa: F401  (registers `report` and `review`)
 from med_idefics.cli.app import run_main
 from med_idefics.config import load_params
 from med_idefics.metrics import summarize
-from med_idefics.plots import Estimate, curves
+from med_idefics.plots import Estimate, curves_figure, to_png
 from med_idefics.report import build_report
 from med_idefics.results import ResultsError, write_run_info
 
@@ -241,8 +241,8 @@ def test_partial_results_without_sweep_still_report(tmp_path, monkeypatch, param
 
 def test_empty_sweep_figure_is_a_figure():
     reference = {"EM": {"single-stage": Estimate(0.5)}}
-    empty = curves({"EM": []}, "t", "n", "score", references=reference, empty_message="no sweep points")
-    drawn = curves({"EM": [(500, Estimate(0.4, 0.3, 0.5)), (1500, Estimate(0.6))]}, "t", "n", "score")
+    empty = to_png(curves_figure({"EM": []}, "t", "n", "score", references=reference, empty_message="no sweep points"))
+    drawn = to_png(curves_figure({"EM": [(500, Estimate(0.4, 0.3, 0.5)), (1500, Estimate(0.6))]}, "t", "n", "score"))
     assert empty.startswith(PNG_MAGIC) and drawn.startswith(PNG_MAGIC) and empty != drawn
 
 
@@ -433,8 +433,6 @@ def params_with(params, *overrides: str):
 
 
 def test_a_wide_sweep_keeps_zero_on_a_symmetric_log_axis():
-    from med_idefics.plots import curves_figure
-
     points = [(0, Estimate(0.5)), (100, Estimate(0.6)), (500, Estimate(0.7)), (55_000, Estimate(0.8))]
     (ax,) = curves_figure({"EM": points}, "t", "n", "score").axes
     assert ax.get_xscale() == "symlog" and ax.get_xlim()[0] < 0 < ax.get_xlim()[1]

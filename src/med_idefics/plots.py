@@ -85,19 +85,6 @@ def grouped_bars(panels: Mapping[str, Mapping[str, Mapping[str, Estimate]]], tit
     return to_png(figure)
 
 
-def curves(
-    lines: Mapping[str, Sequence[tuple[float, Estimate]]],
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    references: Mapping[str, Mapping[str, Estimate]] | None = None,
-    empty_message: str = "no points to plot",
-    x_labels: Mapping[float, str] | None = None,
-) -> bytes:
-    """:func:`curves_figure` as PNG bytes."""
-    return to_png(curves_figure(lines, title, xlabel, ylabel, references, empty_message, x_labels))
-
-
 def curves_figure(
     lines: Mapping[str, Sequence[tuple[float, Estimate]]],
     title: str,
