@@ -42,18 +42,6 @@ class SeedResults:
         return sorted({seed for by_seed in self.values.values() for seed in by_seed} | set(self.claims))
 
 
-def _search(client, experiment_id: str, query: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1000, page_token=token
-        )
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _config(params: Params) -> dict[str, str]:
     from med_idefics.tracking import param_strings
 
@@ -79,13 +67,14 @@ def collect(params: Params, suites: list[str] | None = None, any_config: bool = 
     from mlflow import MlflowClient
 
     from med_idefics.provenance import data_md5, find_repo_root
-    from med_idefics.tracking import setup_tracking
+    from med_idefics.tracking import search_all_runs, setup_tracking
 
     experiment_id = setup_tracking(params)
+    newest_first = ["attributes.start_time DESC"]
     client = MlflowClient()
     config, md5 = _config(params), data_md5(find_repo_root())
     found = SeedResults()
-    for run in _search(client, experiment_id, EVAL_RUNS):
+    for run in search_all_runs(client, experiment_id, EVAL_RUNS, newest_first):
         suite, variant, seed = run.data.tags.get("suite"), run.data.tags.get("variant"), _seed(run)
         if run.info.status != "FINISHED" or None in (suite, variant, seed) or (suites and suite not in suites):
             continue
@@ -96,7 +85,7 @@ def collect(params: Params, suites: list[str] | None = None, any_config: bool = 
         if seed not in by_seed:  # newest first: an older run of the same seed was replaced by this one
             by_seed[seed] = dict(run.data.metrics)
             found.runs.setdefault((suite, variant), {})[seed] = run.info.run_id
-    for run in _search(client, experiment_id, REPORT_RUNS):
+    for run in search_all_runs(client, experiment_id, REPORT_RUNS, newest_first):
         seed = _seed(run)
         if run.info.status != "FINISHED" or seed is None or seed in found.claims:
             continue

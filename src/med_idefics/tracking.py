@@ -43,6 +43,7 @@ __all__ = [
     "param_strings",
     "resolve_tracking_uri",
     "scrub_secrets",
+    "search_all_runs",
     "seeded_run_name",
     "setup_tracking",
     "sqlite_file",
@@ -272,18 +273,24 @@ def end_stale_runs(experiment_id: str, detected_by: str | None = None) -> list[s
     query = f"attributes.status = 'RUNNING' and tags.host = '{socket.gethostname()}'"
     reason = f"sigkill-or-crash, detected by {f'run {detected_by}' if detected_by else 'end_stale_runs'}"
     ended = []
-    page_token = None
+    for run in search_all_runs(client, experiment_id, query):
+        pid = run.data.tags.get("pid", "")
+        if pid.isdigit() and not _is_alive(int(pid)):
+            client.set_tag(run.info.run_id, "killed_by", reason)
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+def search_all_runs(client, experiment_id: str, query: str, order_by: list[str] | None = None) -> list:
+    """Every run of ``experiment_id`` matching ``query``, all pages of MLflow's search."""
+    runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string=query, max_results=500, page_token=page_token)
-        for run in page:
-            pid = run.data.tags.get("pid", "")
-            if pid.isdigit() and not _is_alive(int(pid)):
-                client.set_tag(run.info.run_id, "killed_by", reason)
-                client.set_terminated(run.info.run_id, status="KILLED")
-                ended.append(run.info.run_id)
-        page_token = page.token
-        if not page_token:
-            return ended
+        page = client.search_runs([experiment_id], query, order_by=order_by, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 @contextlib.contextmanager
