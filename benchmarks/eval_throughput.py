@@ -4,11 +4,11 @@
     python benchmarks/eval_throughput.py --base-dir outputs/base  # the same with the pretrained tiny base
     python benchmarks/eval_throughput.py --shape idefics2-8b   # GPU: the Idefics2-8B architecture, random weights
 
-Both shapes run :func:`med_idefics.evaluate.generate_answers` — the code the stage runs — on demo questions and images.
-Every answer is forced to exactly ``max_new_tokens`` new tokens (``min_new_tokens``), so each batch size does the same
-work whatever the (random) weights say. ``idefics2-8b`` downloads nothing: the real 8B dimensions (SigLIP so400m
-vision 1152 x 27 layers, patch 14, 980 px; perceiver 64 latents; Mistral-7B text 4096 x 32 layers, 32 heads / 8 kv
-heads, MLP 14336, vocabulary 32003) with random bf16 weights, a tokenizer trained on the demo questions (fine for
+Both shapes run :func:`med_idefics.stages.evaluate.generate_answers` — the code the stage runs — on demo questions and
+images. Every answer is forced to exactly ``max_new_tokens`` new tokens (``min_new_tokens``), so each batch size does
+the same work whatever the (random) weights say. ``idefics2-8b`` downloads nothing: the real 8B dimensions (SigLIP
+so400m vision 1152 x 27 layers, patch 14, 980 px; perceiver 64 latents; Mistral-7B text 4096 x 32 layers, 32 heads / 8
+kv heads, MLP 14336, vocabulary 32003) with random bf16 weights, a tokenizer trained on the demo questions (fine for
 timing: only sequence lengths matter) and images upscaled to 980 px.
 """
 
@@ -26,10 +26,10 @@ from PIL import Image
 
 from med_idefics.config import load_params
 from med_idefics.data.demo import vqa_records
-from med_idefics.evaluate import generate_answers
 from med_idefics.modeling.realistic import idefics2_8b_config
 from med_idefics.modeling.tiny import build_tiny, build_tokenizer
 from med_idefics.prompts import END_OF_UTTERANCE
+from med_idefics.stages.evaluate import generate_answers
 
 IDEFICS2_8B_IMAGE_SIZE = 980
 

@@ -33,15 +33,15 @@ import torch
 from PIL import Image
 from transformers import Trainer, TrainerCallback
 
-from med_idefics.base import REAL_PROCESSOR, build_base
 from med_idefics.config import QuantizationConfig, load_params
 from med_idefics.data.collator import VqaCollator
 from med_idefics.data.images import IMPORT_COMPRESS_LEVEL, normalize_image, to_png_bytes
+from med_idefics.modeling.bases import REAL_PROCESSOR, build_base
 from med_idefics.modeling.generation import generate_answers, load_adapted_model
 from med_idefics.modeling.loading import load_processor
 from med_idefics.modeling.lora import add_lora
+from med_idefics.modeling.trainer_support import training_arguments
 from med_idefics.modeling.vision_cache import accept_cached_features, fill, open_store
-from med_idefics.trainer_support import training_arguments
 
 REPO = Path(__file__).resolve().parent.parent
 VQA_RAD = REPO.parent / "shared" / "realdata" / "vqa-rad"

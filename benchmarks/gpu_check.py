@@ -124,7 +124,7 @@ def train_rate(params, model, processor, recs, micro_batch, cache, compiled, che
     from transformers import Trainer, TrainerCallback
 
     from med_idefics.modeling.lora import add_lora
-    from med_idefics.trainer_support import training_arguments
+    from med_idefics.modeling.trainer_support import training_arguments
 
     lora = dataclasses.replace(params.lora, dropout=0.0 if compiled else params.lora.dropout)
     peft_model = add_lora(model, lora, gradient_checkpointing=checkpointing)
@@ -259,7 +259,7 @@ def flow(params, model, processor, recs, scratch: Path, args, budget: Budget, re
     from transformers import Trainer
 
     from med_idefics.modeling.lora import add_lora
-    from med_idefics.trainer_support import training_arguments
+    from med_idefics.modeling.trainer_support import training_arguments
 
     peft_model = add_lora(model, params.lora)
     collator = VqaCollator(processor)
@@ -295,7 +295,7 @@ def registered_answers(params, scratch: Path, questions, device: str, started: f
 
     import pandas as pd
 
-    from med_idefics.serving import ANSWER, ServingConfig, VqaModel, package
+    from med_idefics.modeling.serving import ANSWER, ServingConfig, VqaModel, package
 
     quantization = {"load_in_4bit": False, "quant_type": "nf4", "double_quant": True,
                     "compute_dtype": "bfloat16" if device == "cuda" else "float32"}  # fmt: skip

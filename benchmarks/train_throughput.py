@@ -36,7 +36,7 @@ from med_idefics.config import load_params
 from med_idefics.data.collator import VqaCollator
 from med_idefics.modeling.loading import load_base_model
 from med_idefics.modeling.lora import add_lora, trainable_parameters
-from med_idefics.trainer_support import training_arguments
+from med_idefics.modeling.trainer_support import training_arguments
 
 
 def peak_memory_gib() -> float:

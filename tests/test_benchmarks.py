@@ -92,8 +92,8 @@ def test_gpu_check_cpu_path_writes_a_rate_table_estimate_reads(repo_root, monkey
     the result as its rate table."""
     import json
 
-    from med_idefics.estimate import load_rates, train_rate
     from med_idefics.modeling import realistic
+    from med_idefics.workflow.estimate import load_rates, train_rate
 
     try:
         realistic.mistral_sentencepiece_file()

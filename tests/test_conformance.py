@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import SHARED_REFERENCE
 
-from med_idefics.metrics import compare, score_rows
-from med_idefics.predictions import PredictionsError, read_predictions
+from med_idefics.scoring.metrics import compare, score_rows
+from med_idefics.scoring.predictions import PredictionsError, read_predictions
 
 RESULTS = SHARED_REFERENCE / "cs231n-results"
 # eval_fake_questions_results.json: the paper's five hand-written nonsense questions with the model's answers and no

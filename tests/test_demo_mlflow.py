@@ -20,8 +20,8 @@ from med_idefics.config import load_params
 from med_idefics.data.schema import split_path
 from med_idefics.data.suites import suite_splits
 from med_idefics.files import file_md5
-from med_idefics.results import CI_SUFFIXES, base_run_folder, headline_metrics, read_json, read_run_info
-from med_idefics.tracking import (
+from med_idefics.reporting.results import CI_SUFFIXES, base_run_folder, headline_metrics, read_json, read_run_info
+from med_idefics.tracking.runs import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     resolve_tracking_uri,

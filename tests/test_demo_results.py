@@ -8,8 +8,8 @@ import json
 import pytest
 
 from med_idefics.config import load_params
-from med_idefics.report import PAIRED_TESTS_FILE, figure3_points
-from med_idefics.results import load_scores
+from med_idefics.reporting.results import load_scores
+from med_idefics.stages.report import PAIRED_TESTS_FILE, figure3_points
 
 pytestmark = pytest.mark.demo
 

@@ -48,7 +48,7 @@ def test_loading_an_8b_base_without_cuda_is_refused_before_any_weight(large_base
 def test_training_an_8b_base_without_cuda_stops_before_any_run(project, large_base):
     from mlflow import MlflowClient
 
-    from med_idefics.train import TrainRequest, train
+    from med_idefics.stages.train import TrainRequest, train
 
     params = load_params("params.yaml", [f"model.base_dir={large_base}"])
     with pytest.raises(ConfigError, match=MISSING):
@@ -58,7 +58,7 @@ def test_training_an_8b_base_without_cuda_stops_before_any_run(project, large_ba
 
 
 def test_serving_an_8b_base_without_cuda_is_refused(large_base, repo_params, tiny_processor, tmp_path):
-    from med_idefics.serving import ADAPTER, BASE, CONFIG, PROCESSOR, ServingConfig, VqaModel
+    from med_idefics.modeling.serving import ADAPTER, BASE, CONFIG, PROCESSOR, ServingConfig, VqaModel
 
     tiny_processor.save_pretrained(tmp_path / "processor")
     config = tmp_path / "serving.json"

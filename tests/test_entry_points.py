@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from med_idefics.results import eval_run_id
+from med_idefics.reporting.results import eval_run_id
 
 BIN = Path(sys.executable).parent
 
@@ -135,7 +135,7 @@ def test_mlflow_run_evaluate_entry_point_with_its_empty_default_name(project, re
                "--experiment-name", "med-idefics", "-P", "variant=base", "-P", "suite=med-halt"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env_with_venv())
     assert result.returncode == 0, result.stderr[-4000:]
-    from med_idefics.results import read_run_info
+    from med_idefics.reporting.results import read_run_info
 
     metrics = json.loads((project / "outputs/mlproject/metrics/base/med-halt.json").read_text())
     assert metrics["n"] == 1 and read_run_info(project / "outputs/mlproject/metrics/base")["variant"] == "base"

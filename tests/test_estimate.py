@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from med_idefics.cli import main
 from med_idefics.config import Params, build
-from med_idefics.estimate import REFERENCE_RATES, answer_rate, estimate, load_rates, render, train_rate
-from med_idefics.profiles import apply_profile
+from med_idefics.workflow.estimate import REFERENCE_RATES, answer_rate, estimate, load_rates, render, train_rate
+from med_idefics.workflow.profiles import apply_profile
 
 
 def profile_params(repo_root: Path, profile: str, tmp_path: Path) -> Params:

@@ -17,17 +17,17 @@ from med_idefics.data.collator import build_generation_batch, record_image
 from med_idefics.data.demo import write_demo_dataset
 from med_idefics.data.schema import split_path
 from med_idefics.data.suites import SUITES, VALIDATION, load_suite, suite_splits
-from med_idefics.evaluate import (
+from med_idefics.files import file_md5
+from med_idefics.reporting.results import headline_metrics, read_run_info, write_run_info
+from med_idefics.scoring.metrics import METRICS, summarize
+from med_idefics.scoring.predictions import WRITTEN_FIELDS, read_predictions
+from med_idefics.stages.evaluate import (
     Target,
     generate_answers,
     output_name,
     resolve_target,
     training_run_of,
 )
-from med_idefics.files import file_md5
-from med_idefics.metrics import METRICS, summarize
-from med_idefics.predictions import WRITTEN_FIELDS, read_predictions
-from med_idefics.results import headline_metrics, read_run_info, write_run_info
 
 SMALL = DemoDataConfig(
     seed=3,
@@ -114,7 +114,7 @@ def test_left_padding_gives_the_same_greedy_answer_alone_and_in_a_batch(params):
 
 
 def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params, workspace, repo_root):
-    from med_idefics.tracking import setup_tracking
+    from med_idefics.tracking.runs import setup_tracking
 
     experiment_id = setup_tracking(params)
     client = MlflowClient()
@@ -215,9 +215,9 @@ def test_a_rerun_of_the_base_stage_leaves_the_base_folder_byte_identical(workspa
     """The base folder is a DVC output every training and evaluation stage depends on: a rerun of the cheap base
     stage (a new MLflow run) must not change its hash, or DVC reruns every GPU stage after it and the resume
     fingerprint discards their checkpoints. The run record lives beside it (<base_dir>-run/run_info.json)."""
-    from med_idefics.base_run import build_tracked_base
     from med_idefics.files import folder_sha256
     from med_idefics.modeling.loading import base_digest
+    from med_idefics.stages.base import build_tracked_base
 
     monkeypatch.chdir(tmp_path)
     overrides = {"model.base": str(workspace / "base"), "model.base_dir": str(tmp_path / "base")}
@@ -236,10 +236,10 @@ def test_a_rerun_of_the_base_stage_leaves_the_base_folder_byte_identical(workspa
 def test_the_base_is_a_tracked_run_that_its_evaluations_attach_to(workspace, repo_root, tmp_path, monkeypatch):
     """`med-idefics base` (here: pointing at a local folder) is the MLflow run `base`, with its provenance; the
     evaluations of `base` nest under it and put their headline numbers on it, as for a training run."""
-    from med_idefics.base_run import build_tracked_base
-    from med_idefics.evaluate import EvalRequest, evaluate
     from med_idefics.files import folder_sha256
-    from med_idefics.tracking import setup_tracking
+    from med_idefics.stages.base import build_tracked_base
+    from med_idefics.stages.evaluate import EvalRequest, evaluate
+    from med_idefics.tracking.runs import setup_tracking
 
     monkeypatch.chdir(tmp_path)
     overrides = {"model.base": str(workspace / "base"), "model.base_dir": str(tmp_path / "base")}
@@ -266,8 +266,8 @@ def test_evaluating_again_what_was_evaluated_changes_nothing(params, tmp_path, m
     """After `dvc pull` a clone has the outputs and the store has their runs: evaluating again answers the same, so
     it keeps the recorded evaluation run — no second run, run_info.json byte-identical, nothing for DVC to redo. An
     evaluation whose recorded run is not in this store (another server), or that answers otherwise, is a new run."""
-    from med_idefics.evaluate import EvalRequest, evaluate
-    from med_idefics.tracking import setup_tracking
+    from med_idefics.stages.evaluate import EvalRequest, evaluate
+    from med_idefics.tracking.runs import setup_tracking
 
     request = EvalRequest("two-stage", ["vqa-rad"], predictions_dir=tmp_path / "pred", metrics_dir=tmp_path / "m")
     evaluate(params, request)

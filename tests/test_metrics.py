@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 
-from med_idefics.metrics import compare, llava_normalize, score_row, summarize
-from med_idefics.predictions import PredictionsError
-from med_idefics.stats import bootstrap_ci, holm, mcnemar_p, paired_bootstrap_ci
+from med_idefics.scoring.metrics import compare, llava_normalize, score_row, summarize
+from med_idefics.scoring.predictions import PredictionsError
+from med_idefics.scoring.stats import bootstrap_ci, holm, mcnemar_p, paired_bootstrap_ci
 
 RESAMPLES = 1000
 

@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from med_idefics.config import ConfigError, Params, build, deep_merge, flatten, load_params
-from med_idefics.profiles import EXTENDS, apply_profile, overlay_chain, switch_profile
+from med_idefics.workflow.profiles import EXTENDS, apply_profile, overlay_chain, switch_profile
 
 REQUIRED = ["mlflow", "transformers", "peft", "bitsandbytes", "torch", "datasets", "dvc", "click", "scikit-learn"]
 REQUIRED += ["nltk", "accelerate", "pillow"]

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from med_idefics.config import Params, apply_overrides, build, load_params
 from med_idefics.data.suites import SUITES, VALIDATION
-from med_idefics.tracking import seeded_run_name
+from med_idefics.tracking.runs import seeded_run_name
 
 pytestmark = pytest.mark.paper_smoke
 ROOT = Path(__file__).resolve().parents[1]  # the copy, outputs/paper-smoke/

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from med_idefics.pipeline import PipelineError, chain_lengths, oversubscription, run_pipeline, stage_graph
+from med_idefics.workflow.pipeline import PipelineError, chain_lengths, oversubscription, run_pipeline, stage_graph
 
 # A stand-in for the `dvc` executable: `… repro --single-item NAME` sleeps, appends its start and end to a journal
 # and fails for the stage named in $FAIL; a plain `… repro` records the final check.
@@ -111,7 +111,7 @@ def test_sigterm_interrupts_the_running_stage_as_a_ctrl_c_would(fake_dvc, tmp_pa
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from med_idefics.pipeline import run_pipeline\n"
+        "from med_idefics.workflow.pipeline import run_pipeline\n"
         f"run_pipeline(2, Path({str(tmp_path / 'logs')!r}), {GRAPH!r}, {dvc!r})\n"
     )
     runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -147,7 +147,7 @@ def test_on_a_gpu_machine_each_running_stage_has_a_gpu_of_its_own(fake_dvc, tmp_
 def test_visible_gpus_follow_cuda_visible_devices_or_the_device_count(monkeypatch):
     import torch
 
-    from med_idefics.pipeline import visible_gpus
+    from med_idefics.workflow.pipeline import visible_gpus
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -165,7 +165,7 @@ def test_visible_gpus_follow_cuda_visible_devices_or_the_device_count(monkeypatc
 def test_repro_with_jobs_on_a_gpu_machine_pins_its_stages(monkeypatch, tmp_path):
     import torch
 
-    import med_idefics.pipeline as pipeline
+    import med_idefics.workflow.pipeline as pipeline
 
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -19,7 +19,7 @@ from med_idefics.data.leakage import check_splits, check_stored
 from med_idefics.data.releases import detect_release, path_vqa_questions
 from med_idefics.data.schema import DatasetError, read_records, split_path
 from med_idefics.data.splits import load_vqa_splits
-from med_idefics.metrics import is_abstention
+from med_idefics.scoring.metrics import is_abstention
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 PROMPT = "Describe this radiology image."
@@ -154,11 +154,11 @@ def test_pipeline_on_real_vqa_rad(vqa_rad_root, tiny_base_dir, repo_root, tmp_pa
     451 questions. A tiny base built on other words would learn to answer <unk>: training refuses it."""
     from dataclasses import replace
 
-    from med_idefics.base import tokenizer_corpus
     from med_idefics.data.schema import DatasetError
-    from med_idefics.evaluate import EvalRequest, evaluate
+    from med_idefics.modeling.bases import tokenizer_corpus
     from med_idefics.modeling.tiny import build_tiny
-    from med_idefics.train import TrainRequest, train
+    from med_idefics.stages.evaluate import EvalRequest, evaluate
+    from med_idefics.stages.train import TrainRequest, train
 
     monkeypatch.chdir(tmp_path)
     tiny = load_params(repo_root / "params.yaml").model.tiny

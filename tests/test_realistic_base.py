@@ -17,15 +17,15 @@ from mlflow import MlflowClient
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from med_idefics.base import REAL_PROCESSOR, build_base
 from med_idefics.config import QuantizationConfig, load_params
 from med_idefics.data.collator import IGNORE_INDEX, VqaCollator, build_generation_batch, render_prompt
 from med_idefics.data.schema import write_splits
 from med_idefics.modeling import realistic
+from med_idefics.modeling.bases import REAL_PROCESSOR, build_base
 from med_idefics.modeling.generation import generate_answers, load_adapted_model, stop_token_ids
 from med_idefics.modeling.loading import load_base_model, load_processor
 from med_idefics.prompts import END_OF_UTTERANCE
-from med_idefics.results import eval_run_id
+from med_idefics.reporting.results import eval_run_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VQA_RAD = REPO_ROOT.parent / "shared" / "realdata" / "vqa-rad"
@@ -244,8 +244,8 @@ def project_params(root: Path, base_dir: Path, **overrides):
 
 
 def test_qlora_training_and_evaluation_run_on_cpu(real_processor_project, base_dir):
-    from med_idefics.evaluate import EvalRequest, evaluate
-    from med_idefics.train import TrainRequest, train
+    from med_idefics.stages.evaluate import EvalRequest, evaluate
+    from med_idefics.stages.train import TrainRequest, train
 
     root = real_processor_project
     qlora = {"quantization.load_in_4bit": True, "quantization.compute_dtype": "float32"}

@@ -21,11 +21,11 @@ from med_idefics.cli import main
 from med_idefics.cli.registry import predict_command  # noqa: F401  (registers the commands on main)
 from med_idefics.config import ConfigError, load_params
 from med_idefics.data.images import normalize_image, to_png_bytes
-from med_idefics.predictions import write_predictions
-from med_idefics.promotion import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote
-from med_idefics.registry import register
-from med_idefics.results import write_run_info
-from med_idefics.tracking import setup_tracking
+from med_idefics.reporting.results import write_run_info
+from med_idefics.scoring.predictions import write_predictions
+from med_idefics.stages.promote import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote
+from med_idefics.stages.register import register
+from med_idefics.tracking.runs import setup_tracking
 
 NAME = "med-idefics-vqa"
 SELECTION_SUITE = "validation"  # params registry.suite: promotion never looks at a test suite
@@ -100,7 +100,7 @@ def _versions() -> dict[str, object]:
 def test_register_never_loads_the_model_and_logs_the_signature_only(trained, monkeypatch):
     """An input example makes MLflow load and run the saved model while logging it: for the 8B base that is one more
     16 GB load per variant (six in one process, none freed). Register gives the signature only."""
-    from med_idefics.serving import VqaModel
+    from med_idefics.modeling.serving import VqaModel
 
     loads = []  # MLflow swallows a failed example prediction with a warning: count the loads instead of raising
     monkeypatch.setattr(VqaModel, "load_context", lambda self, context: loads.append(context))

@@ -17,10 +17,10 @@ from PIL import Image
 import med_idefics.cli.report  # noqa: F401  (registers `report` and `review`)
 from med_idefics.cli.app import run_main
 from med_idefics.config import load_params
-from med_idefics.metrics import summarize
-from med_idefics.plots import Estimate, curves_figure, to_png
-from med_idefics.report import build_report
-from med_idefics.results import ResultsError, write_run_info
+from med_idefics.reporting.plots import Estimate, curves_figure, to_png
+from med_idefics.reporting.results import ResultsError, write_run_info
+from med_idefics.scoring.metrics import summarize
+from med_idefics.stages.report import build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N = 40  # questions per suite: the first half closed (yes/no), the second open
@@ -205,7 +205,7 @@ def test_compare_fits_80_columns_with_intervals_and_their_n(evaluated, monkeypat
 
 
 def test_compare_without_the_suite_says_what_to_run(evaluated):
-    from med_idefics.compare import comparison_tables
+    from med_idefics.reporting.compare import comparison_tables
 
     with pytest.raises(ResultsError, match=r"no metrics for suite\(s\) path-vqa .*evaluate them first"):
         comparison_tables(suites=["path-vqa"])
@@ -270,7 +270,7 @@ def test_unreadable_metrics_name_the_file(tmp_path, monkeypatch, params):
 def test_cli_defaults_are_the_modules():
     from med_idefics.cli.report import report_command, review_export_command
     from med_idefics.data.suites import SUITES
-    from med_idefics.report import METRICS_DIR, PREDICTIONS_DIR, REPORT_FILE
+    from med_idefics.stages.report import METRICS_DIR, PREDICTIONS_DIR, REPORT_FILE
 
     defaults = {option.name: option for option in report_command.params}
     assert (defaults["metrics_dir"].default, defaults["predictions_dir"].default) == (METRICS_DIR, PREDICTIONS_DIR)
@@ -347,8 +347,8 @@ def test_figure3_draws_every_point_single_stage_included(evaluated, repo_root):
     checked on the matplotlib artists, not only on the CSV."""
     import csv
 
-    from med_idefics.figures import figure3, figure3_series
-    from med_idefics.results import load_scores
+    from med_idefics.reporting.figures import figure3, figure3_series
+    from med_idefics.reporting.results import load_scores
 
     params = load_params(repo_root / "params.yaml", ["data.captions.train_size=2000"])
     points = figure3_series(load_scores("metrics")[0], params)
@@ -380,7 +380,7 @@ def _logged_eval(params, variant: str, suite: str, rows: list[dict]) -> None:
     """An evaluation run as the evaluation stage logs it: tags variant and suite, the config as params, metrics."""
     import mlflow
 
-    from med_idefics.tracking import tracked_run
+    from med_idefics.tracking.runs import tracked_run
 
     summary = summarize(rows, seed=0, resamples=200)
     with tracked_run(params, f"eval-{variant}-{suite}", tags={"variant": variant, "suite": suite}):

@@ -21,9 +21,9 @@ from med_idefics.cli.app import main, run_main
 from med_idefics.config import load_params
 from med_idefics.data.images import to_png_bytes
 from med_idefics.data.schema import write_splits
-from med_idefics.results import write_run_info
-from med_idefics.review import GradingError, export_sheet, import_grades
-from med_idefics.tracking import setup_tracking
+from med_idefics.reporting.results import write_run_info
+from med_idefics.reporting.review import GradingError, export_sheet, import_grades
+from med_idefics.tracking.runs import setup_tracking
 
 PAPER_HEADER = ["question", "true_answer", "predicted_answer", "correctness", "justification"]
 PAPER_SHEETS = {"human_evaluated_stage2_ft_model.csv": 251, "human_eval_base_model.csv": 240}  # right of 400
@@ -297,7 +297,7 @@ def test_blind_sheet_mixes_variants_and_the_key_unblinds_them(evaluated, params,
 
 def test_blind_needs_two_variants_and_plain_import_needs_its_variant(evaluated, params, params_args):
     with pytest.raises(GradingError, match="at least twice"):
-        from med_idefics.blind_review import export_blind
+        from med_idefics.reporting.blind_review import export_blind
 
         export_blind(params, ["two-stage"], "vqa-rad")
     missing = CliRunner().invoke(main, ["review", "import", "x.csv", *params_args])

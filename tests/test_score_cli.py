@@ -12,8 +12,8 @@ from conftest import SHARED_REFERENCE
 
 import med_idefics.cli.score  # noqa: F401  (registers `score` even before cli/__init__ imports it)
 from med_idefics.cli.app import main, run_main
-from med_idefics.metrics import MODES
-from med_idefics.predictions import PredictionsError, read_predictions, write_predictions
+from med_idefics.scoring.metrics import MODES
+from med_idefics.scoring.predictions import PredictionsError, read_predictions, write_predictions
 
 ROWS = [
     {"id": "a", "question": "is the lung clear?", "answer": "yes", "prediction": "yes", "raw_generation": "Yes."},

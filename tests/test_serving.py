@@ -26,7 +26,7 @@ from pydicom.data import get_testdata_file
 from med_idefics.config import load_params
 from med_idefics.data.images import read_dicom, to_png_bytes
 from med_idefics.modeling.loading import write_pointer
-from med_idefics.serving import (
+from med_idefics.modeling.serving import (
     MAX_NEW_TOKENS_LIMIT,
     InvalidInput,
     ServingConfig,
@@ -124,7 +124,7 @@ def champion(tmp_path, repo_root, tiny_base_dir, monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import Idefics2ForConditionalGeneration
 
-    from med_idefics.registry import register
+    from med_idefics.stages.register import register
 
     monkeypatch.chdir(tmp_path)
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
@@ -249,8 +249,8 @@ def test_rest_server_answers_refuses_bad_requests_and_survives_load(server, cham
 
 def test_the_package_hash_ignores_which_run_built_the_base(tmp_path):
     """A rebuilt but identical base is the same package: its run_info.json (the run that built it) is no part of it."""
-    from med_idefics.results import write_run_info
-    from med_idefics.serving import ServingConfig, package_sha256
+    from med_idefics.modeling.serving import ServingConfig, package_sha256
+    from med_idefics.reporting.results import write_run_info
 
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     for folder in (base, adapter):

@@ -63,7 +63,7 @@ def test_split_keys_are_checked(repo_root, override, key):
 def test_every_shipped_profile_uses_the_official_split(repo_root):
     import yaml
 
-    from med_idefics.profiles import apply_profile
+    from med_idefics.workflow.profiles import apply_profile
 
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     assert params["data"]["vqa"]["split"] == "official"
@@ -81,7 +81,7 @@ def leaky_data(tmp_path, make_vqa_records, repo_root):
 
 
 def test_training_and_suites_see_the_configured_split(leaky_data, repo_root):
-    from med_idefics.train import _records
+    from med_idefics.stages.train import _records
 
     _, overrides = leaky_data
     overrides = [*overrides, "data.vqa.validation_fraction=0"]

@@ -21,7 +21,7 @@ from med_idefics.data.suites import (
     parse_suites,
     swap_images,
 )
-from med_idefics.metrics import is_abstention, summarize_abstention
+from med_idefics.scoring.metrics import is_abstention, summarize_abstention
 
 EXPERT = "You are an expert radiologist."
 

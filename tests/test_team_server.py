@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 
 from med_idefics.cli import main
 from med_idefics.config import load_params
-from med_idefics.tracking import seeded_run_name
+from med_idefics.tracking.runs import seeded_run_name
 
 BIN = Path(sys.executable).parent
 NAME = "med-idefics-vqa"
@@ -240,7 +240,7 @@ def _version_on(client: MlflowClient, name: str, source: str, right: int, proven
     questions right — the first ``right`` ones, so that versions pair — logged to the server as an evaluation run."""
     import mlflow
 
-    from med_idefics.predictions import write_predictions
+    from med_idefics.scoring.predictions import write_predictions
 
     rows = [{"id": f"q{i}", "question": f"is {i} there?", "answer": "yes", "answer_type": "closed",
              "prediction": "yes" if i < right else "no", "raw_generation": ""} for i in range(40)]  # fmt: skip

@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from med_idefics.base import SUMMARY_FILE, build_base, pretrain
 from med_idefics.config import ConfigError, QuantizationConfig, load_params
 from med_idefics.data.collator import VqaCollator, build_generation_batch
 from med_idefics.data.images import image_from_bytes
 from med_idefics.data.schema import write_splits
+from med_idefics.modeling.bases import SUMMARY_FILE, build_base, pretrain
 from med_idefics.modeling.loading import POINTER_FILE, base_source, load_base_model, load_processor
 from med_idefics.modeling.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_model, build_tokenizer
 from med_idefics.prompts import END_OF_UTTERANCE, chat_messages
@@ -168,7 +168,7 @@ def test_tiny_base_is_deterministic(repo_root, demo_like_data, tmp_path):
 
 
 def test_hub_id_writes_a_pointer_without_weights(repo_root, tmp_path, monkeypatch):
-    import med_idefics.base as base
+    import med_idefics.modeling.bases as base
 
     monkeypatch.setattr(base, "resolve_hub_revision", lambda repo_id, revision: "0123abcd")
     base_dir = tmp_path / "base"

@@ -18,8 +18,8 @@ import yaml
 from mlflow import MlflowClient
 
 from med_idefics.config import ConfigError, load_params
-from med_idefics.provenance import scrub_secrets
-from med_idefics.tracking import (
+from med_idefics.tracking.provenance import scrub_secrets
+from med_idefics.tracking.runs import (
     EXPERIMENT_KIND_TAG,
     MAX_PARAM_LENGTH,
     OTHER_COLORS,
@@ -203,7 +203,7 @@ def test_nested_run_records_its_parent(store, params):
 SIGKILLED_CHILD = """
 import sys, time
 from med_idefics.config import load_params
-from med_idefics.tracking import tracked_run
+from med_idefics.tracking.runs import tracked_run
 with tracked_run(load_params(sys.argv[1]), "doomed") as run:
     print(run.info.run_id, flush=True)
     time.sleep(120)

@@ -20,8 +20,8 @@ from med_idefics.config import ConfigError, load_params
 from med_idefics.data.schema import DatasetError, split_path
 from med_idefics.files import file_md5
 from med_idefics.modeling.adapters import AdapterError
-from med_idefics.results import read_run_info, run_id_of
-from med_idefics.train import TrainRequest, train
+from med_idefics.reporting.results import read_run_info, run_id_of
+from med_idefics.stages.train import TrainRequest, train
 
 
 def _runs(name: str | None = None):
@@ -39,7 +39,7 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
 def test_stage1_saves_a_peft_adapter_equal_to_the_trained_weights_and_tracks_the_run(project, monkeypatch):
     from peft import PeftModel
 
-    import med_idefics.train as train_module
+    import med_idefics.stages.train as train_module
     from med_idefics.modeling.loading import load_base_model
 
     captured = {}
@@ -189,7 +189,7 @@ def test_adapter_for_a_different_base_is_rejected_before_training(project, tmp_p
 def test_nan_loss_stops_the_run_and_marks_it_failed(project, monkeypatch):
     from transformers import Idefics2ForConditionalGeneration
 
-    from med_idefics.trainer_support import NonFiniteLoss
+    from med_idefics.modeling.trainer_support import NonFiniteLoss
 
     real_forward = Idefics2ForConditionalGeneration.forward
 
@@ -297,7 +297,7 @@ def test_every_stage_prepares_a_4bit_base_alike_and_trains_every_lora_weight(pro
 def test_training_arguments_set_checkpointing_cache_and_workers_explicitly(repo_params, tmp_path):
     import dataclasses
 
-    from med_idefics.trainer_support import training_arguments
+    from med_idefics.modeling.trainer_support import training_arguments
 
     recipe = dataclasses.replace(repo_params.stage2, gradient_checkpointing=True, dataloader_workers=3)
     args = training_arguments(recipe, tmp_path, seed=0, run_name="x")
@@ -310,7 +310,7 @@ def test_one_process_on_a_multi_gpu_machine_trains_on_one_gpu(repo_params, tmp_p
     micro-batch x 4 per step (4x fewer steps, another recipe) while a 4-bit model, not split, sits on cuda:0."""
     import dataclasses
 
-    from med_idefics.trainer_support import training_arguments
+    from med_idefics.modeling.trainer_support import training_arguments
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -367,7 +367,7 @@ def test_answers_the_tokenizer_cannot_spell_stop_training_naming_the_words(proje
 
 def test_questions_with_unknown_words_are_reported_before_training(project, caplog):
     from med_idefics.data.schema import read_records, write_splits
-    from med_idefics.train import prepare
+    from med_idefics.stages.train import prepare
 
     records = read_records("data", "syn-vqa", "train")
     for i in (0, 3, 6):
@@ -412,7 +412,7 @@ def test_a_bad_record_fails_before_training_starts(project, tmp_path, flaw):
 def test_under_torchrun_only_rank_0_clears_the_checkpoints_and_writes_the_fingerprint(tmp_path, monkeypatch):
     """Every rank decides whether to resume, but only rank 0 touches the folder: another rank deleting and
     recreating it (and writing the fingerprint) at the same time races rank 0 and can destroy its checkpoint."""
-    from med_idefics.train import FINGERPRINT_FILE, _prepare_checkpoints
+    from med_idefics.stages.train import FINGERPRINT_FILE, _prepare_checkpoints
 
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "checkpoint-4").mkdir(parents=True)
@@ -436,7 +436,7 @@ def test_a_checkpoint_is_resumed_only_with_the_same_data_base_and_init_adapter(p
     import shutil
 
     from med_idefics.data.schema import read_records, write_splits
-    from med_idefics.train import _fingerprint, _prepare_checkpoints, prepare
+    from med_idefics.stages.train import _fingerprint, _prepare_checkpoints, prepare
 
     params = load_params("params.yaml")
     _make_stage1_adapter(params, project / "outputs/stage1/adapter")

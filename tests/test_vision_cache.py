@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from med_idefics.base import REAL_PROCESSOR, build_base
 from med_idefics.config import QuantizationConfig, load_params
 from med_idefics.data.collator import VqaCollator
 from med_idefics.data.feature_store import CacheError, FeatureStore, image_digest
 from med_idefics.data.schema import read_records
 from med_idefics.modeling import realistic
+from med_idefics.modeling.bases import REAL_PROCESSOR, build_base
 from med_idefics.modeling.generation import generate_answers, load_adapted_model
 from med_idefics.modeling.loading import load_processor
 from med_idefics.modeling.lora import add_lora
@@ -268,7 +268,7 @@ def test_a_corrupted_or_partial_cache_file_is_detected_and_recomputed(tiny_setup
 
 
 def test_training_stage_uses_the_cache_and_a_split_that_does_not_fit_runs_uncached(project, capsys):
-    from med_idefics.train import TrainRequest, train
+    from med_idefics.stages.train import TrainRequest, train
 
     overrides = {"vision_cache.enabled": True, "vision_cache.dir": str(project / "cache")}
     params = load_params(project / "params.yaml", overrides)

@@ -73,8 +73,8 @@ def optional_params_options(func):
 def run_main() -> None:
     """Entry point: turn the project's own user errors into a one-line message and exit status 2."""
     from med_idefics.data.schema import DatasetError
-    from med_idefics.predictions import PredictionsError
-    from med_idefics.results import ResultsError  # also med_idefics.review.GradingError, a subclass
+    from med_idefics.reporting.results import ResultsError  # also med_idefics.reporting.review.GradingError, a subclass
+    from med_idefics.scoring.predictions import PredictionsError
 
     try:
         main(standalone_mode=True)

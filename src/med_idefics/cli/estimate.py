@@ -18,7 +18,7 @@ from med_idefics.cli.app import main, params_options
 def estimate_command(as_json: bool, rates: str | None, params) -> None:
     """What `dvc repro` costs under the current params: per stage its training samples, evaluation forward passes,
     answers, model loads and GPU-hours, and the total."""
-    from med_idefics.estimate import estimate, load_rates, render
+    from med_idefics.workflow.estimate import estimate, load_rates, render
 
     result = estimate(params, load_rates(rates))
     click.echo(json.dumps(result, indent=2) if as_json else render(result))

@@ -57,7 +57,7 @@ def evaluate_command(variants, suite, name, predictions_dir, metrics_dir, output
     """Answer the evaluation suites with VARIANT (greedy, batched) and score them: one MLflow run per suite."""
     from med_idefics.config import ConfigError
     from med_idefics.data.suites import has_validation, parse_suites
-    from med_idefics.evaluate import EvalRequest, evaluate_variants
+    from med_idefics.stages.evaluate import EvalRequest, evaluate_variants
 
     if name and len(variants) > 1:
         raise ConfigError("--name names one variant; leave it out when --variant is given more than once")

@@ -15,7 +15,7 @@ from med_idefics.cli.app import main, params_options
 def base_command(params, out_dir: str | None) -> None:
     """Resolve params `model.base` into model.base_dir: build + pretrain the tiny base offline, or point at a
     local folder / hub model; tracked as the MLflow run `base`."""
-    from med_idefics.base_run import build_tracked_base
+    from med_idefics.stages.base import build_tracked_base
 
     result = build_tracked_base(params, out_dir)
     where = out_dir or params.model.base_dir

@@ -9,7 +9,7 @@ from med_idefics.config import PARAMS_FILE
 @click.option("--params", "params_file", default=PARAMS_FILE, type=click.Path(dir_okay=False))
 def profile_command(name: str, params_file: str) -> None:
     """Switch params.yaml to profile NAME (`demo` or `paper`: the keys in configs/NAME.yaml)."""
-    from med_idefics.profiles import switch_profile
+    from med_idefics.workflow.profiles import switch_profile
 
     params = switch_profile(name, params_file)
     click.echo(

@@ -28,7 +28,7 @@ def register_command(variants, outputs_dir, metrics_dir, records_dir, dvc_stage,
     """Register trained VQA variants as versions of params registry.model_name (an unchanged one is not repeated)."""
     from dataclasses import asdict
 
-    from med_idefics.registry import register
+    from med_idefics.stages.register import register
 
     registrations = register(params, list(variants), Path(outputs_dir), Path(metrics_dir), dvc_stage)
     for r in registrations:
@@ -63,7 +63,7 @@ def register_command(variants, outputs_dir, metrics_dir, records_dir, dvc_stage,
 def promote_command(predictions_dir, out, dvc_stage, dry_run, allow_uncommitted, params) -> None:
     """Move the alias registry.alias on evidence: to the best evaluated version (params registry.suite /
     registry.metric) when there is no champion, or when the paired test says it beats the champion (p < 0.05)."""
-    from med_idefics.promotion import describe, promote
+    from med_idefics.stages.promote import describe, promote
 
     if allow_uncommitted:
         params.registry.allow_uncommitted = True
@@ -98,8 +98,8 @@ def predict_command(model_uri, image, question, max_new_tokens, params) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.serving import answer
-    from med_idefics.tracking import resolve_tracking_uri
+    from med_idefics.modeling.serving import answer
+    from med_idefics.tracking.runs import resolve_tracking_uri
 
     if params is not None:  # models:/ and runs:/ resolve in the project's tracking store
         mlflow.set_tracking_uri(resolve_tracking_uri(params))

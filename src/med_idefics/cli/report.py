@@ -1,5 +1,6 @@
-"""``med-idefics report`` (med_idefics.report), ``med-idefics review export | import`` (med_idefics.review,
-med_idefics.blind_review) and ``med-idefics compare`` (med_idefics.compare)."""
+"""``med-idefics report`` (med_idefics.stages.report), ``med-idefics review export | import``
+(med_idefics.reporting.review, med_idefics.reporting.blind_review) and ``med-idefics compare``
+(med_idefics.reporting.compare)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from med_idefics.cli.app import main, optional_params_options, params_options
 from med_idefics.cli.evaluate import KNOWN_SUITE_NAMES, SUITE_NAMES
 from med_idefics.config import PARAMS_FILE, ConfigError, Params
 
-# Defaults repeat med_idefics.report's METRICS_DIR, PREDICTIONS_DIR, REPORT_FILE (kept import-free for a fast --help)
+# Defaults repeat med_idefics.stages.report's METRICS_DIR, PREDICTIONS_DIR, REPORT_FILE (kept import-free for a fast
+# --help)
 metrics_dir_option = click.option(
     "--metrics-dir", default="metrics", type=click.Path(file_okay=False), help="Where <variant>/<suite>.json are."
 )
@@ -36,7 +38,7 @@ suite_option = click.option("--suite", type=click.Choice(SUITE_NAMES), default="
 def report_command(metrics_dir: str, predictions_dir: str, out: str, dvc_stage: str | None, params) -> None:
     """Write the results report: the Figure-2 table with 95 % intervals, the paired tests of the paper's claims,
     and the Figure-2/Figure-3 plots; log them as the MLflow run `report`."""
-    from med_idefics.report import build_report
+    from med_idefics.stages.report import build_report
 
     written = build_report(params, metrics_dir, predictions_dir, out, dvc_stage=dvc_stage)
     for path in written.values():
@@ -84,7 +86,7 @@ def review_export_command(
 ) -> None:  # fmt: skip
     """Write the grading sheet (CSV in the paper's columns) and an HTML page with the images."""
     if blind:
-        from med_idefics.blind_review import export_blind
+        from med_idefics.reporting.blind_review import export_blind
 
         csv_path, html_path, key_path, count = export_blind(
             params, list(variants), suite, out, key, all_types, predictions_dir
@@ -95,7 +97,7 @@ def review_export_command(
         return
     if len(variants) != 1 or key:
         raise click.UsageError("one --variant per sheet (and no --key) unless --blind")
-    from med_idefics.review import export_sheet
+    from med_idefics.reporting.review import export_sheet
 
     csv_path, html_path, count = export_sheet(params, variants[0], suite, out, all_types, predictions_dir)
     click.echo(f"{csv_path}: {count} questions to grade (right or wrong); images in {html_path}")
@@ -124,11 +126,11 @@ def review_import_command(
     if key:
         if variant or run_id:
             raise click.UsageError("--key names the variants and their runs itself: drop --variant and --run-id")
-        from med_idefics.blind_review import import_blind
+        from med_idefics.reporting.blind_review import import_blind
 
         summaries = list(import_blind(params, graded, key, predictions_dir, metrics_dir).values())
     elif variant:
-        from med_idefics.review import import_grades
+        from med_idefics.reporting.review import import_grades
 
         summaries = [import_grades(params, graded, variant, suite, run_id, predictions_dir, metrics_dir)]
     else:
@@ -170,7 +172,7 @@ def compare_command(
 
     from rich.console import Console
 
-    from med_idefics.compare import comparison_json, comparison_tables, seed_tables
+    from med_idefics.reporting.compare import comparison_json, comparison_tables, seed_tables
 
     if from_mlflow:
         if params is None:  # the configuration whose seeds are grouped

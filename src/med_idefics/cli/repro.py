@@ -16,7 +16,7 @@ from med_idefics.cli.app import main
 def repro_command(jobs: int, log_dir: str) -> None:
     """Reproduce the DVC pipeline as `dvc repro` does, up to JOBS stages at a time: each stage runs through
     `dvc repro --single-item` once the stages it depends on are done; then `dvc repro` checks that all is up to date."""
-    from med_idefics.pipeline import PipelineError, repro
+    from med_idefics.workflow.pipeline import PipelineError, repro
 
     try:
         repro(jobs, Path(log_dir), echo=click.echo)

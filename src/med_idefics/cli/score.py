@@ -4,7 +4,11 @@ import click
 
 from med_idefics.cli.app import main, params_options
 
-SCORING_MODES = ("strict", "paper", "llava-med")  # = med_idefics.metrics.MODES (import-free for a fast --help; tested)
+SCORING_MODES = (
+    "strict",
+    "paper",
+    "llava-med",
+)  # = med_idefics.scoring.metrics.MODES (import-free for a fast --help; tested)
 
 
 @main.command("score")
@@ -33,8 +37,8 @@ def score_command(predictions: str, mode: str, seed: int | None, resamples: int 
     FILE is JSONL rows {question, answer, prediction[, answer_type]} or the paper's JSON list of
     {question, true_answer, predicted_answer}.
     """
-    from med_idefics.metrics import summarize
-    from med_idefics.predictions import read_predictions
+    from med_idefics.scoring.metrics import summarize
+    from med_idefics.scoring.predictions import read_predictions
 
     rows = read_predictions(predictions)
     seed = params.eval.seed if seed is None else seed

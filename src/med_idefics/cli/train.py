@@ -31,7 +31,7 @@ from med_idefics.cli.app import main, params_options
 @click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the run).")
 def train_command(stage, params, out_dir, init_adapter, train_size, variant, dvc_stage) -> None:
     """LoRA-train STAGE (stage1: captioning; stage2: VQA continuing stage 1; single-stage: VQA from the base)."""
-    from med_idefics.train import TrainRequest, train, variant_name
+    from med_idefics.stages.train import TrainRequest, train, variant_name
 
     request = TrainRequest(
         stage=stage,

@@ -3,7 +3,7 @@ and an ``Idefics2ForConditionalGeneration`` with the layer sizes of params ``mod
 
 Every piece is the real transformers class, so everything downstream (collator, LoRA, QLoRA, Trainer, generation) runs
 the same code path as with ``HuggingFaceM4/idefics2-8b``; only the sizes and the tokenizer differ. The model returned
-here is randomly initialised: :mod:`med_idefics.base` pretrains it.
+here is randomly initialised: :mod:`med_idefics.modeling.bases` pretrains it.
 """
 
 from __future__ import annotations

@@ -6,16 +6,16 @@ precision, the training's (:func:`med_idefics.modeling.loading.base_dtype`) — 
 ``precision``.
 
 Per suite: predictions ``<predictions_dir>/<variant>/<suite>.jsonl`` (JSONL rows of
-:func:`med_idefics.predictions.write_predictions`), metrics ``<metrics_dir>/<variant>/<suite>.json``
-(:func:`med_idefics.metrics.summarize`, or :func:`~med_idefics.metrics.summarize_abstention` for ``med-halt``: numbers
-only), the run ids in ``<metrics_dir>/<variant>/run_info.json`` (:mod:`med_idefics.results`), and one MLflow run
-``eval-<variant>-<suite>`` with the suite's splits as dataset inputs and the predictions as a table
-(``predictions.json``: question, answer, prediction, correct). When the run that made the variant — its training run,
-or the base's run — is in the store, the evaluation runs nest under it and it gets the suite's headline metrics as
-``<suite>/<metric>`` (with ``_ci_low``/``_ci_high``): one row per variant in the MLflow runs table. Evaluating again
-what is already evaluated — the same answers and scores as the files hold, whose recorded run is in this store (a
-clone after ``dvc pull``, a forced rerun) — keeps that run and changes no file: no duplicate run, no new run id for DVC
-to see.
+:func:`med_idefics.scoring.predictions.write_predictions`), metrics ``<metrics_dir>/<variant>/<suite>.json``
+(:func:`med_idefics.scoring.metrics.summarize`, or :func:`~med_idefics.scoring.metrics.summarize_abstention` for
+``med-halt``: numbers only), the run ids in ``<metrics_dir>/<variant>/run_info.json``
+(:mod:`med_idefics.reporting.results`), and one MLflow run ``eval-<variant>-<suite>`` with the suite's splits as
+dataset inputs and the predictions as a table (``predictions.json``: question, answer, prediction, correct). When the
+run that made the variant — its training run, or the base's run — is in the store, the evaluation runs nest under it
+and it gets the suite's headline metrics as ``<suite>/<metric>`` (with ``_ci_low``/``_ci_high``): one row per variant
+in the MLflow runs table. Evaluating again what is already evaluated — the same answers and scores as the files hold,
+whose recorded run is in this store (a clone after ``dvc pull``, a forced rerun) — keeps that run and changes no file:
+no duplicate run, no new run id for DVC to see.
 
 A variant is ``base``; a name whose adapter is ``<outputs_dir>/<name>/adapter`` (``outputs/`` unless the request
 says; ``single-stage``, ``two-stage``, sweep points such as ``two-stage-n500``); or an adapter reference — anything
@@ -34,15 +34,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from med_idefics import results
 from med_idefics.config import ConfigError, Params, precision_label
 from med_idefics.data.splits import split_name
 from med_idefics.data.suites import MED_HALT, Suite, load_suite, suite_splits
 from med_idefics.files import write_json
-from med_idefics.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
 from med_idefics.modeling.adapters import AdapterError, is_remote, resolve_adapter
 from med_idefics.modeling.generation import generate_answers
 from med_idefics.prompts import extract_answer
+from med_idefics.reporting import results
+from med_idefics.scoring.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
 
 BASE = "base"
 PREDICTIONS_DIR = Path(results.PREDICTIONS_DIR)
@@ -173,7 +173,7 @@ def evaluate_variants(params: Params, requests: Sequence[EvalRequest]) -> list[d
     from med_idefics.modeling.generation import AdapterSwitch
     from med_idefics.modeling.loading import load_processor, require_cuda_for_a_large_base
     from med_idefics.modeling.vision_cache import open_store
-    from med_idefics.tracking import setup_tracking
+    from med_idefics.tracking.runs import setup_tracking
 
     require_cuda_for_a_large_base(params.model.base_dir)  # before the suites' images are read
     suites = [[load_suite(params, name) for name in request.suites] for request in requests]
@@ -210,8 +210,8 @@ def evaluate_suite(
     :func:`_reproduces_recorded`), write the two files and log them as one tracked run. ``store``: the vision-feature
     cache, used for the suite when its images fit."""
     from med_idefics.modeling.vision_cache import fill
-    from med_idefics.predictions import write_predictions
-    from med_idefics.tracking import log_params, tracked_run
+    from med_idefics.scoring.predictions import write_predictions
+    from med_idefics.tracking.runs import log_params, tracked_run
 
     batch, workers = params.eval.batch_size, params.eval.dataloader_workers
     images = [record["image"] for record in suite.records]
@@ -252,7 +252,7 @@ def evaluate_suite(
         info = {"variant": target.name, "training_run_id": target.training_run_id, "eval_runs": {suite.name: eval_run}}
         results.write_run_info(request.metrics_dir / target.name, info)
         if run is not None:
-            from med_idefics.tracking import log_metrics_to, log_split_inputs
+            from med_idefics.tracking.runs import log_metrics_to, log_split_inputs
 
             log_split_inputs(params.data.root, suite_splits(params, suite.name), "evaluation")
             _log_results(suite.name, rows, metrics, predictions_path, metrics_path)
@@ -269,7 +269,7 @@ def _reproduces_recorded(variant_metrics: Path, tags: Mapping, rows, metrics, pr
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.predictions import WRITTEN_FIELDS, PredictionsError, read_predictions
+    from med_idefics.scoring.predictions import WRITTEN_FIELDS, PredictionsError, read_predictions
 
     recorded = results.eval_run_id(variant_metrics.parent, variant_metrics.name, tags["suite"])
     if not recorded or not predictions_path.is_file() or not metrics_path.is_file():

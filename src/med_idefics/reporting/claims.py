@@ -1,7 +1,7 @@
-"""The paper's claims as paired tests on the same questions, for the report (:mod:`med_idefics.report`): each claim's
-McNemar / paired-bootstrap comparison (:func:`med_idefics.metrics.compare`), the Holm correction over every McNemar
-p-value the report tests, and the verdict in words. Also what ``reports/paired_tests.json`` holds, and what the
-over-seeds table (:mod:`med_idefics.seeds`) reads back from earlier reports."""
+"""The paper's claims as paired tests on the same questions, for the report (:mod:`med_idefics.stages.report`): each
+claim's McNemar / paired-bootstrap comparison (:func:`med_idefics.scoring.metrics.compare`), the Holm correction over
+every McNemar p-value the report tests, and the verdict in words. Also what ``reports/paired_tests.json`` holds, and
+what the over-seeds table (:mod:`med_idefics.reporting.seeds`) reads back from earlier reports."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from med_idefics.config import Params
 from med_idefics.data.suites import EXPERT_PROMPT, PATH_VQA, SWAP, VQA_RAD
-from med_idefics.results import METRIC_LABELS, MISSING, fmt, markdown_table, predictions_path
-from med_idefics.stats import ALPHA, holm
+from med_idefics.reporting.results import METRIC_LABELS, MISSING, fmt, markdown_table, predictions_path
+from med_idefics.scoring.stats import ALPHA, holm
 
 PAIRED_TESTS_FILE = "paired_tests.json"  # beside the report: the paired tests' numbers, and each claim's verdict
 VERDICT_METRIC = "exact_match"  # a claim is reproduced on exact match, the paper's headline metric
@@ -40,10 +40,11 @@ Tested = list[tuple[Claim, dict | str]]  # each claim with its comparison, or wh
 
 
 def paired_tests(params: Params, predictions_dir: str | Path) -> Tested:
-    """Each claim with :func:`med_idefics.metrics.compare`'s result (scored as the evaluation scored: the paper's
-    way) and ``p_holm`` beside every McNemar ``p_value`` (:func:`adjust_holm`), or why it could not be tested."""
-    from med_idefics.metrics import PAPER, compare
-    from med_idefics.predictions import PredictionsError, read_predictions
+    """Each claim with :func:`med_idefics.scoring.metrics.compare`'s result (scored as the evaluation scored: the
+    paper's way) and ``p_holm`` beside every McNemar ``p_value`` (:func:`adjust_holm`), or why it could not be
+    tested."""
+    from med_idefics.scoring.metrics import PAPER, compare
+    from med_idefics.scoring.predictions import PredictionsError, read_predictions
 
     results: Tested = []
     for claim in CLAIMS:

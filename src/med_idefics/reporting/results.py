@@ -1,11 +1,11 @@
 """The stages' results on disk, in one place for every stage that writes or reads them (evaluate, report, review,
 registry, compare):
 
-- ``metrics/<variant>/<suite>.json``: the suite's scores (:func:`med_idefics.metrics.summarize`, or
-  :func:`~med_idefics.metrics.summarize_abstention` for med-halt), every metric with its interval: numbers only;
+- ``metrics/<variant>/<suite>.json``: the suite's scores (:func:`med_idefics.scoring.metrics.summarize`, or
+  :func:`~med_idefics.scoring.metrics.summarize_abstention` for med-halt), every metric with its interval: numbers only;
 - ``reports/headline.json``: the headline numbers of every variant and suite (:func:`headline_table`), the one file
   DVC declares as metrics, so that ``dvc exp show`` has a few dozen columns, not hundreds;
-- ``metrics/<variant>/<suite>-human.json``: human grades (:mod:`med_idefics.review`);
+- ``metrics/<variant>/<suite>-human.json``: human grades (:mod:`med_idefics.reporting.review`);
 - ``metrics/<variant>/run_info.json``: the ids behind the scores (not a DVC metric): ``variant``,
   ``training_run_id`` (the MLflow run that made what was evaluated) and ``eval_runs`` (suite → its evaluation run);
 - ``outputs/predictions/<variant>/<suite>.jsonl``: the predictions the scores were computed from;
@@ -33,7 +33,8 @@ RUN_INFO_FILE = "run_info.json"
 BASE_RUN_SUFFIX = "-run"  # the base's run record: <model.base_dir>-run/run_info.json
 CI_SUFFIXES = ("_ci_low", "_ci_high")
 VARIANTS = ("base", "single-stage", "two-stage")  # the paper's variants: listed first, in this order
-# Display names of the headline metrics (med_idefics.metrics.METRICS and ABSTENTION_METRICS), in tables and figures
+# Display names of the headline metrics (med_idefics.scoring.metrics.METRICS and ABSTENTION_METRICS), in tables and
+# figures
 METRIC_LABELS = {  # table columns, in order: first the closed accuracy that promotion ranks on
     "closed_accuracy_strict": "Closed acc. (strict)",
     "exact_match": "EM",

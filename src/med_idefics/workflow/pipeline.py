@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from med_idefics.tracking import sigterm_raises
+from med_idefics.tracking.runs import sigterm_raises
 
 LOG_DIR = Path("outputs/logs")
 PROGRESS_EVERY = 30.0  # seconds between progress lines while stages run
@@ -98,7 +98,7 @@ def repro(jobs: int, log_dir: Path = LOG_DIR, echo: Callable[[str], None] = prin
 
 def setup_tracking_for_parallel_stages() -> None:
     from med_idefics.config import load_params
-    from med_idefics.tracking import setup_tracking
+    from med_idefics.tracking.runs import setup_tracking
 
     setup_tracking(load_params())
 

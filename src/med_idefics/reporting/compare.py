@@ -1,16 +1,16 @@
 """``med-idefics compare``: the evaluated variants side by side in the terminal, in 80 columns — one table per suite, a
 row per variant, a column per headline metric (``value [95 % CI]``, the n it rests on in the header) — read from
-``metrics/<variant>/<suite>.json`` (:mod:`med_idefics.results`), the numbers the MLflow runs table shows as
+``metrics/<variant>/<suite>.json`` (:mod:`med_idefics.reporting.results`), the numbers the MLflow runs table shows as
 ``<suite>/<short name>``; ``--all-metrics`` adds a second table with the others. ``--from-mlflow`` reads the tracking
 store instead and shows each headline metric as mean ± sd over the training seeds found there
-(:mod:`med_idefics.seeds`). ``--json`` prints the same numbers as JSON."""
+(:mod:`med_idefics.reporting.seeds`). ``--json`` prints the same numbers as JSON."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from med_idefics.results import (
+from med_idefics.reporting.results import (
     MED_HALT_LABELS,
     METRIC_LABELS,
     METRICS_DIR,
@@ -117,8 +117,8 @@ def comparison_json(metrics_dir: str | Path = METRICS_DIR, suites: list[str] | N
 
 def seed_tables(params, suites: list[str] | None = None, any_config: bool = False) -> tuple[list, dict[str, Any]]:
     """From the tracking store: per suite, each variant's headline metrics as ``mean ± sd (seeds)``; and the JSON."""
-    from med_idefics.seeds import collect, fmt_mean_sd, to_json
-    from med_idefics.tracking import resolve_tracking_uri
+    from med_idefics.reporting.seeds import collect, fmt_mean_sd, to_json
+    from med_idefics.tracking.runs import resolve_tracking_uri
 
     found = collect(params, suites, any_config)
     store = resolve_tracking_uri(params)

@@ -1,6 +1,6 @@
-"""What a reviewer asks of a result beyond its headline numbers, for the report (:mod:`med_idefics.report`): accuracy
-by question type (the records' optional ``question_type``: VQA-RAD's and PathVQA's own, SLAKE's content_type, the
-demo's template; :func:`med_idefics.data.schema.question_types`) and the yes-rate of closed answers (does a variant
+"""What a reviewer asks of a result beyond its headline numbers, for the report (:mod:`med_idefics.stages.report`):
+accuracy by question type (the records' optional ``question_type``: VQA-RAD's and PathVQA's own, SLAKE's content_type,
+the demo's template; :func:`med_idefics.data.schema.question_types`) and the yes-rate of closed answers (does a variant
 answer "yes" to everything?). Both read the predictions the evaluation wrote; every figure has its n beside it."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 from med_idefics.config import ConfigError, Params
 from med_idefics.data.schema import CLOSED, YES_NO, question_types
 from med_idefics.data.suites import SLAKE, SLAKE_DATASET, suite_splits
-from med_idefics.metrics import PAPER, score_rows, yes_no_verdict
-from med_idefics.predictions import PredictionsError, answer_type_of, read_predictions
-from med_idefics.results import MISSING, fmt, markdown_table, predictions_path
-from med_idefics.stats import bootstrap_ci
+from med_idefics.reporting.results import MISSING, fmt, markdown_table, predictions_path
+from med_idefics.scoring.metrics import PAPER, score_rows, yes_no_verdict
+from med_idefics.scoring.predictions import PredictionsError, answer_type_of, read_predictions
+from med_idefics.scoring.stats import bootstrap_ci
 
 UNTYPED = "(no type)"
 
@@ -79,7 +79,7 @@ def type_table(params: Params, predictions_dir: str | Path, variants: list[str],
 
 def yes_rate_table(predictions_dir: str | Path, variants: list[str], suite: str) -> list[str]:
     """Per variant, over the closed questions whose answer is yes or no: how often it answers yes, no, or neither
-    (:func:`med_idefics.metrics.yes_no_verdict`), beside how often the truth is yes."""
+    (:func:`med_idefics.scoring.metrics.yes_no_verdict`), beside how often the truth is yes."""
     rows = []
     for variant, predictions in _predictions(predictions_dir, variants, suite).items():
         closed = [

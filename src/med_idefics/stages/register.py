@@ -1,13 +1,13 @@
 """Stage: the model registry. Every trained VQA variant becomes a version of ``registry.model_name``; the alias
-``registry.alias`` (champion) moves on evidence (:mod:`med_idefics.promotion`).
+``registry.alias`` (champion) moves on evidence (:mod:`med_idefics.stages.promote`).
 
-:func:`register` packages ``outputs/<variant>/adapter`` as a :class:`med_idefics.serving.VqaModel` (logged in an MLflow
-run ``register-<variant>``) and tags the version with its variant, training run, package hash and the numbers of
-``metrics/<variant>/<suite>.json`` (``<suite>.<metric>``) and the evaluation runs of ``metrics/<variant>/run_info.json``
-(``<suite>.eval_run_id``). A package already registered
+:func:`register` packages ``outputs/<variant>/adapter`` as a :class:`med_idefics.modeling.serving.VqaModel` (logged in
+an MLflow run ``register-<variant>``) and tags the version with its variant, training run, package hash and the numbers
+of ``metrics/<variant>/<suite>.json`` (``<suite>.<metric>``) and the evaluation runs of
+``metrics/<variant>/run_info.json`` (``<suite>.eval_run_id``). A package already registered
 (same ``package_sha256``) gets its tags refreshed instead of a new version.
 
-Each version also records where it was made (:func:`med_idefics.provenance.source_state`: ``git_commit``,
+Each version also records where it was made (:func:`med_idefics.tracking.provenance.source_state`: ``git_commit``,
 ``git_dirty``, ``dvc_exp_name``): registered again, the same package takes the new state when that is a committed one
 (an experiment applied and committed), and keeps a committed one it had (a later experiment reproducing it).
 """
@@ -16,24 +16,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from med_idefics import results
 from med_idefics.config import ConfigError, Params
-from med_idefics.provenance import NONE, SOURCE_TAGS, redact, source_state, uncommitted
+from med_idefics.reporting import results
+from med_idefics.tracking.provenance import NONE, SOURCE_TAGS, redact, source_state, uncommitted
+from med_idefics.tracking.registry import number, set_version_tag, versions
 
 OUTPUTS_DIR = Path("outputs")
 METRICS_DIR, PREDICTIONS_DIR = Path(results.METRICS_DIR), Path(results.PREDICTIONS_DIR)
 MODEL_ARTIFACT = "model"
 VQA_VARIANT = re.compile(r"^(single-stage|two-stage|two-stage-n(\d+))$")
-_TAG_LIMIT = 5000  # MLflow allows 8000 characters per model version tag value
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +57,7 @@ def register(
     dvc_stage: str | None = None,
 ) -> list[Registration]:
     """Register each variant (default: every one in ``outputs_dir``) as a version of ``registry.model_name``."""
-    from med_idefics.tracking import setup_tracking
+    from med_idefics.tracking.runs import setup_tracking
 
     names = [name for name in variants or [] if name] or vqa_variants(outputs_dir)  # "" (MLproject default): all
     if not names:
@@ -76,9 +73,10 @@ def register_variant(params: Params, variant: str, outputs_dir: Path, metrics_di
     import mlflow
     from mlflow import MlflowClient
 
-    from med_idefics import serving
+    import med_idefics
+    from med_idefics.modeling import serving
     from med_idefics.modeling.adapters import AdapterError, resolve_adapter
-    from med_idefics.tracking import tracked_run
+    from med_idefics.tracking.runs import tracked_run
 
     try:
         adapter_dir = resolve_adapter(str(outputs_dir / variant / "adapter"), f"Train {variant} first (`dvc repro`).")
@@ -119,7 +117,7 @@ def register_variant(params: Params, variant: str, outputs_dir: Path, metrics_di
                 artifacts=package.artifacts,
                 signature=package.signature,  # no input example: MLflow would load and run the model to check it
                 pip_requirements=package.pip_requirements,
-                code_paths=[str(Path(serving.__file__).parent)],  # the med_idefics package, as registered
+                code_paths=[str(Path(med_idefics.__file__).parent)],  # the med_idefics package, as registered
                 registered_model_name=name,
             )
         version = str(info.registered_model_version)
@@ -190,33 +188,3 @@ def _tag_version(client, name: str, version: str, tags: dict[str, str], descript
     for key, value in tags.items():
         set_version_tag(client, name, version, key, value)
     client.update_model_version(name, version, description=redact(description))
-
-
-def set_version_tag(client, name: str, version: str, key: str, value: Any) -> None:
-    retry_write(client.set_model_version_tag, name, version, key, redact(str(value))[:_TAG_LIMIT])
-
-
-def retry_write(write, *args, attempts: int = 5) -> None:
-    """A registry write, retried: MLflow's SQL store upserts tags and aliases by select-then-insert, so a concurrent
-    writer of the same key can make the insert fail once; the retry finds the row and updates it."""
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts):
-        try:
-            return write(*args)
-        except MlflowException:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
-
-def versions(client, name: str) -> list:
-    return list(client.search_model_versions(f"name = '{name}'"))
-
-
-def number(text: str | None) -> float | None:
-    try:
-        value = float(text) if text is not None else None
-    except ValueError:
-        return None
-    return value if value is not None and math.isfinite(value) else None

@@ -4,8 +4,9 @@ to the same suite mixed into one shuffled sheet that names no variant, so that a
 The sheet (``reports/review/blind-<suite>/sheet.csv`` and ``.html``: the folder to hand to graders) has the paper's
 columns and a blind ``id`` per row (``b0001``, …); which variant and question each id stands for is in the key
 (``reports/review/blind-<suite>.key.json``), written outside that folder and never shown to a grader. Import reads
-the key back, checks every graded row against the predictions of its variant (:func:`med_idefics.review.match_grades`)
-and logs each variant's human accuracy to its own evaluation run, as an unblinded import of its rows would.
+the key back, checks every graded row against the predictions of its variant
+(:func:`med_idefics.reporting.review.match_grades`) and logs each variant's human accuracy to its own evaluation run,
+as an unblinded import of its rows would.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from pathlib import Path
 from med_idefics.config import Params
 from med_idefics.data.suites import SWAP
 from med_idefics.files import write_atomic
-from med_idefics.predictions import read_predictions
-from med_idefics.results import METRICS_DIR, PREDICTIONS_DIR, predictions_path
-from med_idefics.review import (
+from med_idefics.reporting.results import METRICS_DIR, PREDICTIONS_DIR, predictions_path
+from med_idefics.reporting.review import (
     REVIEW_DIR,
     SWAP_NOTE,
     GradingError,
@@ -33,6 +33,7 @@ from med_idefics.review import (
     sheet_html,
     suite_images,
 )
+from med_idefics.scoring.predictions import read_predictions
 
 SHEET_NAME = "sheet.csv"
 KEY_SUFFIX = ".key.json"
@@ -98,7 +99,7 @@ def import_blind(
     metrics_dir: str | Path = METRICS_DIR,
 ) -> dict[str, dict]:
     """Unblind a graded sheet with its key; log each variant's human accuracy to its evaluation run. Returns
-    variant → summary (:func:`med_idefics.review.record_grades`)."""
+    variant → summary (:func:`med_idefics.reporting.review.record_grades`)."""
     graded, key = Path(graded), Path(key)
     try:
         record = json.loads(key.read_text(encoding="utf-8"))

@@ -1,5 +1,5 @@
 """Where a run came from: the repository root, the git commit, the data version, the DVC context, the process — and
-the rule for what never leaves the machine (secrets). Used by :mod:`med_idefics.tracking` for MLflow tags."""
+the rule for what never leaves the machine (secrets). Used by :mod:`med_idefics.tracking.runs` for MLflow tags."""
 
 from __future__ import annotations
 

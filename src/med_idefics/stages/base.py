@@ -2,15 +2,16 @@
 bare base's evaluations attach to (nested runs, and ``<suite>/<metric>`` headline metrics), as a training run is for an
 adapter.
 
-:func:`build_tracked_base` runs :func:`med_idefics.base.build_base` inside the run and records where the base came from:
+:func:`build_tracked_base` runs :func:`med_idefics.modeling.bases.build_base` inside the run and records where the base
+came from:
 
 - a hub model: tags ``base.hub_id`` and ``base.revision`` (the commit the revision resolved to);
 - a local folder: tag ``base.path`` and ``base.sha256`` over its files;
 - the tiny base built here: its params (logged with every run), ``base.sha256`` over the saved model and processor,
   the pretraining numbers as ``pretrain/<name>`` metrics, and the splits it learned from as dataset inputs.
 
-The run id goes to ``<base_dir>-run/run_info.json`` (:func:`med_idefics.results.base_run_folder`: beside the base, so
-that a rerun leaves the base folder, a DVC output, byte-identical), where the evaluation of ``base`` finds it.
+The run id goes to ``<base_dir>-run/run_info.json`` (:func:`med_idefics.reporting.results.base_run_folder`: beside the
+base, so that a rerun leaves the base folder, a DVC output, byte-identical), where the evaluation of ``base`` finds it.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from med_idefics.config import Params
-from med_idefics.results import base_run_folder, write_run_info
+from med_idefics.reporting.results import base_run_folder, write_run_info
 
 VARIANT = "base"
 
 
 def build_tracked_base(params: Params, base_dir: str | Path | None = None, dvc_stage: str | None = None) -> dict:
-    """:func:`med_idefics.base.build_base` as the MLflow run ``base``; returns what ``build_base`` returns."""
-    from med_idefics.base import TINY, build_base
-    from med_idefics.tracking import seeded_run_name, tracked_run
+    """:func:`med_idefics.modeling.bases.build_base` as the MLflow run ``base``; returns what ``build_base`` returns."""
+    from med_idefics.modeling.bases import TINY, build_base
+    from med_idefics.tracking.runs import seeded_run_name, tracked_run
 
     out = Path(base_dir or params.model.base_dir)
     source = TINY if params.model.base == TINY else None
@@ -62,8 +63,8 @@ def base_tags(source: str, base_dir: Path, result: dict[str, Any]) -> dict[str, 
 def _log_provenance(params: Params, base_dir: Path, source: str, result: dict[str, Any]) -> None:
     import mlflow
 
-    from med_idefics.base import TINY
-    from med_idefics.tracking import log_split_inputs
+    from med_idefics.modeling.bases import TINY
+    from med_idefics.tracking.runs import log_split_inputs
 
     mlflow.set_tags(base_tags(source, base_dir, result))
     if source != TINY:

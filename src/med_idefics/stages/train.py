@@ -5,7 +5,7 @@ One run = one MLflow run named by its variant and seed, ``two-stage (seed 42)`` 
 dataset inputs; ``variant`` and ``seed`` among its params), HF ``Trainer``
 driven entirely by params, checkpoints every ``save_steps`` that a rerun of the same command resumes from, the adapter
 saved in PEFT format (adapter only). Beside the adapter: ``train_summary.json`` (numbers only) and
-``run_info.json`` (variant, stage, MLflow run id, whether it resumed: :mod:`med_idefics.results`).
+``run_info.json`` (variant, stage, MLflow run id, whether it resumed: :mod:`med_idefics.reporting.results`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from med_idefics.data.schema import DatasetError, count_records, read_records, r
 from med_idefics.data.splits import load_vqa_splits, split_name
 from med_idefics.files import folder_sha256, write_json
 from med_idefics.modeling.adapters import is_remote, resolve_adapter
-from med_idefics.results import run_id_of, write_run_info
+from med_idefics.reporting.results import run_id_of, write_run_info
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
@@ -105,7 +105,7 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     if spec.continues_adapter:
         ref = request.init_adapter or "outputs/stage1/adapter"
         if is_remote(ref):
-            from med_idefics.tracking import setup_tracking
+            from med_idefics.tracking.runs import setup_tracking
 
             setup_tracking(params)  # runs:/ and models:/ name runs of the configured store, not MLflow's default
         hint = "Run stage 1 first: `med-idefics train stage1` (or `dvc repro stage1`)."
@@ -177,7 +177,7 @@ def _records(params: Params, task: str, train_size: int | None) -> tuple[list[di
 def train(params: Params, request: TrainRequest) -> dict[str, Any]:
     """Run one training stage; returns the summary written to ``<out_dir>/train_summary.json``."""
     prepared = prepare(params, request)
-    from med_idefics.tracking import is_main_process, log_params, seeded_run_name, tracked_run
+    from med_idefics.tracking.runs import is_main_process, log_params, seeded_run_name, tracked_run
 
     tags = {"variant": prepared.variant, "stage": request.stage}
     if prepared.spec.task == "vqa":
@@ -201,8 +201,8 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
 
     from med_idefics.modeling.loading import load_base_model
     from med_idefics.modeling.lora import add_lora
+    from med_idefics.modeling.trainer_support import MlflowStepLogger, NonFiniteLossGuard, training_arguments
     from med_idefics.modeling.vision_cache import use_vision_cache
-    from med_idefics.trainer_support import MlflowStepLogger, NonFiniteLossGuard, training_arguments
 
     out_dir = request.out_dir
     checkpoints = out_dir / CHECKPOINT_DIR
@@ -280,7 +280,7 @@ def _prepare_checkpoints(checkpoints: Path, fingerprint: dict[str, Any]) -> bool
     """True when ``checkpoints`` holds a resumable checkpoint of this very configuration. Only the main process
     (rank 0 under torchrun) removes a stale folder and writes the fingerprint; the other ranks only read, after it
     (``main_process_first`` in :func:`_train`), so every rank takes the same decision on the same folder."""
-    from med_idefics.tracking import is_main_process
+    from med_idefics.tracking.runs import is_main_process
 
     marker = checkpoints / FINGERPRINT_FILE
     has_checkpoint = any(checkpoints.glob("checkpoint-*/trainer_state.json"))
@@ -320,7 +320,7 @@ def _summary(prepared, trainer, result, final_eval, seconds) -> dict[str, Any]:
 
 
 def _log_inputs(params: Params, spec: StageSpec) -> None:
-    from med_idefics.tracking import log_split_inputs
+    from med_idefics.tracking.runs import log_split_inputs
 
     source = getattr(params.data, spec.task)
     log_split_inputs(params.data.root, [(source.dataset, source.train_split)], "training")

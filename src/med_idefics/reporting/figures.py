@@ -1,7 +1,7 @@
 """The report's two figures from the evaluation scores: Figure 2 (every metric by variant and suite) and Figure 3 (the
 vqa-rad scores against the stage-1 training size: 0 = single-stage, the sweep points ``two-stage-n<N>``, the full
 stage-1 set = two-stage), with Figure 3's data also as a CSV that DVC declares as a plot. Matplotlib is imported
-inside functions (:mod:`med_idefics.plots`)."""
+inside functions (:mod:`med_idefics.reporting.plots`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,17 @@ import re
 
 from med_idefics.config import Params
 from med_idefics.data.suites import MED_HALT, SUITES, VQA_RAD
-from med_idefics.results import MED_HALT_LABELS, METRIC_LABELS, MISSING, VARIANTS, fmt_metric, markdown_table, ordered
+from med_idefics.reporting.results import (
+    MED_HALT_LABELS,
+    METRIC_LABELS,
+    MISSING,
+    VARIANTS,
+    fmt_metric,
+    markdown_table,
+    ordered,
+)
 
-SWEEP = re.compile(r"two-stage-n(\d+)")  # med_idefics.train.variant_name("stage2", n): the Figure-3 sweep points
+SWEEP = re.compile(r"two-stage-n(\d+)")  # med_idefics.stages.train.variant_name("stage2", n): the Figure-3 sweep points
 SWEEP_SUITE = VQA_RAD
 SWEEP_METRICS = ("closed_accuracy", "exact_match")
 FIGURE3_TITLE = f"Figure 3: {SWEEP_SUITE} vs stage-1 training size"
@@ -99,7 +107,7 @@ def suite_n(scores: dict, suite: str) -> str:
 
 
 def _estimate(summary: dict | None, name: str):
-    from med_idefics.plots import Estimate
+    from med_idefics.reporting.plots import Estimate
 
     summary = summary or {}
     return Estimate(summary.get(name), summary.get(f"{name}_ci_low"), summary.get(f"{name}_ci_high"))
@@ -107,7 +115,7 @@ def _estimate(summary: dict | None, name: str):
 
 def figure2(scores: dict, variants: list[str]):
     """Grouped bars: a panel per suite (titled with its n), a group per metric, a bar per variant."""
-    from med_idefics import plots
+    from med_idefics.reporting import plots
 
     panels = {}
     for suite in (s for s in ordered({s for _, s in scores}, SUITES) if any(name == s for _, name in scores)):
@@ -119,8 +127,8 @@ def figure2(scores: dict, variants: list[str]):
 
 
 def figure3(points: dict[int, tuple[str, dict]]):
-    """The figure object (tests inspect what it draws); :func:`med_idefics.plots.to_png` renders it."""
-    from med_idefics import plots
+    """The figure object (tests inspect what it draws); :func:`med_idefics.reporting.plots.to_png` renders it."""
+    from med_idefics.reporting import plots
 
     lines = {METRIC_LABELS[m]: [(n, _estimate(s, m)) for n, (_, s) in points.items()] for m in SWEEP_METRICS}
     named = {n: f"{n:,}\n{variant}" for n, (variant, _) in points.items() if sweep_size(variant) is None}

@@ -1,6 +1,6 @@
 """LLaVA-Med's answer normalization and F1/recall, re-implemented from its published evaluation code
 (microsoft/LLaVA-Med ``llava/eval/eval_metrics/glossary.py`` and ``evaluate_metrics.py``): the ``llava-med`` scoring
-mode of :mod:`med_idefics.metrics`."""
+mode of :mod:`med_idefics.scoring.metrics`."""
 
 from __future__ import annotations
 

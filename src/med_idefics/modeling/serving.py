@@ -41,7 +41,7 @@ from med_idefics.config import Params, QuantizationConfig
 from med_idefics.data.images import ImageRejected, normalize_image
 from med_idefics.files import folder_sha256
 from med_idefics.modeling.loading import POINTER_FILE, load_processor, read_pointer
-from med_idefics.results import RUN_INFO_FILE
+from med_idefics.reporting.results import RUN_INFO_FILE
 
 IMAGE, QUESTION, ANSWER, MAX_NEW_TOKENS = "image", "question", "answer", "max_new_tokens"
 ADAPTER, PROCESSOR, BASE, CONFIG = "adapter", "processor", "base", "config"

@@ -34,9 +34,9 @@ from nltk.tokenize import word_tokenize
 from nltk.translate.bleu_score import sentence_bleu
 
 from med_idefics.data.schema import CLOSED, OPEN
-from med_idefics.llava_med import llava_f1_recall, llava_normalize
-from med_idefics.predictions import align_predictions, answer_type_of
-from med_idefics.stats import ALPHA, bootstrap_ci, mcnemar_p, paired_bootstrap_ci
+from med_idefics.scoring.llava_med import llava_f1_recall, llava_normalize
+from med_idefics.scoring.predictions import align_predictions, answer_type_of
+from med_idefics.scoring.stats import ALPHA, bootstrap_ci, mcnemar_p, paired_bootstrap_ci
 
 STRICT, PAPER, LLAVA_MED = "strict", "paper", "llava-med"
 MODES = (STRICT, PAPER, LLAVA_MED)
@@ -196,7 +196,7 @@ def compare(rows_a: Sequence[Mapping], rows_b: Sequence[Mapping], seed: int, res
 
     For each metric: both means, ``diff`` = b - a with its 95 % paired-bootstrap interval, and ``significant``
     (at 5 %): the exact McNemar test for the 0/1 metrics (exact match, closed accuracy), otherwise an interval that
-    excludes 0. Raises :class:`~med_idefics.predictions.PredictionsError` when the questions differ.
+    excludes 0. Raises :class:`~med_idefics.scoring.predictions.PredictionsError` when the questions differ.
     """
     rows_b = align_predictions(rows_a, rows_b)
     samples_a, samples_b = metric_samples(score_rows(rows_a, mode)), metric_samples(score_rows(rows_b, mode))

@@ -22,8 +22,7 @@ from med_idefics.data.images import mime_type
 from med_idefics.data.schema import OPEN
 from med_idefics.data.suites import SWAP, VQA_RAD
 from med_idefics.files import write_atomic
-from med_idefics.predictions import answer_type_of, read_predictions
-from med_idefics.results import (
+from med_idefics.reporting.results import (
     METRICS_DIR,
     PREDICTIONS_DIR,
     ResultsError,
@@ -31,6 +30,7 @@ from med_idefics.results import (
     metrics_path,
     predictions_path,
 )
+from med_idefics.scoring.predictions import answer_type_of, read_predictions
 
 PAPER_COLUMNS = ("question", "true_answer", "predicted_answer", "correctness", "justification")
 SHEET_COLUMNS = (*PAPER_COLUMNS, "id")  # id after the paper's columns: the paper's own sheets (no id) still import
@@ -234,7 +234,7 @@ def resolve_run(params: Params, metrics_dir: Path, variant: str, suite: str, run
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.tracking import resolve_tracking_uri, setup_tracking
+    from med_idefics.tracking.runs import resolve_tracking_uri, setup_tracking
 
     if run_id is None:
         metrics_file = metrics_path(metrics_dir, variant, suite)
@@ -295,7 +295,7 @@ def record_grades(
 
     from mlflow import MlflowClient
 
-    from med_idefics.stats import bootstrap_ci
+    from med_idefics.scoring.stats import bootstrap_ci
 
     right = [float(grade.right) for grade in grades]
     low, high = bootstrap_ci(right, params.eval.seed, params.eval.bootstrap_resamples)

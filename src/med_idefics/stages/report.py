@@ -3,12 +3,13 @@ accuracy by question type and the yes-rate of closed answers, the paired tests b
 with Holm's correction), the claims over training seeds when the tracking store holds several, the Figure-3
 stage-1-size sweep, and human grades — written to ``reports/`` and logged as the MLflow run ``report``.
 
-Reads what the evaluation stage writes (:mod:`med_idefics.results`): ``metrics/<variant>/<suite>.json`` and
+Reads what the evaluation stage writes (:mod:`med_idefics.reporting.results`): ``metrics/<variant>/<suite>.json`` and
 ``outputs/predictions/<variant>/<suite>.jsonl``; human grades from ``metrics/<variant>/<suite>-human.json``
-(:mod:`med_idefics.review`); other seeds' runs from the tracking store (:mod:`med_idefics.seeds`). What has not been
-evaluated shows as "—". Beside the report: ``figure2.png``, ``figure3.png`` and its data ``figure3.csv`` (a DVC plot),
-``paired_tests.json``, and ``headline.json`` — every variant's headline numbers per suite, the one file DVC declares as
-metrics. The ``report`` run holds these files and a few counts; each variant's numbers live on its own run.
+(:mod:`med_idefics.reporting.review`); other seeds' runs from the tracking store (:mod:`med_idefics.reporting.seeds`).
+What has not been evaluated shows as "—". Beside the report: ``figure2.png``, ``figure3.png`` and its data
+``figure3.csv`` (a DVC plot), ``paired_tests.json``, and ``headline.json`` — every variant's headline numbers per
+suite, the one file DVC declares as metrics. The ``report`` run holds these files and a few counts; each variant's
+numbers live on its own run.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from med_idefics import figures
-from med_idefics.breakdown import type_table, yes_rate_table
-from med_idefics.claims import (
+from med_idefics.config import Params, precision_label
+from med_idefics.data.splits import split_name
+from med_idefics.data.suites import MED_HALT, SLAKE, SUITES, VALIDATION, VQA_RAD
+from med_idefics.files import write_atomic, write_json
+from med_idefics.reporting import figures
+from med_idefics.reporting.breakdown import type_table, yes_rate_table
+from med_idefics.reporting.claims import (
     CLAIMS,
     PAIRED_TESTS_FILE,
     Tested,
@@ -29,12 +34,8 @@ from med_idefics.claims import (
     paired_tests_json,
     reproduced,
 )
-from med_idefics.config import Params, precision_label
-from med_idefics.data.splits import split_name
-from med_idefics.data.suites import MED_HALT, SLAKE, SUITES, VALIDATION, VQA_RAD
-from med_idefics.figures import figure3_points, figure3_series  # noqa: F401  (figure3_points: the demo checks)
-from med_idefics.files import write_atomic, write_json
-from med_idefics.results import (
+from med_idefics.reporting.figures import figure3_points, figure3_series  # noqa: F401  (figure3_points: the demo checks)
+from med_idefics.reporting.results import (
     MED_HALT_LABELS,
     METRIC_LABELS,
     METRICS_DIR,
@@ -83,8 +84,8 @@ def results_tables(scores: dict[tuple[str, str], dict], variants: list[str], sui
 def provenance(params: Params, scores: dict, metrics_dir: str | Path) -> list[str]:
     """Where the results come from: training seed, commit, profile, data version, DVC experiment, and the runs read
     (with the seed each training run logged, where the tracking store has it)."""
-    from med_idefics.provenance import data_md5, find_repo_root, git_commit, git_dirty
-    from med_idefics.tracking import resolve_tracking_uri
+    from med_idefics.tracking.provenance import data_md5, find_repo_root, git_commit, git_dirty
+    from med_idefics.tracking.runs import resolve_tracking_uri
 
     root = find_repo_root()
     dirty = {"true": "uncommitted changes to tracked files", "false": "clean"}.get(
@@ -126,7 +127,7 @@ def _training_seeds(params: Params, metrics_dir: str | Path, variants: set[str])
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.tracking import setup_tracking
+    from med_idefics.tracking.runs import setup_tracking
 
     setup_tracking(params)
     client, seeds = MlflowClient(), {}
@@ -144,7 +145,7 @@ def over_seeds(params: Params, scores: dict, tests: Tested) -> list[str]:
     files), and in how many seeds each claim held; nothing when the store holds one seed only."""
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.seeds import collect, fmt_mean_sd, summary
+    from med_idefics.reporting.seeds import collect, fmt_mean_sd, summary
 
     try:
         found = collect(params, list(OVER_SEEDS_SUITES))
@@ -277,8 +278,8 @@ def build_report(
     paths."""
     import mlflow
 
-    from med_idefics.plots import to_png
-    from med_idefics.tracking import tracked_run
+    from med_idefics.reporting.plots import to_png
+    from med_idefics.tracking.runs import tracked_run
 
     scores, human = load_scores(metrics_dir)
     out = Path(out)

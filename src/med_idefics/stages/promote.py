@@ -5,15 +5,15 @@ a version without evaluation metrics never is one. :func:`decide` applies these 
 names the one that decided (``rule``):
 
 - ``no-evidence``: no version has the metric; nothing moves.
-- ``uncommitted``: versions made from uncommitted work (:func:`med_idefics.provenance.uncommitted`: in a DVC
+- ``uncommitted``: versions made from uncommitted work (:func:`med_idefics.tracking.provenance.uncommitted`: in a DVC
   experiment not yet applied and committed, from a dirty tree, outside git) are registered but left out, unless
   ``registry.allow_uncommitted`` (``promote --allow-uncommitted``); the rule decides when one of them scored best.
 - ``no-champion``: there is no champion yet; the best candidate becomes it.
 - ``already-champion``: the best candidate is the champion.
 - ``champion-unevaluated``: the champion has no evidence on the suite; the best candidate replaces it.
 - ``significant`` / ``not-significant`` / ``no-paired-test``: with ``registry.require_significance`` (the default), the
-  best candidate replaces the champion only when the paired test of :func:`med_idefics.metrics.compare` on the two
-  versions' predictions (McNemar for closed accuracy) says it is better, p < 0.05; ``better-score`` without it.
+  best candidate replaces the champion only when the paired test of :func:`med_idefics.scoring.metrics.compare` on the
+  two versions' predictions (McNemar for closed accuracy) says it is better, p < 0.05; ``better-score`` without it.
 
 Ties keep the champion, else the earliest version. The decision — both sides' scores, commit, dirty state and DVC
 experiment, the p-value — is recorded as ``promotion.*`` tags on the chosen version and as ``promotion.json`` in an
@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from med_idefics.config import ConfigError, Params
-from med_idefics.provenance import NONE, SOURCE_TAGS, uncommitted
-from med_idefics.registry import PREDICTIONS_DIR, number, retry_write, set_version_tag, versions
+from med_idefics.reporting.results import PREDICTIONS_DIR as _PREDICTIONS
+from med_idefics.tracking.provenance import NONE, SOURCE_TAGS, uncommitted
+from med_idefics.tracking.registry import number, retry_write, set_version_tag, versions
+
+PREDICTIONS_DIR = Path(_PREDICTIONS)
 
 PROMOTED, KEPT, NO_CANDIDATE = "promoted", "kept", "no-candidate"
 CHAMPION_STATUS = "champion"
-ALPHA = 0.05  # med_idefics.metrics' significance level, which `significant` in its paired tests is computed at
+ALPHA = 0.05  # med_idefics.scoring.metrics' significance level, which `significant` in its paired tests is computed at
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ def promote(
     import mlflow
     from mlflow import MlflowClient
 
-    from med_idefics.tracking import setup_tracking, tracked_run
+    from med_idefics.tracking.runs import setup_tracking, tracked_run
 
     check_selection_suite(params)
     setup_tracking(params)
@@ -170,11 +173,11 @@ def decide(candidates: list[Candidate], champion: str | None, params: Params, pr
 
 
 def paired_test(incumbent: Candidate, challenger: Candidate, params: Params, predictions_dir: Path) -> dict:
-    """:func:`med_idefics.metrics.compare` of the two evaluations' predictions on ``registry.metric`` (McNemar for
-    closed accuracy and exact match): ``a``, ``b``, ``diff``, its interval, ``p_value``, ``significant``; or
+    """:func:`med_idefics.scoring.metrics.compare` of the two evaluations' predictions on ``registry.metric`` (McNemar
+    for closed accuracy and exact match): ``a``, ``b``, ``diff``, its interval, ``p_value``, ``significant``; or
     ``{"error": why}`` when there is nothing to pair."""
-    from med_idefics.metrics import compare
-    from med_idefics.predictions import PredictionsError
+    from med_idefics.scoring.metrics import compare
+    from med_idefics.scoring.predictions import PredictionsError
 
     suite, metric = params.registry.suite, params.registry.metric
     try:
@@ -190,7 +193,7 @@ def paired_test(incumbent: Candidate, challenger: Candidate, params: Params, pre
 
 def _predictions(c: Candidate, suite: str, predictions_dir: Path) -> list[dict] | None:
     """The predictions the candidate's evaluation run logged; the local file only when no run is recorded."""
-    from med_idefics.predictions import read_predictions
+    from med_idefics.scoring.predictions import read_predictions
 
     if c.eval_run_id:
         import mlflow

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from med_idefics.config import ConfigError, Params
-from med_idefics.provenance import experiment_copy, provenance_tags, redact, scrub_secrets, store_root
+from med_idefics.tracking.provenance import experiment_copy, provenance_tags, redact, scrub_secrets, store_root
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun
@@ -373,9 +373,9 @@ def tracked_run(
 
 def _project_run_elsewhere(client, experiment_id: str):
     """The run ``mlflow run`` opened for this entry point (``$MLFLOW_RUN_ID``) when it is not in ``experiment_id``
-    (``mlflow run /path`` from outside the checkout: Default, see :mod:`med_idefics.mlflow_project`). A run cannot
-    change experiment: the variable is taken out of the environment, so that ``mlflow.start_run`` opens a run of the
-    stage's own instead of adopting that one. None when there is none, or it is to be adopted."""
+    (``mlflow run /path`` from outside the checkout: Default, see :mod:`med_idefics.tracking.mlflow_project`). A run
+    cannot change experiment: the variable is taken out of the environment, so that ``mlflow.start_run`` opens a run of
+    the stage's own instead of adopting that one. None when there is none, or it is to be adopted."""
     from mlflow.exceptions import MlflowException
 
     run_id = os.environ.get(RUN_ID_VAR)

@@ -7,8 +7,8 @@ it to the entry point in ``$MLFLOW_RUN_ID``; the entry point's first ``mlflow.st
 :class:`ProjectExperimentProvider` (registered under the ``mlflow.default_experiment_provider`` entry point) makes that
 default the experiment named in the cwd's checkout's params.yaml, so ``mlflow run . -e stage1`` opens its run there.
 Where a project run is in another experiment all the same (``mlflow run /path/…`` from outside the checkout), a run
-cannot change experiment: :func:`med_idefics.tracking.tracked_run` does not adopt it but logs the stage's own run in
-the project's experiment (with the project's source tags), and tags the project run ``moved_to`` pointing there.
+cannot change experiment: :func:`med_idefics.tracking.runs.tracked_run` does not adopt it but logs the stage's own run
+in the project's experiment (with the project's source tags), and tags the project run ``moved_to`` pointing there.
 
 Imported by MLflow itself when it loads its plugins: keep the imports at the top light.
 """
@@ -23,7 +23,7 @@ def checkout_experiment() -> str | None:
     import yaml
 
     from med_idefics.config import PARAMS_FILE
-    from med_idefics.provenance import find_repo_root
+    from med_idefics.tracking.provenance import find_repo_root
 
     path = find_repo_root() / PARAMS_FILE
     try:
@@ -44,6 +44,6 @@ class ProjectExperimentProvider(DefaultExperimentProvider):
     def get_experiment_id(self) -> str:
         import mlflow
 
-        from med_idefics.tracking import ensure_experiment
+        from med_idefics.tracking.runs import ensure_experiment
 
         return ensure_experiment(checkout_experiment(), mlflow.get_tracking_uri())

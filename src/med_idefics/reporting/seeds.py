@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from med_idefics.config import Params
-from med_idefics.results import headline_metrics
+from med_idefics.reporting.results import headline_metrics
 
 EVAL_RUNS = "attributes.run_name LIKE 'eval-%'"
 REPORT_RUNS = "attributes.run_name = 'report'"
@@ -43,7 +43,7 @@ class SeedResults:
 
 
 def _config(params: Params) -> dict[str, str]:
-    from med_idefics.tracking import param_strings
+    from med_idefics.tracking.runs import param_strings
 
     return {k: v for k, v in param_strings(params.flat()).items() if not k.startswith(IGNORED_PARAMS)}
 
@@ -66,8 +66,8 @@ def collect(params: Params, suites: list[str] | None = None, any_config: bool = 
     and the claims' verdicts of the finished ``report`` runs by seed."""
     from mlflow import MlflowClient
 
-    from med_idefics.provenance import data_md5, find_repo_root
-    from med_idefics.tracking import search_all_runs, setup_tracking
+    from med_idefics.tracking.provenance import data_md5, find_repo_root
+    from med_idefics.tracking.runs import search_all_runs, setup_tracking
 
     experiment_id = setup_tracking(params)
     newest_first = ["attributes.start_time DESC"]
@@ -100,7 +100,7 @@ def _claims_of(client, run_id: str) -> dict[str, bool | None] | None:
     """claim title → reproduced, from a report run's ``paired_tests.json`` (None when it has none)."""
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.claims import PAIRED_TESTS_FILE
+    from med_idefics.reporting.claims import PAIRED_TESTS_FILE
 
     quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file per seed: no progress bars on stderr
     with tempfile.TemporaryDirectory() as folder, _environment(quiet):
@@ -144,7 +144,7 @@ def summary(values: dict[int, dict[str, float]], suite: str) -> dict[str, dict[s
 
 def fmt_mean_sd(entry: dict[str, Any]) -> str:
     """``0.871 ± 0.033 (3)``: mean ± sd over the seeds, and how many; ``—`` without a value."""
-    from med_idefics.results import MISSING
+    from med_idefics.reporting.results import MISSING
 
     if entry["mean"] is None:
         return MISSING

@@ -1,0 +1,1 @@
+"""Reading scores back: the results layout, tables, figures, claims, comparisons, over seeds, human review."""

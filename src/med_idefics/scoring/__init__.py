@@ -1,0 +1,1 @@
+"""Scoring answers: the metrics (strict, paper, LLaVA-Med), their statistics, prediction files."""

@@ -1,0 +1,1 @@
+"""MLflow: runs, provenance, the model registry's client and the `mlflow run` experiment provider."""

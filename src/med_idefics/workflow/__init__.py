@@ -1,0 +1,1 @@
+"""Running the pipeline: `repro` (stages at once), the cost estimate, profile switching."""
