@@ -437,3 +437,37 @@ def test_tracking_uri_command_names_the_configured_store_and_make_demo_says_it(r
         assert result.stdout.startswith(ui), result.output
     demo_recipe = (repo_root / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     assert "$(med-idefics tracking-uri --ui)" in demo_recipe and "sqlite:///" not in demo_recipe
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_torn_read_of_dvc_lock_never_makes_pipeline_outputs_look_like_source_changes(tmp_path):
+    """Under `repro --jobs` DVC rewrites dvc.lock in place while `register` reads it: a half-written lock must not
+    make the outputs written since the commit count as uncommitted work (a demo's version was refused promotion so)."""
+    import threading
+
+    from med_idefics.tracking.provenance import git_dirty
+
+    lock = yaml.safe_dump({"schema": "2.0", "stages": {f"s{i}": {"cmd": "x", "outs": [{"path": f"out/{i}.json"}]}
+                                                        for i in range(40)}})  # fmt: skip
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "out").mkdir()
+    for i in range(40):
+        (tmp_path / "out" / f"{i}.json").write_text("{}")
+    (tmp_path / "src.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "outputs, no lock yet")
+    (tmp_path / "out" / "39.json").write_text('{"changed": true}')  # the last stage's output, rewritten
+    (tmp_path / "dvc.lock").write_text(lock[: len(lock) // 2])  # torn: the later stages are missing
+    threading.Timer(0.3, lambda: (tmp_path / "dvc.lock").write_text(lock)).start()
+    assert git_dirty(tmp_path) == "false"  # the torn read is retried until DVC has written the whole lock
+    git("add", "dvc.lock")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the lock")
+    (tmp_path / "out" / "39.json").write_text('{"changed": "again"}')
+    (tmp_path / "dvc.lock").write_text(lock[: len(lock) // 3] + "\n")  # torn at a line end, parses as a mapping
+    assert git_dirty(tmp_path) == "false"  # the committed lock still names the output
+    (tmp_path / "src.py").write_text("x = 2\n")
+    assert git_dirty(tmp_path) == "true"  # a real source change still counts

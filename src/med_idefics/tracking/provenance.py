@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,17 +84,34 @@ def git_dirty(root: Path) -> str:
     changed = _git(root, "diff", "--name-only", "HEAD", "--")  # staged or not; None outside git or before a commit
     if changed is None:
         return NONE
-    outputs = pipeline_outputs(root)
+    outputs = pipeline_outputs(root) | _committed_pipeline_outputs(root)
     return str(any(not _written_by_pipeline(path, outputs) for path in changed.splitlines() if path)).lower()
 
 
-def pipeline_outputs(root: Path) -> set[str]:
-    """The output paths ``<root>/dvc.lock`` records (files or folders, relative to the root)."""
-    try:
-        lock = yaml.safe_load((root / DVC_LOCK_FILE).read_text())
-    except (OSError, yaml.YAMLError):
-        return set()
-    stages = lock.get("stages") if isinstance(lock, dict) else None
+def pipeline_outputs(root: Path, attempts: int = 50) -> set[str]:
+    """The output paths ``<root>/dvc.lock`` records (files or folders, relative to the root).
+
+    DVC rewrites dvc.lock in place when a stage ends: under ``repro --jobs`` another stage may read it half-written
+    (a YAML error, or a truncated mapping). Such a read is retried for up to ~5 s, so that a torn read never makes
+    every changed output look like an uncommitted source change."""
+    path = root / DVC_LOCK_FILE
+    for attempt in range(attempts):
+        try:
+            text = path.read_text()
+        except OSError:
+            return set()
+        try:
+            lock = yaml.safe_load(text)
+        except yaml.YAMLError:
+            lock = None
+        stages = lock.get("stages") if isinstance(lock, dict) else None
+        if (isinstance(stages, dict) and text.endswith("\n")) or not text.strip() or attempt == attempts - 1:
+            break
+        time.sleep(0.1)
+    return _lock_outputs(stages)
+
+
+def _lock_outputs(stages: Any) -> set[str]:
     return {
         str(out["path"]).rstrip("/")
         for stage in (stages or {}).values()
@@ -101,6 +119,16 @@ def pipeline_outputs(root: Path) -> set[str]:
         for out in stage.get("outs") or []
         if isinstance(out, dict) and out.get("path")
     }
+
+
+def _committed_pipeline_outputs(root: Path) -> set[str]:
+    """The outputs the committed dvc.lock records: a second source that a torn read of the working one cannot hide."""
+    text = _git(root, "show", f"HEAD:{DVC_LOCK_FILE}")
+    try:
+        lock = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return set()
+    return _lock_outputs(lock.get("stages") if isinstance(lock, dict) else None)
 
 
 def _written_by_pipeline(path: str, outputs: set[str]) -> bool:
