@@ -157,14 +157,22 @@ def _number(value: Any) -> float | None:
     return float(value) if ok else None
 
 
-def headline(suite: str, scores: Mapping[str, Any]) -> dict[str, float]:
-    """``<suite>/<short>`` → value (rounded to :data:`HEADLINE_DIGITS`) for each headline metric that has one: what a
-    training run carries of its evaluation on ``suite`` (MLflow groups charts by the part before ``/``)."""
+def headline(suite: str, scores: Mapping[str, Any], digits: int = HEADLINE_DIGITS) -> dict[str, float]:
+    """``<suite>/<short>`` → value (rounded to ``digits``) for each headline metric that has one: what a training run
+    carries of its evaluation on ``suite`` (MLflow groups charts by the part before ``/``), and a registered version's
+    logged model."""
     found = {}
     for short, name in headline_metrics(suite).items():
         if (value := _number(scores.get(name))) is not None:
-            found[f"{suite}/{short}"] = round(value, HEADLINE_DIGITS)
+            found[f"{suite}/{short}"] = round(value, digits)
     return found
+
+
+def metric_key(suite: str, metric: str) -> str:
+    """The name of ``metric`` on ``suite`` beside the headline: ``<suite>/<short>`` for a headline metric
+    (``validation/closed``), else ``<suite>/<metric>``; its interval adds :data:`CI_SUFFIXES`."""
+    short = {name: short for short, name in headline_metrics(suite).items()}.get(metric, metric)
+    return f"{suite}/{short}"
 
 
 def headline_table(scores: Mapping[tuple[str, str], Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
