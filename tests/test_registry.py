@@ -24,12 +24,15 @@ from med_idefics.data.images import normalize_image, to_png_bytes
 from med_idefics.reporting.results import write_run_info
 from med_idefics.scoring.predictions import write_predictions
 from med_idefics.stages.promote import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote
-from med_idefics.stages.register import register
+from med_idefics.stages.register import VERSION_TAGS, register, version_metrics
+from med_idefics.tracking import registry
 from med_idefics.tracking.runs import setup_tracking
 
 NAME = "med-idefics-vqa"
 SELECTION_SUITE = "validation"  # params registry.suite: promotion never looks at a test suite
 FAKE_TOKEN = "hf_FAKEfakeFAKEfake0123456789abcdef"
+PROMOTION_TAGS = ("promotion.status", "promotion.outcome", "promotion.rule", "promotion.p_value", "promotion.run_id")
+MAX_TAGS = 15  # a version's page reads at a glance: its scores are on its logged model, not in its tags
 
 
 def make_adapter(folder: Path, base_dir: Path, target_modules: str, seed: int) -> Path:
@@ -97,6 +100,17 @@ def _versions() -> dict[str, object]:
     return {str(v.version): v for v in MlflowClient().search_model_versions(f"name = '{NAME}'")}
 
 
+def _logged_model(version):
+    """The logged model a version was registered from: where its metrics live."""
+    return MlflowClient().get_logged_model(registry.logged_model_id(version))
+
+
+def _assert_reads_at_a_glance(versions) -> None:
+    for v in versions:
+        assert len(v.tags) <= MAX_TAGS, (v.version, sorted(v.tags))
+        assert set(v.tags) <= {*VERSION_TAGS, *PROMOTION_TAGS}, sorted(set(v.tags) - {*VERSION_TAGS, *PROMOTION_TAGS})
+
+
 def test_register_never_loads_the_model_and_logs_the_signature_only(trained, monkeypatch):
     """An input example makes MLflow load and run the saved model while logging it: for the 8B base that is one more
     16 GB load per variant (six in one process, none freed). Register gives the signature only."""
@@ -126,15 +140,34 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir, tmp_path_fact
     two_version = registrations["two-stage"].version
     two = versions[two_version]
     assert two.tags["variant"] == "two-stage" and two.tags["training_run_id"] == "train-two-stage"
-    assert float(two.tags["validation.closed_accuracy"]) == 0.75 and "validation.eval_run_id" in two.tags
-    assert float(two.tags["vqa-rad.closed_accuracy"]) == 0.75 and "vqa-rad.eval_run_id" in two.tags
-    assert two.description.count("\n") == 0 and "two-stage" in two.description and "0.750" in two.description
+    assert two.tags["seed"] == str(params.seed)  # no training run in this store: the seed DVC trained with
+    # The scores: headline metrics (and the selection metric's interval) on the logged model, through the source run
+    model = _logged_model(two)
+    on_model = {"validation/closed": 0.75, "validation/closed_ci_low": 0.65, "validation/closed_ci_high": 0.85,
+                "validation/em": 0.5, "vqa-rad/closed": 0.75, "vqa-rad/em": 0.5}  # fmt: skip
+    assert {m.key: m.value for m in model.metrics} == on_model == registrations["two-stage"].metrics
+    assert {m.run_id for m in model.metrics} == {two.run_id}
+    assert model.tags["validation.eval_run_id"] == "none" and model.tags["vqa-rad.eval_run_id"] == "none"
     run = MlflowClient().get_run(two.run_id)
     assert run.info.run_name == "register-two-stage" and run.data.tags["training_run_id"] == "train-two-stage"
+    assert run.data.metrics == on_model  # the registry's compare view lines versions up by their source runs
+    # Every number stays in the source run's artifacts
+    for name in ("validation.json", "vqa-rad.json"):
+        logged = mlflow.artifacts.load_dict(f"runs:/{two.run_id}/evaluation/{name}")
+        assert logged == json.loads((project / "metrics/two-stage" / name).read_text())
+    # A description in Markdown: the selection score first (the list of versions shows that line), then each suite
+    first = two.description.split("\n\n")[0]
+    assert first == f"two-stage, seed {params.seed}: validation closed 0.750 [0.65, 0.85]", two.description
+    assert "- **vqa-rad**: closed 0.750 [0.65, 0.85] · em 0.500" in two.description
+    assert "train-two-stage" in two.description and "captions (stage 1)" in two.description
 
     decision = promote(params)
     assert decision["outcome"] == PROMOTED and decision["chosen"] == two_version
     assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == two_version
+    _assert_reads_at_a_glance(_versions().values())
+    two = _versions()[two_version]
+    assert two.tags["promotion.rule"] == "no-champion" and two.tags["promotion.status"] == CHAMPION_STATUS
+    assert two.description.split("\n\n")[1].startswith("**Promotion**: became champion by rule `no-champion`")
 
     # Served answers are the evaluated answers: the evaluate stage's model loading and generation on the same adapter.
     from med_idefics.modeling.generation import generate_answers
@@ -178,6 +211,17 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir, tmp_path_fact
     # Registering again adds nothing; a retrained adapter is a new version.
     assert not any(r.created for r in register(params))
     assert len(_versions()) == 2
+    assert len(_logged_model(_versions()[two_version]).metrics) == len(on_model)  # the same scores: none logged again
+    # The same package evaluated again: its metrics, artifacts and description follow; the promotion's record stays
+    write_metrics(project, "two-stage", 0.80)
+    (refreshed,) = register(params, ["two-stage"])
+    assert not refreshed.created and refreshed.version == two_version
+    two = _versions()[two_version]
+    assert registry.evidence(MlflowClient(), two).value("validation", "closed_accuracy_strict") == 0.8
+    assert MlflowClient().get_run(two.run_id).data.metrics["validation/closed"] == 0.8
+    assert mlflow.artifacts.load_dict(f"runs:/{two.run_id}/evaluation/validation.json")["closed_accuracy"] == 0.8
+    assert two.description.startswith(f"two-stage, seed {params.seed}: validation closed 0.800 [0.70, 0.90]")
+    assert "\n\n**Promotion**: became champion by rule `no-champion`" in two.description
     # A retrained adapter whose metrics file is still the previous training run's evaluation: no evidence attached.
     old_eval = MlflowClient().create_run(setup_tracking(params), tags={"training_run_id": "train-single-stage"})
     write_metrics(project, "single-stage", 0.99, eval_run_id=old_eval.info.run_id)
@@ -185,7 +229,8 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir, tmp_path_fact
     write_run_info(project / "outputs/single-stage", {"run_id": "train-single-stage-2"})
     (again,) = register(params, ["single-stage"])
     assert again.created and len(_versions()) == 3
-    assert "vqa-rad.closed_accuracy" not in again.tags and "not evaluated" in _versions()[again.version].description
+    assert again.metrics == {} and _logged_model(_versions()[again.version]).metrics is None
+    assert "not evaluated" in _versions()[again.version].description
     assert promote(params)["champion_after"] == two_version
 
 
@@ -200,21 +245,26 @@ def _fake_version(
     paper=None,
     provenance: dict[str, str] = COMMITTED,
 ):
-    """A version with the tags `register` writes (no model behind it: promotion reads only the registry):
-    ``closed_accuracy`` the strict one, ``paper`` the paper's (default: the same); ``provenance`` where it came from
-    (default: a committed tree, no DVC experiment)."""
-    with mlflow.start_run(run_name=f"fake-{variant}", experiment_id=setup_tracking(load_params("params.yaml"))) as run:
+    """A version with what `register` gives it (no model behind it: promotion reads only the registry): its tags, and
+    on its logged model the metrics of its validation scores — ``closed_accuracy`` the strict one, ``paper`` the
+    paper's (default: the same) — with their evaluation run; ``provenance`` where it came from (default: a committed
+    tree, no DVC experiment)."""
+    params = load_params("params.yaml")
+    experiment = setup_tracking(params)
+    with mlflow.start_run(run_name=f"fake-{variant}", experiment_id=experiment) as run:
         pass
-    tags, suite = {"variant": variant, **provenance}, SELECTION_SUITE
-    if closed_accuracy is not None:
-        tags |= {
-            f"{suite}.closed_accuracy_strict": repr(closed_accuracy),
-            f"{suite}.eval_run_id": eval_run_id or "none",
-        }
-        tags[f"{suite}.closed_accuracy"] = repr(closed_accuracy if paper is None else paper)
+    model = client.create_logged_model(experiment, name="model", source_run_id=run.info.run_id)
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # already there
         client.create_registered_model(NAME)
-    return str(client.create_model_version(NAME, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags).version)
+    tags = {"variant": variant, **provenance}
+    version = client.create_model_version(NAME, f"models:/{model.model_id}", run.info.run_id, tags=tags,
+                                          model_id=model.model_id)  # fmt: skip
+    if closed_accuracy is not None:
+        paper = closed_accuracy if paper is None else paper
+        scores = {"closed_accuracy_strict": closed_accuracy, "closed_accuracy": paper}
+        metrics = version_metrics({SELECTION_SUITE: scores}, params)
+        registry.log_evidence(client, run.info.run_id, model.model_id, metrics, {SELECTION_SUITE: eval_run_id})
+    return str(version.version)
 
 
 def _eval_run(correct: list[bool]) -> str:
@@ -251,9 +301,11 @@ def test_promotion_needs_evidence_beats_the_champion_and_is_idempotent(project):
     status = _status(client)
     assert status[better] == CHAMPION_STATUS and status[first] == f"replaced by version {better}"
     assert status[unevaluated] is None
-    tags = client.get_model_version(NAME, better).tags
-    assert tags["promotion.outcome"] == PROMOTED and tags["promotion.compared_with"] == first
-    assert "0.7000" in tags["promotion.candidates"] and "0.6000" in tags["promotion.candidates"]
+    tags, description = client.get_model_version(NAME, better).tags, client.get_model_version(NAME, better).description
+    assert tags["promotion.outcome"] == PROMOTED and f"beats champion version {first} (0.6000)" in description
+    assert "(two-stage-n300) closed_accuracy_strict 0.7000" in description
+    assert f"was champion until promote run `{decision['run_id']}`" in client.get_model_version(NAME, first).description
+    _assert_reads_at_a_glance(client.search_model_versions(f"name = '{NAME}'"))
     logged = mlflow.artifacts.load_dict(f"runs:/{decision['run_id']}/promotion.json")
     assert logged["chosen"] == better
     assert sorted(c["version"] for c in logged["candidates"]) == sorted({first, better, worse})  # not `unevaluated`
@@ -314,7 +366,12 @@ def test_by_default_the_champion_moves_only_on_a_significant_paired_test(project
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
     tags = client.get_model_version(NAME, slightly).tags
     assert tags["promotion.status"] == "challenger" and tags["promotion.rule"] == "not-significant"
-    assert tags["promotion.p_value"] == "0.5" and tags["promotion.champion_score"] == "0.5"
+    assert tags["promotion.p_value"] == "0.5" and tags["promotion.run_id"] == decision["run_id"]
+    in_words = registry.promotion_paragraph(client.get_model_version(NAME, slightly).description)
+    assert in_words.startswith("**Promotion**: not promoted by rule `not-significant`"), in_words
+    assert f"beats champion version {champion} (0.5000)" in in_words and "p=0.5" in in_words, in_words
+    kept = client.get_model_version(NAME, champion)  # still champion: how it became one is its record
+    assert kept.tags["promotion.rule"] == "no-champion" and "became champion" in kept.description
     result = CliRunner().invoke(main, ["promote", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("dry run, nothing moved: kept by rule not-significant:"), result.output
@@ -344,7 +401,7 @@ def test_a_version_from_uncommitted_work_is_registered_but_not_promoted_unless_a
     assert decision["outcome"] == KEPT and decision["rule"] == "uncommitted" and decision["chosen"] == stray
     assert [c["version"] for c in decision["left_out"]] == [stray]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == champion
-    assert "--allow-uncommitted" in client.get_model_version(NAME, stray).tags["promotion.reason"]
+    assert "--allow-uncommitted" in registry.promotion_paragraph(client.get_model_version(NAME, stray).description)
     result = CliRunner().invoke(main, ["promote", "--dry-run"])
     assert result.stdout.startswith("dry run, nothing moved: kept by rule uncommitted:"), result.output
     result = CliRunner().invoke(main, ["promote", "--allow-uncommitted"])  # asked: the evidence decides
@@ -384,6 +441,40 @@ def test_register_records_where_a_version_came_from(trained, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "queued-lr-2")  # a later experiment reproducing it: still the committed one
     register(params, ["two-stage"])
     assert {k: _versions()[clean.version].tags[k] for k in COMMITTED} == expected
+
+
+def test_a_version_registered_before_keeps_its_evidence_until_registered_again(trained):
+    """Versions registered before the scores moved to logged models carry them as tags (a team's store has them, a
+    champion among them): promotion still reads them there, and registering the same package again moves them."""
+    params, client = load_params("params.yaml"), MlflowClient()
+    old_eval = _eval_run([True] * 20 + [False] * 20)
+    # what the previous registry stage wrote: every number and evaluation run as a tag; no metric on the logged model
+    before = {"validation.closed_accuracy_strict": "0.5", "validation.closed_accuracy_strict_ci_low": "0.4",
+              "validation.closed_accuracy_strict_ci_high": "0.6", "validation.n": "40", "vqa-rad.exact_match": "0.5",
+              "validation.eval_run_id": old_eval, "adapter_sha256": "abc", "promotion.reason": "no champion yet",
+              "promotion.candidates": "v1 two-stage 0.5000"}  # fmt: skip
+    champion = _fake_version(client, "two-stage", None)
+    for key, value in before.items():
+        client.set_model_version_tag(NAME, champion, key, value)
+    client.set_registered_model_alias(NAME, "champion", champion)
+    evidence = registry.evidence(client, client.get_model_version(NAME, champion))
+    assert evidence.value("validation", "closed_accuracy_strict", "_ci_high") == 0.6
+    assert evidence.eval_runs == {"validation": old_eval}
+    slightly = _fake_version(client, "single-stage", 0.55, _eval_run([True] * 22 + [False] * 18))
+    decision = promote(params)  # the champion has evidence and an evaluation run to pair: no free pass
+    assert decision["rule"] == "not-significant" and decision["champion"]["value"] == 0.5, decision["reason"]
+    assert decision["champion"]["eval_run_id"] == old_eval and decision["chosen"] == slightly
+
+    write_metrics(trained, "two-stage", 0.70)
+    (registered,) = register(params, ["two-stage"])
+    for key, value in before.items():
+        client.set_model_version_tag(NAME, registered.version, key, value)
+    (again,) = register(params, ["two-stage"])
+    assert again.version == registered.version and not again.created
+    moved = client.get_model_version(NAME, registered.version)
+    assert not set(before) & set(moved.tags), sorted(moved.tags)
+    assert registry.evidence(client, moved).value("validation", "closed_accuracy_strict") == 0.7
+    _assert_reads_at_a_glance([moved])
 
 
 def test_concurrent_promotions_leave_one_consistent_champion(project):
@@ -427,7 +518,7 @@ def test_hub_token_never_reaches_the_tracking_store(trained, isolated_tracking_s
     result = runner.invoke(main, ["register", "--variant", "two-stage", "--records-dir", "registered"])
     assert result.exit_code == 0, result.output
     record = json.loads((trained / "registered/two-stage.json").read_text())
-    assert record["model_name"] == NAME and record["tags"]["vqa-rad.closed_accuracy"] == "0.7"
+    assert record["model_name"] == NAME and record["metrics"]["vqa-rad/closed"] == 0.7
     result = runner.invoke(main, ["promote", "--out", "promotion.json"])
     assert result.exit_code == 0, result.output
     assert json.loads((trained / "promotion.json").read_text())["champion_after"] == record["version"]

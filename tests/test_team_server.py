@@ -31,6 +31,8 @@ from mlflow import MlflowClient
 
 from med_idefics.cli import main
 from med_idefics.config import load_params
+from med_idefics.stages.register import VERSION_TAGS, version_metrics
+from med_idefics.tracking import registry
 from med_idefics.tracking.runs import seeded_run_name
 
 BIN = Path(sys.executable).parent
@@ -182,6 +184,15 @@ def test_a_team_works_against_a_tracking_server(team_project, team_server, tmp_p
     assert model.artifact_location.startswith(REMOTE), model.artifact_location
     assert not [p for p in ("mlflow.db", "mlartifacts", "mlruns") if (project / p).exists()]
     assert version.tags["git_dirty"] == "false" and version.tags["dvc_exp_name"] == "none"
+    # Its scores on its logged model, through the server: what the registry pages and promotion read
+    promotion = {"promotion.status", "promotion.outcome", "promotion.rule", "promotion.p_value", "promotion.run_id"}
+    assert len(version.tags) <= 15 and set(version.tags) <= {*VERSION_TAGS, *promotion}, sorted(version.tags)
+    evidence = registry.evidence(client, version)
+    validation = json.loads((project / "metrics/single-stage/validation.json").read_text())
+    assert evidence.value("validation", "closed_accuracy_strict") == round(validation["closed_accuracy_strict"], 4)
+    evaluations = {r.info.run_name: r.info.run_id for r in runs}
+    assert evidence.eval_runs["validation"] == evaluations["eval-single-stage-validation"]
+    assert client.get_run(version.run_id).data.metrics == {m.key: m.value for m in model.metrics}
 
     # From a directory with no checkout: by alias through the CLI (another process), by version in Python.
     nowhere = tmp_path_factory.mktemp("no-checkout")
@@ -219,10 +230,10 @@ def test_a_team_works_against_a_tracking_server(team_project, team_server, tmp_p
     # both leave the alias on the version the rules choose — the significantly better one, not the uncommitted one.
     other = "concurrency-check"
     committed = {"git_commit": "0123abc", "git_dirty": "false", "dvc_exp_name": "none"}
-    champion = _version_on(client, other, version.source, 20, committed)
+    champion = _version_on(client, other, 20, committed)
     _cli("promote", "--set", f"registry.model_name={other}")
-    better = _version_on(client, other, version.source, 38, committed)
-    _version_on(client, other, version.source, 40, committed | {"dvc_exp_name": "queued-lr", "git_dirty": "true"})
+    better = _version_on(client, other, 38, committed)
+    _version_on(client, other, 40, committed | {"dvc_exp_name": "queued-lr", "git_dirty": "true"})
     promote = [str(BIN / "med-idefics"), "promote", "--set", f"registry.model_name={other}"]
     processes = [subprocess.Popen(promote, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for _ in range(2)]  # fmt: skip
@@ -235,9 +246,10 @@ def test_a_team_works_against_a_tracking_server(team_project, team_server, tmp_p
         )
 
 
-def _version_on(client: MlflowClient, name: str, source: str, right: int, provenance: dict[str, str]) -> str:
-    """A version of ``name`` (the model at ``source``) whose validation evaluation answered ``right`` of 40 closed
-    questions right — the first ``right`` ones, so that versions pair — logged to the server as an evaluation run."""
+def _version_on(client: MlflowClient, name: str, right: int, provenance: dict[str, str]) -> str:
+    """A version of ``name`` whose validation evaluation answered ``right`` of 40 closed questions right — the first
+    ``right`` ones, so that versions pair — logged to the server as an evaluation run; its evidence on a logged model
+    of its own (no weights: promotion never loads one), as `register` leaves it."""
     import mlflow
 
     from med_idefics.scoring.predictions import write_predictions
@@ -248,10 +260,13 @@ def _version_on(client: MlflowClient, name: str, source: str, right: int, proven
         mlflow.log_artifact(str(write_predictions(Path(folder) / "validation.jsonl", rows)), "predictions")
     with contextlib.suppress(mlflow.exceptions.MlflowException):  # already there
         client.create_registered_model(name)
-    tags = {"variant": "two-stage", "validation.closed_accuracy_strict": str(right / 40),
-            "validation.eval_run_id": run.info.run_id, **provenance}  # fmt: skip
-    model_id = source.removeprefix("models:/")  # the same logged model: a version needs no weights of its own here
-    return str(client.create_model_version(name, source, run.info.run_id, tags=tags, model_id=model_id).version)
+    model = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run.info.run_id)
+    tags = {"variant": "two-stage", **provenance}
+    source, model_id = f"models:/{model.model_id}", model.model_id
+    version = client.create_model_version(name, source, run.info.run_id, tags, model_id=model_id)
+    metrics = version_metrics({"validation": {"closed_accuracy_strict": right / 40}}, load_params("params.yaml"))
+    registry.log_evidence(client, run.info.run_id, model.model_id, metrics, {"validation": run.info.run_id})
+    return str(version.version)
 
 
 def _invoke(port: int, rows: list[list[str]]) -> tuple[int, dict]:

@@ -1,7 +1,8 @@
 """Stage: promotion. The alias ``registry.alias`` (champion) of ``registry.model_name`` moves only on evidence.
 
-The candidates are the versions that carry ``<registry.suite>.<registry.metric>`` (the validation split by default) —
-a version without evaluation metrics never is one. :func:`decide` applies these rules in order, and the decision
+The candidates are the versions whose logged model carries ``registry.metric`` on ``registry.suite`` (the validation
+split by default; ``validation/closed``, :func:`med_idefics.tracking.registry.evidence`, as ``register`` logs it) — a
+version without evaluation metrics never is one. :func:`decide` applies these rules in order, and the decision
 names the one that decided (``rule``):
 
 - ``no-evidence``: no version has the metric; nothing moves.
@@ -16,22 +17,27 @@ names the one that decided (``rule``):
   two versions' predictions (McNemar for closed accuracy) says it is better, p < 0.05; ``better-score`` without it.
 
 Ties keep the champion, else the earliest version. The decision — both sides' scores, commit, dirty state and DVC
-experiment, the p-value — is recorded as ``promotion.*`` tags on the chosen version and as ``promotion.json`` in an
-MLflow run ``promote``. It is a function of the registry's contents, so concurrent promotions agree; the alias is set
-before any tag, registry writes are retried when a concurrent writer races them, and every run re-derives the
-``promotion.status`` tags from where the alias points.
+experiment, the p-value, every candidate — is ``promotion.json`` in an MLflow run ``promote``; the chosen version gets
+five tags (``promotion.status``, ``.outcome``, ``.rule``, ``.p_value``, ``.run_id``) and the decision in words as the
+second paragraph of its description (a champion that stays one with no challenger keeps the record of how it became
+one). It is a function of the registry's contents, so concurrent promotions agree; the alias is set before any tag,
+registry writes are retried when a concurrent writer races them, and every run re-derives the ``promotion.status``
+tags from where the alias points.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from med_idefics.config import ConfigError, Params
 from med_idefics.reporting.results import PREDICTIONS_DIR as _PREDICTIONS
+from med_idefics.reporting.results import metric_key
+from med_idefics.tracking import registry
 from med_idefics.tracking.provenance import NONE, SOURCE_TAGS, uncommitted
-from med_idefics.tracking.registry import number, retry_write, set_version_tag, versions
+from med_idefics.tracking.registry import PROMOTION_MARK, retry_write, set_version_tag, versions
 
 PREDICTIONS_DIR = Path(_PREDICTIONS)
 
@@ -57,17 +63,16 @@ class Candidate:
         return uncommitted(asdict(self))
 
 
-def candidate(model_version, suite: str, metric: str) -> Candidate | None:
+def candidate(client, model_version, suite: str, metric: str) -> Candidate | None:
     """The version's evidence on ``suite``/``metric`` and where it was made, or None when it has no evidence."""
-    tags = model_version.tags
-    value = number(tags.get(f"{suite}.{metric}"))
+    evidence = registry.evidence(client, model_version)
+    value = evidence.value(suite, metric)
     if value is None:
         return None
-    eval_run = tags.get(f"{suite}.eval_run_id")
+    tags = model_version.tags
     return Candidate(str(model_version.version), tags.get("variant", "?"), value,
-                     number(tags.get(f"{suite}.{metric}_ci_low")), number(tags.get(f"{suite}.{metric}_ci_high")),
-                     None if eval_run in (None, NONE) else eval_run,
-                     *(tags.get(k, NONE) for k in SOURCE_TAGS))  # fmt: skip
+                     evidence.value(suite, metric, "_ci_low"), evidence.value(suite, metric, "_ci_high"),
+                     evidence.eval_runs.get(suite), *(tags.get(k, NONE) for k in SOURCE_TAGS))  # fmt: skip
 
 
 def promote(
@@ -85,7 +90,8 @@ def promote(
     setup_tracking(params)
     client, reg = MlflowClient(), params.registry
     registered = versions(client, reg.model_name)
-    candidates = sorted(filter(None, (candidate(v, reg.suite, reg.metric) for v in registered)), key=_version_number)
+    found = (candidate(client, v, reg.suite, reg.metric) for v in registered)
+    candidates = sorted(filter(None, found), key=_version_number)
     decision = decide(candidates, _alias_target(client, reg.model_name, reg.alias), params, Path(predictions_dir))
     if dry_run:
         return decision | {"dry_run": True, "run_id": None, "champion_after": decision["champion_before"]}
@@ -142,7 +148,8 @@ def decide(candidates: list[Candidate], champion: str | None, params: Params, pr
                            "reason": reason}  # fmt: skip
 
     if not candidates:
-        reason = f"no version has {reg.suite}.{reg.metric}: register evaluated variants first"
+        where = metric_key(reg.suite, reg.metric)
+        reason = f"no version has {reg.metric} on {reg.suite} ({where}): register evaluated variants first"
         return outcome(NO_CANDIDATE, "no-evidence", None, reason)
     if better_held_back and (best is None or best is incumbent):
         top = max(better_held_back, key=lambda c: (c.value, -_version_number(c)))
@@ -156,7 +163,7 @@ def decide(candidates: list[Candidate], champion: str | None, params: Params, pr
     if best is incumbent:
         return outcome(KEPT, "already-champion", best, f"{label} is already {reg.alias}")
     if incumbent is None:
-        reason = f"{reg.alias} version {champion} has no {reg.suite}.{reg.metric}; {label}"
+        reason = f"{reg.alias} version {champion} has no {reg.metric} on {reg.suite}; {label}"
         return outcome(PROMOTED, "champion-unevaluated", best, reason)
     test = paired_test(incumbent, best, params, predictions_dir)
     decision |= {"test": test, "p_value": test.get("p_value")}
@@ -208,30 +215,56 @@ def _predictions(c: Candidate, suite: str, predictions_dir: Path) -> list[dict] 
 
 
 def _record(client, name: str, registered: list, decision: dict) -> None:
-    """``promotion.*`` tags on the chosen version; ``promotion.status`` re-derived on every version that claims it."""
-    champion = decision["champion_after"]
-    if decision["chosen"] is not None:
-        listing = "; ".join(
-            f"v{c['version']} {c['variant']} {c['value']:.4f} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}]"
-            for c in decision["candidates"]
-        )
+    """``promotion.*`` tags and the decision in words on the chosen version — unless it is the champion and stays
+    one with no challenger (``already-champion``, ``no-evidence``): it keeps the record of how it became champion;
+    ``promotion.status`` re-derived on every version that claims it, and a replaced champion's description says so."""
+    champion, chosen = decision["champion_after"], decision["chosen"]
+    tags_of = {str(v.version): v.tags for v in registered}
+    stays = chosen == decision["champion_before"] and decision["outcome"] != PROMOTED  # no challenger moved it
+    if chosen is not None and not (stays and "promotion.rule" in tags_of.get(chosen, {})):
         tags = {
-            "promotion.outcome": decision["outcome"], "promotion.rule": decision["rule"],
-            "promotion.reason": decision["reason"], "promotion.metric": f"{decision['suite']}.{decision['metric']}",
-            "promotion.compared_with": decision["champion_before"] or NONE,
-            "promotion.champion_score": _fmt((decision["champion"] or {}).get("value")),
-            "promotion.p_value": _fmt(decision["p_value"]), "promotion.candidates": listing,
+            "promotion.outcome": decision["outcome"],
+            "promotion.rule": decision["rule"],
+            "promotion.p_value": _fmt(decision["p_value"]),
             "promotion.run_id": decision["run_id"] or NONE,
-        }  # fmt: skip
+        }
         for key, value in tags.items():
-            set_version_tag(client, name, decision["chosen"], key, value)
-        if decision["chosen"] != champion:
-            set_version_tag(client, name, decision["chosen"], "promotion.status", "challenger")
+            set_version_tag(client, name, chosen, key, value)
+        legacy = set(registry.LEGACY_PROMOTION_TAGS) & set(tags_of.get(chosen, {}))
+        registry.delete_version_tags(client, name, chosen, legacy)
+        _write_paragraph(client, name, chosen, decision_in_words(decision))
+        if chosen != champion:
+            set_version_tag(client, name, chosen, "promotion.status", "challenger")
     if champion is not None:
         set_version_tag(client, name, champion, "promotion.status", CHAMPION_STATUS)
     for v in registered:
         if v.tags.get("promotion.status") == CHAMPION_STATUS and str(v.version) != champion:
             set_version_tag(client, name, v.version, "promotion.status", f"replaced by version {champion}")
+            replaced = (f"{PROMOTION_MARK}: was {decision['alias']} until promote run `{decision['run_id']}` "
+                        f"({_today()}) made version {champion} {decision['alias']}.")  # fmt: skip
+            _write_paragraph(client, name, str(v.version), replaced)
+
+
+def decision_in_words(decision: dict) -> str:
+    """The description's promotion paragraph: outcome, rule, the scores and the p-value (in ``reason``), and the
+    promote run that holds every candidate (promotion.json)."""
+    alias, rule, run = decision["alias"], decision["rule"], decision["run_id"]
+    if decision["outcome"] == PROMOTED:
+        what = f"became {alias}"
+    elif decision["chosen"] == decision["champion_after"]:
+        what = f"stays {alias}"
+    else:
+        what = "not promoted"
+    return f"{PROMOTION_MARK}: {what} by rule `{rule}` (promote run `{run}`, {_today()}): {decision['reason']}."
+
+
+def _write_paragraph(client, name: str, version: str, paragraph: str) -> None:
+    description = client.get_model_version(name, version).description
+    registry.set_description(client, name, version, registry.with_promotion(description, paragraph))
+
+
+def _today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())
 
 
 def describe(decision: dict) -> list[str]:
