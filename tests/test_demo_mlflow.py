@@ -207,3 +207,44 @@ def test_the_demo_ends_with_the_champion_the_promotion_rules_choose(root, client
         assert decision["challenger"]["value"] == best and decision["chosen"] == champion
     if decision["rule"] == "uncommitted":  # e.g. `make demo` on a tree with uncommitted changes: it says how to go on
         assert "--allow-uncommitted" in decision["reason"] and decision["left_out"], decision["reason"]
+
+
+def test_each_registered_version_reads_at_a_glance(root, client, params):
+    """Each version this demo registered (outputs/registry/versions/<variant>.json) carries at most 15 tags, its
+    logged model the headline metrics of its metrics files (and the interval of the one promotion ranks on) with the
+    evaluation runs behind them, and a description led by that score; the champion's says why it is champion."""
+    from med_idefics.stages.register import METRIC_DIGITS, VERSION_TAGS
+    from med_idefics.tracking.registry import evidence, logged_model_id, promotion_paragraph
+
+    reg = params.registry
+    records = sorted((root / "outputs" / "registry" / "versions").glob("*.json"))
+    assert records, "no registered version: run `make demo`"
+    promotion = {"promotion.status", "promotion.outcome", "promotion.rule", "promotion.p_value", "promotion.run_id"}
+    for record in records:
+        variant, number = read_json(record)["variant"], read_json(record)["version"]
+        version = client.get_model_version(reg.model_name, number)
+        assert len(version.tags) <= 15 and set(version.tags) <= {*VERSION_TAGS, *promotion}, sorted(version.tags)
+        assert version.tags["variant"] == variant and version.tags["seed"] == str(params.seed)
+        info = read_run_info(root / "metrics" / variant)
+        found = evidence(client, version)
+        assert found.eval_runs == {suite: run for suite, run in info["eval_runs"].items() if run}, variant
+        expected = {}
+        for suite in info["eval_runs"]:
+            numbers = read_json(root / "metrics" / variant / f"{suite}.json")
+            for short, name in headline_metrics(suite).items():
+                if numbers[name] is not None:
+                    expected[f"{suite}/{short}"] = round(numbers[name], METRIC_DIGITS)
+            if suite == reg.suite:
+                for suffix in CI_SUFFIXES:
+                    expected[f"{suite}/{HEADLINE}{suffix}"] = round(numbers[f"{reg.metric}{suffix}"], METRIC_DIGITS)
+        assert found.metrics == expected, variant
+        model = client.get_logged_model(logged_model_id(version))
+        assert {m.run_id for m in model.metrics} == {version.run_id}, variant  # the compare view's source runs
+        score = round(read_json(root / "metrics" / variant / f"{reg.suite}.json")[reg.metric], 3)
+        assert version.description.startswith(f"{variant}, seed {params.seed}: {reg.suite} {HEADLINE} {score:.3f} [")
+    try:
+        champion = client.get_model_version_by_alias(reg.model_name, reg.alias)
+    except MlflowException:
+        return  # every version uncommitted: test_the_demo_ends_with_the_champion_the_promotion_rules_choose says why
+    assert champion.tags["promotion.status"] == "champion"
+    assert promotion_paragraph(champion.description).startswith("**Promotion**: "), champion.description
