@@ -264,6 +264,8 @@ def _fake_version(
         scores = {"closed_accuracy_strict": closed_accuracy, "closed_accuracy": paper}
         metrics = version_metrics({SELECTION_SUITE: scores}, params)
         registry.log_evidence(client, run.info.run_id, model.model_id, metrics, {SELECTION_SUITE: eval_run_id})
+        artifact = f"{registry.EVALUATION_ARTIFACTS}/{SELECTION_SUITE}.json"
+        MlflowClient().log_dict(run.info.run_id, scores, artifact)  # every number: the source run's artifacts
     return str(version.version)
 
 
@@ -342,6 +344,9 @@ def test_promotion_ranks_on_strict_closed_accuracy_not_the_papers_substring_test
     assert params.registry.metric == "closed_accuracy_strict"
     honest = _fake_version(client, "single-stage", 0.70)
     yes_no_to_everything = _fake_version(client, "two-stage", 0.0, paper=1.0)  # "yes no": perfect for the paper
+    # under the paper's rule, read from the full scores (its logged model carries the headline metrics only)
+    papers = load_params("params.yaml", ["registry.require_significance=false", "registry.metric=closed_accuracy"])
+    assert promote(papers, dry_run=True)["chosen"] == yes_no_to_everything
     decision = promote(params)
     assert decision["chosen"] == honest and yes_no_to_everything != honest
 

@@ -32,7 +32,7 @@ def register_command(variants, outputs_dir, metrics_dir, records_dir, dvc_stage,
 
     registrations = register(params, list(variants), Path(outputs_dir), Path(metrics_dir), dvc_stage)
     for r in registrations:
-        state = "new" if r.created else "unchanged, tags refreshed"
+        state = "new" if r.created else "same package: scores, tags and description refreshed"
         click.echo(f"{r.variant} → {params.registry.model_name} version {r.version} ({state})")
         if records_dir:
             path = Path(records_dir) / f"{r.variant}.json"

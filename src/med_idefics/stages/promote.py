@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from med_idefics.config import ConfigError, Params
+from med_idefics.reporting.results import CI_SUFFIXES, metric_key
 from med_idefics.reporting.results import PREDICTIONS_DIR as _PREDICTIONS
-from med_idefics.reporting.results import metric_key
 from med_idefics.tracking import registry
 from med_idefics.tracking.provenance import NONE, SOURCE_TAGS, uncommitted
 from med_idefics.tracking.registry import PROMOTION_MARK, retry_write, set_version_tag, versions
@@ -64,14 +64,18 @@ class Candidate:
 
 
 def candidate(client, model_version, suite: str, metric: str) -> Candidate | None:
-    """The version's evidence on ``suite``/``metric`` and where it was made, or None when it has no evidence."""
+    """The version's evidence on ``suite``/``metric`` and where it was made, or None when it has no evidence: its
+    logged model's metric, else (a metric register does not log there, ``--set registry.metric=closed_accuracy``) the
+    full scores in its source run."""
     evidence = registry.evidence(client, model_version)
-    value = evidence.value(suite, metric)
+    value, low, high = (evidence.value(suite, metric, suffix) for suffix in ("", *CI_SUFFIXES))
+    if value is None:
+        scores = registry.full_scores(model_version, suite)
+        value, low, high = (registry.number(str(scores.get(metric + suffix))) for suffix in ("", *CI_SUFFIXES))
     if value is None:
         return None
     tags = model_version.tags
-    return Candidate(str(model_version.version), tags.get("variant", "?"), value,
-                     evidence.value(suite, metric, "_ci_low"), evidence.value(suite, metric, "_ci_high"),
+    return Candidate(str(model_version.version), tags.get("variant", "?"), value, low, high,
                      evidence.eval_runs.get(suite), *(tags.get(k, NONE) for k in SOURCE_TAGS))  # fmt: skip
 
 

@@ -41,7 +41,6 @@ from med_idefics.tracking.provenance import NONE, SOURCE_TAGS, source_state, unc
 OUTPUTS_DIR = Path("outputs")
 METRICS_DIR, PREDICTIONS_DIR = Path(results.METRICS_DIR), Path(results.PREDICTIONS_DIR)
 MODEL_ARTIFACT = "model"
-EVALUATION_ARTIFACTS = "evaluation"  # the source run's folder of the full scores
 VQA_VARIANT = re.compile(r"^(single-stage|two-stage|two-stage-n(\d+))$")
 # Every tag register gives a version; promote adds at most five (promotion.status/outcome/rule/p_value/run_id)
 VERSION_TAGS = ("variant", "seed", "training_run_id", "package_sha256", "base", *SOURCE_TAGS)
@@ -167,7 +166,7 @@ def _attach(client, version, run_id: str, model_id: str, tags, found: Evaluation
             shutil.copy(path, Path(folder) / path.name)
         info = {"eval_runs": found.eval_runs, "variant": tags["variant"], "training_run_id": tags["training_run_id"]}
         (Path(folder) / results.RUN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        client.log_artifacts(run_id, folder, EVALUATION_ARTIFACTS)
+        client.log_artifacts(run_id, folder, registry.EVALUATION_ARTIFACTS)
     registry.log_evidence(client, run_id, model_id, metrics, found.eval_runs)
     for key, value in tags.items():
         registry.set_version_tag(client, name, number, key, value)
@@ -283,6 +282,8 @@ def describe(variant: str, tags: dict[str, str], scores: dict[str, dict], params
         numbers = [f"{name} {results.fmt_metric(scores[suite], metric)}"
                    for name, metric in results.headline_metrics(suite).items() if metric in scores[suite]]  # fmt: skip
         lines.append(f"- **{suite}**: " + " · ".join(numbers))
-    where = (f"Every score and interval: `{EVALUATION_ARTIFACTS}/` in this version's source run (`register-{variant}`) "
-             "and each suite's evaluation run (the source model's `<suite>.eval_run_id`).")  # fmt: skip
+    where = (
+        f"Every score and interval: `{registry.EVALUATION_ARTIFACTS}/` in this version's source run "
+        f"(`register-{variant}`) and each suite's evaluation run (the source model's `<suite>.eval_run_id`)."
+    )
     return "\n\n".join(p for p in (first, origin, "\n".join(lines), where) if p)

@@ -3,9 +3,10 @@
 A version keeps its evidence where MLflow 3 puts a model's scores: on the logged model it was registered from. Its
 metrics (``<suite>/<short>``, :func:`med_idefics.reporting.results.metric_key`) are logged through the version's
 source run — the registry's compare view lines versions up by their source runs' metrics, and the logged model's page
-lists them — and the evaluation run behind each suite is the logged model's tag ``<suite>.eval_run_id``. The version
-itself carries a handful of tags and a Markdown description, whose second paragraph, when there is one, is the
-promotion's decision (:data:`PROMOTION_MARK`).
+lists them — and the evaluation run behind each suite is the logged model's tag ``<suite>.eval_run_id``. Every other
+number is in the source run's ``evaluation/`` artifacts (:func:`full_scores`). The version itself carries a handful of
+tags and a Markdown description, whose second paragraph, when there is one, is the promotion's decision
+(:data:`PROMOTION_MARK`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from med_idefics.tracking.provenance import NONE, redact
 
 _TAG_LIMIT = 5000  # MLflow allows 8000 characters per model version tag value
 EVAL_RUN_SUFFIX = ".eval_run_id"  # a logged model's tag <suite>.eval_run_id: the run that evaluated it on <suite>
+EVALUATION_ARTIFACTS = "evaluation"  # the source run's folder of the full scores: metrics/<variant>/*.json
 PROMOTION_MARK = "**Promotion**"  # the description's paragraph that promote writes
 # What versions registered before the evidence moved to their logged models carried as tags: promotion's long tags.
 LEGACY_PROMOTION_TAGS = ("promotion.reason", "promotion.metric", "promotion.compared_with",
@@ -120,6 +122,21 @@ def evidence(client, version) -> Evidence:
         metrics, tags = _legacy_metrics(version.tags), version.tags
     runs = {key.removesuffix(EVAL_RUN_SUFFIX): run for key, run in tags.items() if key.endswith(EVAL_RUN_SUFFIX)}
     return Evidence(metrics, {suite: run for suite, run in runs.items() if run and run != NONE})
+
+
+def full_scores(version, suite: str) -> dict:
+    """Every number of the version's evaluation on ``suite`` (``evaluation/<suite>.json`` in its source run), for a
+    metric its logged model does not carry; ``{}`` when there is none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not version.run_id:
+        return {}
+    try:
+        scores = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{EVALUATION_ARTIFACTS}/{suite}.json")
+    except (MlflowException, OSError, ValueError):  # no such run or artifact (a version registered before)
+        return {}
+    return scores if isinstance(scores, dict) else {}
 
 
 def _latest(metrics: list) -> dict[str, float]:
