@@ -306,6 +306,8 @@ def test_promotion_needs_evidence_beats_the_champion_and_is_idempotent(project):
     tags, description = client.get_model_version(NAME, better).tags, client.get_model_version(NAME, better).description
     assert tags["promotion.outcome"] == PROMOTED and f"beats champion version {first} (0.6000)" in description
     assert "(two-stage-n300) closed_accuracy_strict 0.7000" in description
+    listing = f"version {better} (two-stage-n300) 0.7000, version {first} (single-stage) 0.6000, version {worse}"
+    assert f"Candidates on validation closed_accuracy_strict: {listing} (two-stage) 0.5500." in description
     assert f"was champion until promote run `{decision['run_id']}`" in client.get_model_version(NAME, first).description
     _assert_reads_at_a_glance(client.search_model_versions(f"name = '{NAME}'"))
     logged = mlflow.artifacts.load_dict(f"runs:/{decision['run_id']}/promotion.json")

@@ -20,7 +20,7 @@ from med_idefics.cli.app import main, optional_params_options, params_options
     "--records-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Also write <dir>/<variant>.json: the registered version and its tags (a DVC output).",
+    help="Also write <dir>/<variant>.json: the registered version, its tags and metrics (a DVC output).",
 )
 @click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the runs).")
 @params_options

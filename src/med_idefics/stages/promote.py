@@ -249,9 +249,9 @@ def _record(client, name: str, registered: list, decision: dict) -> None:
             _write_paragraph(client, name, str(v.version), replaced)
 
 
-def decision_in_words(decision: dict) -> str:
-    """The description's promotion paragraph: outcome, rule, the scores and the p-value (in ``reason``), and the
-    promote run that holds every candidate (promotion.json)."""
+def decision_in_words(decision: dict, shown: int = 5) -> str:
+    """The description's promotion paragraph: outcome, rule, the scores and the p-value (in ``reason``), the best
+    ``shown`` candidates, and the promote run that holds them all (promotion.json)."""
     alias, rule, run = decision["alias"], decision["rule"], decision["run_id"]
     if decision["outcome"] == PROMOTED:
         what = f"became {alias}"
@@ -259,7 +259,11 @@ def decision_in_words(decision: dict) -> str:
         what = f"stays {alias}"
     else:
         what = "not promoted"
-    return f"{PROMOTION_MARK}: {what} by rule `{rule}` (promote run `{run}`, {_today()}): {decision['reason']}."
+    ranked = sorted(decision["candidates"], key=lambda c: (-c["value"], int(c["version"])))
+    listing = ", ".join(f"version {c['version']} ({c['variant']}) {c['value']:.4f}" for c in ranked[:shown])
+    more = f" and {len(ranked) - shown} more" if len(ranked) > shown else ""
+    among = f" Candidates on {decision['suite']} {decision['metric']}: {listing}{more}." if ranked else ""
+    return f"{PROMOTION_MARK}: {what} by rule `{rule}` (promote run `{run}`, {_today()}): {decision['reason']}.{among}"
 
 
 def _write_paragraph(client, name: str, version: str, paragraph: str) -> None:
