@@ -178,9 +178,9 @@ def decide(candidates: list[Candidate], champion: str | None, params: Params, pr
         why = f"{against}, but the paired test was not possible: {test.get('error', 'no paired questions')}"
         return outcome(KEPT, "no-paired-test", best, why)
     if not (test["significant"] and test.get("diff", 0) > 0):
-        why = f"{against}, but not significantly ({test.get('test')} p={test.get('p_value')}; p < {ALPHA} needed)"
+        why = f"{against}, but not significantly ({test.get('test')} p={_fmt(test.get('p_value'))}; p < {ALPHA} needed)"
         return outcome(KEPT, "not-significant", best, why)
-    return outcome(PROMOTED, "significant", best, f"{against}, {test.get('test')} p={test.get('p_value')}")
+    return outcome(PROMOTED, "significant", best, f"{against}, {test.get('test')} p={_fmt(test.get('p_value'))}")
 
 
 def paired_test(incumbent: Candidate, challenger: Candidate, params: Params, predictions_dir: Path) -> dict:
