@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 DEMO_JOBS ?= $(shell n=$$(( $$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / $(OMP_NUM_THREADS) )); echo $$(( n > 0 ? n : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test demo-check paper-smoke test-slow lint format venv clean-outputs
+.PHONY: help demo test demo-check paper-smoke test-slow lint format docs screenshots venv clean-outputs
 
 demo: venv ## Run the demo profile end to end, offline on CPU: demo data, the DVC pipeline, then check the science
 	med-idefics data demo
@@ -42,12 +42,23 @@ format: venv ## ruff autofix + format
 	ruff check --fix .
 	ruff format .
 
-venv: $(VENV)/.installed ## Create .venv (CPU torch from disk first, then the package with dev extras)
+docs: venv ## Build the documentation site into site/ (mkdocs build --strict: a broken link or anchor fails it)
+	# NO_MKDOCS_2_WARNING: Material's notice, printed on every build, about MkDocs' own future (not about this site)
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+screenshots: venv ## After make demo: the MLflow runs table, chart view and champion version into docs/images/
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -q && apt-get install -y -q chromium; \
+	  else echo "make screenshots needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+	$(BIN)/python -m pip install -q -e '.[screenshots]'
+	python docs/screenshots.py
+
+venv: $(VENV)/.installed ## Create .venv (CPU torch from disk first, then the package with dev and docs extras)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,docs]'
 	# Tests only: Mistral-7B's tokenizer for the tiny-real-processor base, from the mistral-common wheel, kept off
 	# sys.path (importable without its deps it breaks transformers' processors; with them it downgrades numpy).
 	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/mistral-common mistral-common==1.13.1

@@ -1,6 +1,6 @@
 """``make paper-smoke``: the paper profile's own DVC pipeline, end to end on CPU, in ``outputs/paper-smoke/``.
 
-What a GPU user runs (README, *Paper profile on a GPU*), with this working tree's ``dvc.yaml`` and commands:
+What a GPU user runs (docs/paper-gpu.md), with this working tree's ``dvc.yaml`` and commands:
 
     med-idefics profile paper                      then `med-idefics profile paper-smoke`: the base and sizes only
     med-idefics data roco|vqa-rad|path-vqa|med-halt --source …     each ends with `dvc add data`
@@ -12,7 +12,7 @@ repository of its own, with its own ``params.yaml``, ``data/``, ``dvc.lock``, DV
 working copy's params, data, outputs and store are never touched. The datasets come from small local files in the
 hub datasets' own schemas, written here from the demo's images (ROCO ``image, image_id, caption``; PathVQA ``image,
 question, answer``; Med-HALT's ``reasoning_fake.csv`` as released); VQA-RAD is its authors' release in
-``../shared/realdata/vqa-rad`` when that is there (passed as a relative path, as the README's example does), else
+``../shared/realdata/vqa-rad`` when that is there (passed as a relative path, as docs/data.md's example does), else
 a generated file in the hub's schema.
 
 After ``dvc repro``, the cheap ``base`` stage is forced to run again, as any change to its code would make it, and
@@ -98,7 +98,7 @@ def copy_working_tree(repo: Path, dest: Path) -> None:
 
 def commit(dest: Path, env: dict[str, str]) -> None:
     """Commit the copy's tree — code, params after the profile switch, data.dvc after the imports — as a GPU user
-    commits before `dvc repro`: the registry promotes only versions made from committed work (README)."""
+    commits before `dvc repro`: the registry promotes only versions made from committed work (docs/registry.md)."""
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     identity = ["-c", "user.name=paper-smoke", "-c", "user.email=paper-smoke@localhost"]
     run(["git", "add", "-A"], dest, env)

@@ -1,4 +1,4 @@
-"""``make demo`` from a fresh checkout, timed: one row of the README's seeds × threads table.
+"""``make demo`` from a fresh checkout, timed: one row of docs/performance.md's seeds × threads table.
 
     python benchmarks/demo_run.py                              # HEAD, seed 42, 1 torch thread, 2 stages at a time
     python benchmarks/demo_run.py --seed 7 --threads 2

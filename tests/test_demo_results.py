@@ -1,7 +1,7 @@
 """The demo must show the paper in miniature: checked on the outputs of the demo pipeline by `make demo-check`, the
 last step of `make demo`; `make test` deselects it, since a fresh clone has no pipeline outputs. A missing output
 fails. The thresholds are the acceptance criteria of the demo (issue #8); they hold on every training seed and thread
-setting in the README's table, and are never loosened to make a run pass."""
+setting in docs/performance.md's table, and are never loosened to make a run pass."""
 
 import json
 

@@ -116,7 +116,7 @@ def resolved_stages(repo_root: Path, tmp_path: Path, profile: str) -> dict:
 
 @pytest.mark.parametrize("profile", ["demo", "paper"])
 def test_every_data_dependency_is_a_dataset_the_profile_imports(repo_root, tmp_path, profile):
-    """`dvc repro` under the paper profile must not stop at a dataset its README steps never create (data/demo)."""
+    """`dvc repro` under the paper profile must not stop at a dataset its documented steps never create (data/demo)."""
     stages, params = resolved_stages(repo_root, tmp_path, profile)
     data = params["data"]
     imported = {data[source]["dataset"] for source in ("captions", "vqa", "ood", "nonsense")}

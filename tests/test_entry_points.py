@@ -142,7 +142,7 @@ def test_mlflow_run_evaluate_entry_point_with_its_empty_default_name(project, re
 
 
 def test_mlflow_run_without_an_experiment_name_logs_into_the_projects_experiment(project, repo_root):
-    """`mlflow run . -e promote` as the README writes it (no --experiment-name): the project run opens in
+    """`mlflow run . -e promote` as docs/pipeline.md writes it (no --experiment-name): the project run opens in
     `med-idefics` and is the stage's run; from outside the checkout MLflow opens it in Default, and the stage logs
     its run in `med-idefics` all the same, the project run pointing there."""
     from mlflow import MlflowClient

@@ -72,7 +72,7 @@ def test_vqa_rad_official_release_through_the_cli(tmp_path, repo_root):
 
 
 def test_relative_source_and_images_paths_are_joined_once(tmp_path, repo_root, monkeypatch):
-    """The README's `--source "downloads/VQA_RAD"`: a relative release folder (and a relative --images) resolve once,
+    """docs/data.md's `--source "downloads/VQA_RAD"`: a relative release folder (and a relative --images) resolve once,
     not as `…/VQA_RAD Image Folder/downloads/VQA_RAD/VQA_RAD Image Folder/synpic0.jpg`."""
     vqa_rad_release(tmp_path / "downloads")
     mevf = tmp_path / "downloads" / "data_RAD"

@@ -137,7 +137,7 @@ def test_data_check_reports_leaks_and_strict_fails_on_them(leaky_data, repo_root
 
 
 def test_data_check_applies_a_split_override_to_the_dataset_it_checks(leaky_data, repo_root):
-    """The README's `data check vqa-rad --set data.vqa.split=image-disjoint --strict` in a profile whose VQA dataset
+    """docs/data.md's `data check vqa-rad --set data.vqa.split=image-disjoint --strict` in a profile whose VQA dataset
     is another one (the demo's): the override is honoured for the dataset named."""
     tmp_path, _ = leaky_data
     args = ["data", "check", "toy", "--params", str(repo_root / "params.yaml")]

@@ -293,7 +293,7 @@ def test_tracking_uri_precedence(params, tmp_path, monkeypatch):
 
 
 def test_a_relative_sqlite_uri_is_anchored_at_the_repository_root(params, tmp_path, monkeypatch):
-    """`sqlite:///mlflow.db` (the README's form) names the repository's store from any directory, never the cwd's."""
+    """`sqlite:///mlflow.db` (the docs' form) names the repository's store from any directory, never the cwd's."""
     root = tmp_path / "project"
     (root / "sub").mkdir(parents=True)
     (root / "params.yaml").write_text("profile: demo\n")

@@ -63,7 +63,7 @@ _TRUNCATED = "...[truncated]"
 PROJECT_TAGS = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
 RUN_ID_VAR = "MLFLOW_RUN_ID"
 # MLflow 3's tag for what an experiment is (set by its UI when a user picks the type; read by its assistant). The 3.17
-# UI itself picks pages by its sidebar's GenAI / Model training switch, not by this tag (README: Compare variants).
+# UI itself picks pages by its sidebar's GenAI / Model training switch, not by this tag (docs/compare.md).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # The colour MLflow 3's UI draws a run in (table dot, chart bars and lines; what its colour picker writes). A variant's
