@@ -8,6 +8,8 @@ headless Chromium with Playwright (its own browser downloads are never used) thr
   the vqa-rad headline metrics and the variant and seed columns;
 - ``mlflow-chart-view.png``: the chart view, the vqa-rad section (a bar chart per headline metric, a bar per variant);
 - ``mlflow-registry-version.png``: the registered model's champion version page;
+- ``mlflow-registry-metrics.png``: the logged model that version was registered from (its *Source Model*), where
+  MLflow 3 shows a version's metrics: the headline numbers of every suite;
 
 and copies the report's Figure 2 and Figure 3 (``reports/figure2.png``, ``figure3.png``) beside them. Names (the
 experiment, the registered model and its alias) come from params.yaml. Every step waits for what it needs on the page
@@ -97,8 +99,8 @@ def served(uri: str) -> Iterator[str]:
             server.wait()
 
 
-def store_facts(base: str) -> tuple[str, str]:
-    """The experiment's id and the champion's version number, read through the served store."""
+def store_facts(base: str) -> tuple[str, str, str]:
+    """The experiment's id, the champion's version number and its logged model's id, read through the served store."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -116,7 +118,9 @@ def store_facts(base: str) -> tuple[str, str]:
             f"no version of {params.registry.model_name!r} has the alias {params.registry.alias!r}: run `make demo` "
             f"first ({err})"
         ) from err
-    return experiment.experiment_id, version.version
+    from med_idefics.tracking.registry import logged_model_id
+
+    return experiment.experiment_id, version.version, logged_model_id(version)
 
 
 @contextlib.contextmanager
@@ -152,7 +156,7 @@ def shoot(page, path: Path, bottom: float | None = None) -> None:
     print(f"wrote {path}")
 
 
-def take(base: str, experiment_id: str, version: str, out: Path, chromium: str) -> None:
+def take(base: str, experiment_id: str, version: str, model_id: str, out: Path, chromium: str) -> None:
     from playwright.sync_api import sync_playwright
 
     from med_idefics.config import load_params
@@ -209,6 +213,12 @@ def take(base: str, experiment_id: str, version: str, out: Path, chromium: str) 
                 page.get_by_text(params.registry.alias).first.wait_for()
                 close_assistant(page)
             shoot(page, out / "mlflow-registry-version.png")
+
+            with step(f"the champion's source model: its metrics (logged model {model_id})"):
+                page.goto(f"{base}/#/experiments/{experiment_id}/models/{model_id}?workflowType=machine_learning")
+                page.get_by_text(f"{VQA_RAD}/{next(iter(HEADLINE))}", exact=True).first.wait_for()
+                close_assistant(page)
+            shoot(page, out / "mlflow-registry-metrics.png")
         finally:
             browser.close()
 
@@ -233,8 +243,8 @@ def main() -> int:
         if missing:
             raise ScreenshotError(f"{', '.join(missing)} missing: run `make demo` first")
         with served(tracking_uri()) as base:
-            experiment_id, version = store_facts(base)
-            take(base, experiment_id, version, args.out, args.chromium)
+            experiment_id, version, model_id = store_facts(base)
+            take(base, experiment_id, version, model_id, args.out, args.chromium)
         for figure in figures:
             shutil.copyfile(figure, args.out / figure.name)
             print(f"wrote {args.out / figure.name}")
