@@ -23,7 +23,7 @@ demo: venv ## Run the demo profile end to end, offline on CPU: demo data, the DV
 	@echo "Results: reports/results.md · MLflow: $$(med-idefics tracking-uri --ui)"
 
 test: venv ## Run the offline test-suite (no network, no GPU), two workers
-	pytest -q -n 2 -m "not demo and not paper_smoke and not slow"
+	pytest -q -n 2 -m "not demo and not paper_smoke and not slow and not gpu_prep"
 
 demo-check: venv ## Check that the demo's numbers move as a correct pipeline makes them move (make demo runs it)
 	pytest -q -p no:cacheprovider -m demo tests/test_demo_results.py tests/test_demo_mlflow.py
@@ -32,7 +32,7 @@ paper-smoke: venv ## The paper profile's own DVC pipeline end to end on CPU (tin
 	python .ci/paper_smoke.py
 
 test-slow: venv ## Also run the tests marked slow
-	pytest -q -n 2 -m "not demo and not paper_smoke"
+	pytest -q -n 2 -m "not demo and not paper_smoke and not gpu_prep"
 
 lint: venv ## ruff lint + format check
 	ruff check .

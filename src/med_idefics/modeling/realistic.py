@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor, LlamaTokenizer
-from transformers.models.idefics2 import Idefics2ImageProcessorPil
+from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
 from med_idefics.config import ConfigError
 from med_idefics.prompts import END_OF_UTTERANCE
