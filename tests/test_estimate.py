@@ -79,7 +79,9 @@ MEASURED = {
                 {"quantization": "4bit", "batch": 8, "cache": True, "answers_per_s": 40.0}],
     "eval_forward_factor": 5.0,
     "model_load_s": {"4bit": 30.0, "bf16": 20.0},
-    "memory": [{"quantization": "bf16", "gradient_checkpointing": False, "compiled": True, "cache": False,
+    "memory": [{"quantization": "4bit", "gradient_checkpointing": True, "compiled": False, "cache": False,
+                "points": [{"tokens": 100, "peak_gib": 9.0}], "oom": "CUDA out of memory", "oom_tokens": 300},
+               {"quantization": "bf16", "gradient_checkpointing": False, "compiled": True, "cache": False,
                 "fixed_gib": 17.0, "gib_per_sample": 0.05, "gib_per_token": 0.02},
                {"quantization": "bf16", "gradient_checkpointing": True, "compiled": False, "cache": False,
                 "fixed_gib": 17.0, "gib_per_sample": 0.05, "gib_per_token": 0.004}],
@@ -154,6 +156,7 @@ def test_peak_memory_is_predicted_and_paper_fast_fits_a_stage_that_would_not(rep
     assert "stage1: predicted peak 209.8 GiB at micro-batch 16 x 600 tokens > 77.0" in note
     assert "micro-batch 4 x accumulation 4 (same 16 per step), predicted 65.2 GiB" in note
     assert stages["stage2"]["recipe"] == "16x1" and math.isclose(stages["stage2"]["peak_gib"], 17 + 16 * (0.05 + 2.4))
+    assert load_rates(path)["memory"][0]["quantization"] == "bf16"  # a setting with one step that fit: no fit, unused
     table = render(result)
     assert "209.8 GiB" in table and max(len(line) for line in table.splitlines()) <= 80
     assert "memory bf16: GiB per token and sample — measured: Test GPU, 2026-12-20" in table

@@ -114,7 +114,8 @@ def load_rates(path: str | Path | None = None) -> dict[str, Any]:
                                                  "gradient_checkpointing"))  # fmt: skip
     answers = measured.get("answers", []) + [r | {"cache": True} for r in measured.get("answers_cached", [])]
     replace("answers", [{"quantization": "bf16"} | r for r in answers], ("quantization", "batch", "cache"))
-    rates["memory"] = [r | {"origin": origin} for r in measured.get("memory", [])]
+    fitted = [r for r in measured.get("memory", []) if "gib_per_token" in r]  # not those with one step that fit
+    rates["memory"] = [r | {"origin": origin} for r in fitted]
     if measured.get("eval_forward_factor"):
         rates["eval_forward_factor"] = {"value": measured["eval_forward_factor"], "origin": origin}
     loads = measured.get("model_load_s")
