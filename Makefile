@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 DEMO_JOBS ?= $(shell n=$$(( $$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / $(OMP_NUM_THREADS) )); echo $$(( n > 0 ? n : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test demo-check paper-smoke test-slow lint format docs screenshots venv clean-outputs
+.PHONY: help demo test demo-check paper-smoke test-slow gpu-prep gpu-wheels lint format docs screenshots venv clean-outputs
 
 demo: venv ## Run the demo profile end to end, offline on CPU: demo data, the DVC pipeline, then check the science
 	med-idefics data demo
@@ -23,7 +23,7 @@ demo: venv ## Run the demo profile end to end, offline on CPU: demo data, the DV
 	@echo "Results: reports/results.md · MLflow: $$(med-idefics tracking-uri --ui)"
 
 test: venv ## Run the offline test-suite (no network, no GPU), two workers
-	pytest -q -n 2 -m "not demo and not paper_smoke and not slow"
+	pytest -q -n 2 -m "not demo and not paper_smoke and not slow and not gpu_prep"
 
 demo-check: venv ## Check that the demo's numbers move as a correct pipeline makes them move (make demo runs it)
 	pytest -q -p no:cacheprovider -m demo tests/test_demo_results.py tests/test_demo_mlflow.py
@@ -32,7 +32,26 @@ paper-smoke: venv ## The paper profile's own DVC pipeline end to end on CPU (tin
 	python .ci/paper_smoke.py
 
 test-slow: venv ## Also run the tests marked slow
-	pytest -q -n 2 -m "not demo and not paper_smoke"
+	pytest -q -n 2 -m "not demo and not paper_smoke and not gpu_prep"
+
+gpu-prep: venv ## CPU stand-ins for the first GPU run: gpu_check.py --dry-run, recompiles on transformers 5.24 and 5.17
+	pytest -q -n 2 -m gpu_prep
+
+# The lent GPU machine (docs/gpu.md): Linux x86_64, Python 3.12, torch 2.11 and transformers 5.17, no network. These
+# wheels, at the project's pins, go first on its PYTHONPATH; tokenizers stays the machine's (0.23.2: within
+# transformers' range, and its 3 MB would push what travels past the 60 MiB this target keeps to).
+GPU_CHECK := gpu-check
+GPU_WHEELS := transformers peft accelerate bitsandbytes
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+gpu-wheels: venv ## The GPU run's packages at the project's pins and Idefics2-8b's tokenizer file, into gpu-check/ (docs/gpu.md)
+	rm -rf $(GPU_CHECK)/wheels $(GPU_CHECK)/processor
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --abi cp312 --abi abi3 --abi none $(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_CHECK)/wheels \
+	  $$($(BIN)/python -c "from importlib.metadata import version as v; print(*[f'{n}=={v(n)}' for n in '$(GPU_WHEELS)'.split()])")
+	$(BIN)/python benchmarks/gpu_check.py --save-processor $(GPU_CHECK)/processor
+	@tree=$$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1); extra=$$(du -sb $(GPU_CHECK) | cut -f1); \
+	  echo "travels: $$(( (tree + extra) / 1024 / 1024 )) MiB ($$(( tree / 1024 )) KiB tracked + $(GPU_CHECK)/ $$(( extra / 1024 )) KiB)"; \
+	  test $$(( tree + extra )) -le $$(( 60 * 1024 * 1024 )) || { echo "over 60 MiB: the lent machine takes 64 in all"; exit 1; }
 
 lint: venv ## ruff lint + format check
 	ruff check .

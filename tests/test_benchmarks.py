@@ -86,36 +86,20 @@ def test_feature_cache_benchmark_reports_ratios_with_the_equality_checks(repo_ro
     assert result["max_loss_rel_diff"] < 1e-4 and result["answers_identical"] is True
 
 
-def test_gpu_check_cpu_path_writes_a_rate_table_estimate_reads(repo_root, monkeypatch, tmp_path):
-    """benchmarks/gpu_check.py --shape tiny-real-processor --device cpu: every section runs (QLoRA too: bitsandbytes
-    is installed here), the adapter reloaded through the registered model answers as before, and `estimate` reads
-    the result as its rate table."""
-    import json
-
-    from med_idefics.modeling import realistic
-    from med_idefics.workflow.estimate import load_rates, train_rate
-
-    try:
-        realistic.mistral_sentencepiece_file()
-    except Exception as err:
-        pytest.skip(f"tiny-real-processor unavailable: {err}")
+def test_gpu_check_fits_memory_over_the_steps_that_ran_and_records_the_one_that_did_not(repo_root, monkeypatch):
+    """gpu_check's memory row: fixed + micro_batch x (per_sample + per_token x tokens), least squares over the peak
+    steps that ran; a step out of memory is recorded with its length, and the fit uses the shorter ones."""
     monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
     gpu_check = importlib.import_module("gpu_check")
-    out = tmp_path / "gpu_check.json"
     try:
-        report = gpu_check.main(["--shape", "tiny-real-processor", "--device", "cpu", "--steps", "1",
-                                 "--micro-batches", "2", "--answer-batches", "1,2", "--new-tokens", "2",
-                                 "--workers", "0", "--out", str(out)])  # fmt: skip
+        setting = {"quantization": "bf16", "gradient_checkpointing": False, "compiled": True, "cache": True,
+                   "micro_batch": 16, "oom": "CUDA out of memory"}  # fmt: skip
+        peaks = [[{"input_ids": [0] * n}] for n in (100, 200, 400)]
+        # untimed step 0, then the peak steps at 100 and 200 tokens: 20 + 16 x (0.01 + 0.001 x n); 400 ran out
+        begins, peak_gib = [5.0, 20.0, 20.0], [30.0, 20 + 16 * (0.01 + 0.1), 20 + 16 * (0.01 + 0.2)]
+        row = gpu_check.memory_row(setting, begins, peak_gib, peaks, 1, 16)
     finally:
         sys.modules.pop("gpu_check", None)
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    settings = {(r["quantization"], r["micro_batch"], r["cache"]) for r in report["train"]}
-    assert settings == {("float32", 2, False), ("float32", 2, True), ("4bit", 2, False), ("4bit", 2, True)}
-    assert all(r["samples_per_s"] > 0 and r["peak_gib"] > 0 for r in report["train"])
-    assert [a["batch"] for a in report["answers"]] == [a["batch"] for a in report["answers_cached"]] == [1, 2]
-    assert report["flow"]["answers_equal_after_reload"] is True and report["model_load_s"] > 0
-    assert report["skipped"] == []
-    rates = load_rates(out)
-    assert train_rate(rates, "4bit", 2, False, False)[0] == next(
-        r["samples_per_s"] for r in report["train"] if (r["quantization"], r["cache"]) == ("4bit", False)
-    )
+    assert [p["tokens"] for p in row["points"]] == [100, 200] and row["oom_tokens"] == 400
+    assert row["fixed_gib"] == 20.0 and abs(row["gib_per_token"] - 0.001) < 1e-9
+    assert abs(row["gib_per_sample"] - 0.01) < 1e-6

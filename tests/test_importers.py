@@ -107,6 +107,43 @@ def test_vqa_rad_folder_through_the_cli(tmp_path, params_file, monkeypatch):
     assert "vqa-rad/test: kept 1, rejected 0" in result.output
 
 
+def test_the_import_counts_training_sequence_lengths_and_prints_percentiles(tmp_path, repo_root, monkeypatch):
+    """With a processor to count with (here Idefics2-8b's, tiny-real-processor's), each split's training-sequence
+    lengths go into its parquet file and the import prints their percentiles; without one it says why."""
+    import yaml
+
+    from med_idefics.data.token_lengths import METADATA_KEY, read_lengths
+    from med_idefics.modeling import realistic
+
+    try:
+        realistic.mistral_sentencepiece_file()
+    except Exception as err:
+        pytest.skip(f"tiny-real-processor unavailable: {err}")
+    monkeypatch.setattr(versioning, "dvc_track", lambda root: None)
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["model"] |= {"base": "tiny-real-processor", "base_dir": str(tmp_path / "no-base-yet")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    long_answer = "a hypodense lesion in the right lobe of the liver with peripheral enhancement " * 6
+    test = {"image": [png()] * 3, "question": ["is the heart enlarged?", "describe it", "is it normal?"],
+            "answer": ["no", long_answer, "yes"]}  # fmt: skip
+    root = tmp_path / "data"
+    result = run_cli("vqa-rad", "--source", str(vqa_rad_repo(tmp_path, test)), "--root", str(root),
+                     params_file=tmp_path / "params.yaml")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stats = read_lengths(root, "vqa-rad", "test")
+    assert stats["count"] == 3 and stats["longest_id"] == "vqa-rad-test-00001" and stats["max"] > stats["p50"] + 60
+    assert f"p50 {stats['p50']:,} · p90 {stats['p90']:,} · p99 {stats['p99']:,} · max {stats['max']:,}" in result.output
+    assert read_lengths(root, "vqa-rad", "train")["count"] == 3  # the kept records only
+    assert METADATA_KEY.encode() in pq.ParquetFile(root / "vqa-rad" / "test.parquet").metadata.metadata
+
+    params["model"]["base"] = "tiny"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_cli("vqa-rad", "--source", str(vqa_rad_repo(tmp_path)), "--root", str(tmp_path / "other"),
+                     params_file=tmp_path / "params.yaml")  # fmt: skip
+    assert result.exit_code == 0 and "token lengths not counted: model.base=tiny" in result.output
+    assert read_lengths(tmp_path / "other", "vqa-rad", "test") is None
+
+
 def test_a_relative_hub_layout_folder_is_read(tmp_path, params_file, monkeypatch):
     vqa_rad_repo(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -21,7 +21,8 @@ from med_idefics.data.schema import DatasetError, read_records, split_path
 from med_idefics.data.splits import load_vqa_splits
 from med_idefics.scoring.metrics import is_abstention
 
-REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REALDATA = REPO_ROOT.parent / "shared" / "realdata"
 PROMPT = "Describe this radiology image."
 
 
@@ -42,12 +43,41 @@ def vqa_rad_root(tmp_path_factory) -> Path:
     """The official VQA-RAD release imported (both splits) into a tmp data root."""
     source = folder("vqa-rad")
     root = tmp_path_factory.mktemp("realdata") / "data"
-    reports = import_dataset("vqa-rad", root, caption_prompt=PROMPT, source=str(source))
+    reports = import_dataset("vqa-rad", root, caption_prompt=PROMPT, source=str(source), counter=real_counter())
     assert {split: (r.kept, sum(r.rejected.values())) for split, r in reports.items()} == {
         "train": (1797, 0),
         "test": (451, 0),
     }
     return root
+
+
+def real_counter():
+    """Token lengths under Idefics2-8b's own processor (tiny-real-processor's), when mistral-common is installed."""
+    from med_idefics.modeling.processors import token_counter
+
+    counter, _ = token_counter(load_params(REPO_ROOT / "params.yaml", {"model.base": "tiny-real-processor",
+                                                                      "model.base_dir": "/nonexistent"}))  # fmt: skip
+    return counter
+
+
+def test_vqa_rad_token_lengths_are_what_the_collator_trains_on(vqa_rad_root):
+    """The import counted every training sequence as the collator builds it: its percentiles and longest record."""
+    import numpy as np
+
+    from med_idefics.data.collator import VqaCollator
+    from med_idefics.data.token_lengths import read_lengths
+    from med_idefics.modeling.realistic import build_processor
+
+    stats = read_lengths(vqa_rad_root, "vqa-rad", "train")
+    if stats is None:
+        pytest.skip("tiny-real-processor unavailable (mistral-common): the import counted nothing")
+    records = read_records(vqa_rad_root, "vqa-rad", "train")
+    lengths = [len(t["input_ids"]) for t in VqaCollator(build_processor()).encode_texts(records)]
+    assert stats["count"] == len(records) == 1797 and stats["max"] == max(lengths)
+    assert stats["longest_id"] == records[int(np.argmax(lengths))]["id"]
+    percentiles = [int(np.percentile(lengths, p, method="higher")) for p in (50, 90, 99)]
+    assert [stats["p50"], stats["p90"], stats["p99"]] == percentiles
+    assert stats["tokenizer"].startswith("Idefics2-8b's processor") and 64 < stats["p50"] < stats["max"]
 
 
 def text_columns(root: Path, dataset: str, split: str) -> list[dict]:

@@ -186,6 +186,7 @@ def test_hub_id_writes_a_pointer_without_weights(repo_root, tmp_path, monkeypatc
         "revision": "0123abcd",
         "do_image_splitting": False,
     }
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, the hub is asked for that commit (offline: test_offline_base)
     source, kwargs = base_source(base_dir)
     assert source == "HuggingFaceM4/idefics2-8b" and kwargs["revision"] == "0123abcd"
 

@@ -472,3 +472,41 @@ def test_a_checkpoint_is_resumed_only_with_the_same_data_base_and_init_adapter(p
     with (base / "model.safetensors").open("ab") as weights:
         weights.write(b" ")  # other weights, same path
     assert resumable() is False
+
+
+def test_a_stage_that_would_not_fit_the_gpu_runs_split_with_the_same_steps(project, monkeypatch):
+    """memory.fit: the peak predicted from the repository's gpu_check.json (its memory per token) and the longest
+    training sequence exceeds the card (here a pretended 1 GiB GPU): the stage trains at half the micro-batch and twice
+    the accumulation, so the optimizer steps (and examples per step) are the same, and the run records it."""
+    import json
+
+    import med_idefics.modeling.measurements as measurements
+    from med_idefics.modeling import trainer_support
+
+    recipes = []
+    original = trainer_support.training_arguments
+    monkeypatch.setattr(
+        trainer_support, "training_arguments", lambda r, *a, **k: recipes.append(r) or original(r, *a, **k)
+    )
+    monkeypatch.setattr(measurements, "gpu_memory_gib", lambda: 1.0)
+    results = project / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    row = {
+        "quantization": "float32",
+        "gradient_checkpointing": False,
+        "compiled": False,
+        "cache": False,
+        "fixed_gib": 0.2,
+        "gib_per_sample": 0.0,
+        "gib_per_token": 0.002,
+    }  # 4 x 0.002 x ~25 tokens: too much
+    (results / "gpu_check.json").write_text(json.dumps({"device": {"name": "test", "total_gib": 1.0}, "memory": [row]}))
+    params = load_params("params.yaml", ["memory.fit=true", "memory.headroom_gib=0.5"])
+    fitted = train(params, TrainRequest(stage="stage1", out_dir=Path("outputs/fitted")))
+    assert [(r.micro_batch, r.grad_accum) for r in recipes] == [(2, 2)]  # 0.2 + 2 x 0.002 x tokens fits 0.5
+    (run,) = _runs("stage1")
+    assert run.data.params["memory.fitted"].startswith("stage1: predicted peak")
+
+    monkeypatch.setattr(measurements, "gpu_memory_gib", lambda: None)  # a CPU: params as they are
+    plain = train(load_params("params.yaml"), TrainRequest(stage="stage1", out_dir=Path("outputs/plain")))
+    assert recipes[-1].micro_batch == 4 and fitted["optimizer_steps"] == plain["optimizer_steps"]

@@ -214,6 +214,19 @@ class VisionCacheConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """A training stage's peak GPU memory, predicted before it loads the model
+    (:func:`med_idefics.modeling.measurements.fit_recipe`)."""
+
+    fit: bool  # where the peak would not fit the GPU: split the micro-batch and/or turn on activation checkpointing
+    headroom_gib: float  # kept free below the card's memory
+
+    def __post_init__(self) -> None:
+        if self.headroom_gib < 0:
+            raise ConfigError(f"memory.headroom_gib must be >= 0, got {self.headroom_gib}")
+
+
+@dataclass
 class RegistryConfig:
     model_name: str
     alias: str
@@ -244,6 +257,7 @@ class Params:
     registry: RegistryConfig
     mlflow: MlflowConfig
     vision_cache: VisionCacheConfig
+    memory: MemoryConfig
     sweep: SweepConfig
 
     def __post_init__(self) -> None:

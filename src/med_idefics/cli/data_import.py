@@ -138,10 +138,15 @@ def _run(
     lang: str = "en",
 ) -> None:
     from med_idefics.data.importers import import_dataset
+    from med_idefics.data.sources import TEXT
     from med_idefics.data.versioning import dvc_track
+    from med_idefics.modeling.processors import token_counter
 
     root = root or params.data.root
     chosen = splits or tuple(SOURCES[name].plan(config=config))
+    counter, why = token_counter(params) if SOURCES[name].kind != TEXT else (None, "")
+    if why:
+        click.echo(f"token lengths not counted: {why}")
     reports = import_dataset(
         name,
         root,
@@ -152,6 +157,7 @@ def _run(
         limits=_parse_limits(limits, chosen),
         images=images,
         lang=lang,
+        counter=counter,
     )
     for report in reports.values():
         click.echo(report.summary())

@@ -28,6 +28,8 @@ from med_idefics.data.images import IMPORT_COMPRESS_LEVEL, ImageCache, ImageReje
 from med_idefics.data.releases import detect_release
 from med_idefics.data.schema import ANSWER_TYPES, OPEN, DatasetError, infer_answer_type, write_splits
 from med_idefics.data.sources import CAPTION, SOURCES, TEXT, VQA, SourceSpec, SourceSplit, is_local_file, open_split
+from med_idefics.data.token_lengths import TokenCounter
+from med_idefics.data.token_lengths import describe as describe_lengths
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class SplitReport:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason → first few record ids
     first_detail: dict[str, str] = field(default_factory=dict)  # reason → what exactly was wrong, first time
     path: Path | None = None  # the written parquet file
+    tokens: dict | None = None  # training-sequence length statistics, when counted (data.token_lengths)
 
     def reject(self, record_id: str, reason: str, detail: str) -> None:
         self.rejected[reason] += 1
@@ -79,6 +82,8 @@ class SplitReport:
             ids = ", ".join(self.examples[reason]) + (", …" if count > len(self.examples[reason]) else "")
             detail = f"; first: {self.first_detail[reason]}" if self.first_detail[reason] else ""
             lines.append(f"  {reason}: {count} ({ids}){detail}")
+        if self.tokens:
+            lines.append(f"  {describe_lengths(self.tokens)}")
         return "\n".join(lines)
 
 
@@ -100,13 +105,16 @@ def import_dataset(
     limits: Mapping[str, int] | None = None,
     images: str | None = None,
     lang: str = "en",
+    counter: TokenCounter | None = None,
 ) -> dict[str, SplitReport]:
     """Import dataset ``name`` (a key of :data:`SOURCES`) from ``source`` (default: its hub id) into ``root/name``.
 
     ``source`` may also be a release in its authors' format (:mod:`~med_idefics.data.releases`; ``images``: its
     image folder when not beside it; ``lang``: SLAKE's question language). ``limits``: stored split → keep only the
     first N good records (deterministic: source order). Records stream into the parquet files batch by batch, and
-    each image is converted once however many questions share it (:class:`ImageCache`).
+    each image is converted once however many questions share it (:class:`ImageCache`). ``counter``: the training
+    sequence length of each record is counted on the way and kept in its split's file
+    (:mod:`~med_idefics.data.token_lengths`; text-only datasets are not trained on and not counted).
     """
     spec = _spec(name)
     source = source or spec.hub_id
@@ -142,8 +150,13 @@ def import_dataset(
         stored: import_split(spec, split_source, reports[stored], caption_prompt, (limits or {}).get(stored), cache)
         for stored, split_source in opened.items()
     }
-    for stored, path in write_splits(root, name, records).items():
+    lengths = {}
+    if counter is not None and spec.kind != TEXT:
+        for stored in records:
+            records[stored], lengths[stored] = counter.counting(records[stored], spec.kind)
+    for stored, path in write_splits(root, name, records, {s: c.metadata for s, c in lengths.items()}).items():
         reports[stored].path = path
+        reports[stored].tokens = lengths[stored].stats() if stored in lengths else None
     log.info("%s: %d image conversions, %d reused", name, cache.misses, cache.hits)
     return reports
 

@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -77,8 +77,15 @@ def extra_columns_of(record: Mapping) -> list[str]:
     return [c for c in record if c not in COLUMNS]
 
 
-def write_splits(root: str | Path, dataset: str, splits: Mapping[str, Iterable[Mapping]]) -> dict[str, Path]:
-    """Write every split of ``dataset`` at once: into a temp dir first, then renamed into place.
+def write_splits(
+    root: str | Path,
+    dataset: str,
+    splits: Mapping[str, Iterable[Mapping]],
+    metadata: Mapping[str, Callable[[], Mapping[str, str]]] | None = None,
+) -> dict[str, Path]:
+    """Write every split of ``dataset`` at once: into a temp dir first, then renamed into place. ``metadata``:
+    split → what to store in its file's key-value metadata, asked once its records are consumed (statistics counted
+    as they streamed past: :mod:`med_idefics.data.token_lengths`).
 
     Each split may be a list or a lazy iterable (an import streams its records): it is consumed in batches
     (:data:`BATCH_BYTES`, :data:`BATCH_RECORDS`), so memory holds one batch, never the whole split. An exception
@@ -96,7 +103,7 @@ def write_splits(root: str | Path, dataset: str, splits: Mapping[str, Iterable[M
                     _link_or_copy(existing, staging / existing.name)
         written = {}
         for split, records in splits.items():
-            write_parquet(staging / f"{split}.parquet", records)
+            write_parquet(staging / f"{split}.parquet", records, (metadata or {}).get(split))
             written[split] = final / f"{split}.parquet"
         backup = None
         if final.exists():
@@ -119,8 +126,11 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def write_parquet(path: Path, records: Iterable[Mapping]) -> int:
-    """Write ``records`` to ``path`` batch by batch (extra columns: those of the first record); returns the count."""
+def write_parquet(
+    path: Path, records: Iterable[Mapping], metadata: Callable[[], Mapping[str, str]] | None = None
+) -> int:
+    """Write ``records`` to ``path`` batch by batch (extra columns: those of the first record), then ``metadata()``
+    into the file's key-value metadata; returns the count."""
     writer, extras, batch, batch_bytes, count = None, None, [], 0, 0
 
     def flush() -> None:
@@ -142,6 +152,9 @@ def write_parquet(path: Path, records: Iterable[Mapping]) -> int:
                 batch, batch_bytes = [], 0
         if batch or writer is None:
             flush()
+        pairs = metadata() if metadata is not None else None
+        if pairs:
+            writer.add_key_value_metadata(dict(pairs))
     finally:
         if writer is not None:
             writer.close()

@@ -9,8 +9,9 @@
 - ``tiny-real-processor``: a tiny random Idefics2 behind Idefics2-8b's real processor
   (:mod:`med_idefics.modeling.realistic`), saved without pretraining: offline checks of sentencepiece and 980 px images.
 - a local folder, or a hub id such as ``HuggingFaceM4/idefics2-8b``: write a pointer ``base.json`` (see
-  :mod:`med_idefics.modeling.loading`), no copy of the weights. A hub revision is resolved to its commit hash
-  (network needed, ``$HF_TOKEN`` if the model is gated) so that the stage output pins exactly one model.
+  :mod:`med_idefics.modeling.loading`), no copy of the weights. A hub revision is resolved to its commit hash (on the
+  hub, ``$HF_TOKEN`` if the model is gated; offline, from the HF cache) so that the stage output pins exactly one
+  model. A relative local folder is the repository root's; its pointer records the folder's sha256.
 
 ``base_dir`` is replaced as a whole, so no file of an earlier base survives next to a new one.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -32,6 +34,9 @@ import torch
 from med_idefics.config import ConfigError, Params, PretrainConfig
 from med_idefics.data.schema import read_records
 from med_idefics.modeling.loading import hub_token, write_pointer
+from med_idefics.modeling.offline import anchor_local_folder
+
+logger = logging.getLogger(__name__)
 
 TINY = "tiny"
 REAL_PROCESSOR = "tiny-real-processor"  # = med_idefics.modeling.realistic.NAME (tested)
@@ -51,10 +56,8 @@ def build_base(params: Params, base_dir: str | Path | None = None) -> dict[str, 
             from med_idefics.modeling.realistic import save_realistic_base
 
             result = save_realistic_base(staging, params.seed, params.model.do_image_splitting)
-        elif Path(base).is_dir():
-            if not (Path(base) / "config.json").is_file():
-                raise ConfigError(f"model.base={base!r} is a folder without config.json; point it at a saved model")
-            result = {"source": "local", "path": base, "do_image_splitting": params.model.do_image_splitting}
+        elif anchor_local_folder(base).is_dir():
+            result = local_pointer(base, params.model.do_image_splitting)
             write_pointer(staging, result)
         elif HUB_ID.fullmatch(base):
             revision = resolve_hub_revision(base, params.model.revision)
@@ -84,18 +87,47 @@ def _replacing(target: Path):
     staging.rename(target)
 
 
+def local_pointer(given: str, do_image_splitting: bool) -> dict[str, Any]:
+    """The pointer to a local folder ``model.base``: its absolute path (a relative one anchored at the repository
+    root, not the cwd), the form it was given in, and the sha256 of its files, which a registered version carries
+    so that a copy elsewhere can be checked (:mod:`med_idefics.modeling.offline`)."""
+    from med_idefics.files import folder_sha256
+    from med_idefics.modeling.offline import missing_weights
+
+    folder = anchor_local_folder(given)
+    missing = missing_weights(folder)
+    if missing:
+        raise ConfigError(
+            f"model.base={given!r} ({folder}) is a folder without {', '.join(missing[:4])}; point it at a saved model"
+        )
+    return {"source": "local", "path": str(folder), "given": given, "sha256": folder_sha256(folder),
+            "do_image_splitting": do_image_splitting}  # fmt: skip
+
+
 def resolve_hub_revision(repo_id: str, revision: str | None) -> str:
-    """The commit hash of ``revision`` (None: the default branch) of hub model ``repo_id``."""
+    """The commit hash of ``revision`` (None: the default branch) of hub model ``repo_id``: asked of the hub, or —
+    offline (``HF_HUB_OFFLINE=1``) or when the hub cannot answer — read from the HF cache's snapshot of it."""
     from huggingface_hub import HfApi
 
-    try:
-        return HfApi().model_info(repo_id, revision=revision, token=hub_token()).sha
-    except Exception as err:  # offline mode, no network, unknown repo or revision, no access: one answer to all
-        raise ConfigError(
-            f"model.base={repo_id!r} (revision {revision or 'default'}): cannot resolve it on the hub "
-            f"({type(err).__name__}: {err}). Check the id and the network, set $HF_TOKEN for a gated model, "
-            "or use model.base=tiny to work offline"
-        ) from err
+    from med_idefics.modeling.offline import cached_snapshot, download_command, offline
+
+    asked = None
+    if not offline():
+        try:
+            return HfApi().model_info(repo_id, revision=revision, token=hub_token()).sha
+        except Exception as err:  # no network, unknown repo or revision, no access: the cache may still hold it
+            asked = err
+    snapshot, why = cached_snapshot(repo_id, revision)
+    if snapshot is not None:
+        if asked is not None:
+            logger.warning("the hub did not answer for %s (%s): using the HF cache's %s", repo_id, asked, snapshot)
+        return snapshot.name
+    hub = f"the hub did not answer ({type(asked).__name__}: {asked})" if asked else "HF_HUB_OFFLINE is set"
+    raise ConfigError(
+        f"model.base={repo_id!r} (revision {revision or 'main'}): {hub}, and it is {why}. Where there is network, "
+        f"run `{download_command(repo_id, revision)}` (same HF_HOME / HF_HUB_CACHE as here; $HF_TOKEN for a gated "
+        "model); or point model.base at a local folder holding the model; or use model.base=tiny to work offline"
+    )
 
 
 def tokenizer_corpus(records: Iterable[dict], extra: Sequence[str] = ()) -> list[str]:

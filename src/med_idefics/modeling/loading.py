@@ -2,12 +2,15 @@
 
 ``base_dir`` holds either a full ``save_pretrained`` model + processor (the tiny base) or a pointer file
 ``base.json`` naming where the weights live: ``{"source": "hub", "id", "revision"}`` for a hub model (not copied: the
-8B checkpoint is 16 GB) or ``{"source": "local", "path"}`` for a local folder (also not copied, for the same reason).
-Both also record ``do_image_splitting`` from params. A hub token is read from ``$HF_TOKEN`` only and never logged.
+8B checkpoint is 16 GB) or ``{"source": "local", "path", "given", "sha256"}`` for a local folder (also not copied, for
+the same reason). Both also record ``do_image_splitting`` from params. Where a pointed-to base is found on this
+machine — the HF cache offline, a moved clone, ``$MED_IDEFICS_BASE`` — is :mod:`med_idefics.modeling.offline`'s.
+A hub token is read from ``$HF_TOKEN`` only and never logged.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -65,29 +68,35 @@ def base_source(base_dir: str | Path) -> tuple[str, dict[str, Any]]:
                 f"no base model in {base_dir} (model.base_dir): run `med-idefics base` (or `dvc repro base`) first"
             )
         return str(base_dir), {}
-    if pointer["source"] == "local":
-        path = Path(pointer["path"])
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{base_dir / POINTER_FILE} points to {path}, which holds no model (no config.json)")
-        return str(path), {}
-    return pointer["id"], {"revision": pointer.get("revision"), "token": hub_token()}
+    from med_idefics.modeling.offline import locate
+
+    return locate(pointer, base_dir)
 
 
 def base_digest(base_dir: str | Path) -> str:
     """What identifies the base for resuming: the digest of ``base_dir`` (the tiny base's weights, or a pointer with
     its hub id and revision); for a pointer to a local folder also that folder's file names, sizes and times (its
     weights are too large to hash at every start)."""
-    from med_idefics.files import folder_sha256
-
-    digest = folder_sha256(base_dir)
+    digest = _folder_digest(Path(base_dir).resolve(), _listing(base_dir))
     pointer = read_pointer(base_dir)
     if pointer is not None and pointer["source"] == "local":
-        target = Path(pointer["path"])
-        listing = sorted(
-            (str(p.relative_to(target)), p.stat().st_size, p.stat().st_mtime_ns) for p in target.rglob("*")
-        )
-        digest += "+" + hashlib.blake2b(repr(listing).encode(), digest_size=16).hexdigest()
+        digest += "+" + hashlib.blake2b(repr(_listing(pointer["path"])).encode(), digest_size=16).hexdigest()
     return digest
+
+
+def _listing(folder: str | Path) -> tuple:
+    folder = Path(folder)
+    files = folder.rglob("*")
+    return tuple(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_digest(folder: Path, listing: tuple) -> str:
+    """The files' sha256, once per process while names, sizes and times stay the same: a saved 8B base is 16.8 GB
+    (~11 s to hash), and the vision cache asks for it on every store it opens."""
+    from med_idefics.files import folder_sha256
+
+    return folder_sha256(folder)
 
 
 def hub_token() -> str | bool:

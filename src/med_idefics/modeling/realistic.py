@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor, LlamaTokenizer
-from transformers.models.idefics2 import Idefics2ImageProcessorPil
+from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
 from med_idefics.config import ConfigError
 from med_idefics.prompts import END_OF_UTTERANCE
@@ -75,14 +75,15 @@ def mistral_sentencepiece_file() -> Path:
     )
 
 
-def build_tokenizer() -> LlamaTokenizer:
+def build_tokenizer(sentencepiece_file: str | Path | None = None) -> LlamaTokenizer:
     """Mistral-7B v0.1's tokenizer as transformers builds Idefics2-8b's (byte-fallback BPE, ``legacy=False``: no
-    dummy prefix after a special token), with Idefics2's added tokens and pad token."""
+    dummy prefix after a special token), with Idefics2's added tokens and pad token. ``sentencepiece_file``: a copy
+    of :func:`mistral_sentencepiece_file` (on a machine without the mistral-common wheel)."""
     from transformers.convert_slow_tokenizer import import_protobuf
     from transformers.tokenization_utils_base import generate_merges
 
     proto = import_protobuf().ModelProto()
-    proto.ParseFromString(mistral_sentencepiece_file().read_bytes())
+    proto.ParseFromString(Path(sentencepiece_file or mistral_sentencepiece_file()).read_bytes())
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     if len(vocab) != MISTRAL_VOCAB_SIZE:
         raise ConfigError(f"{SPM_FILE} has {len(vocab)} pieces, expected Mistral v0.1's {MISTRAL_VOCAB_SIZE}")

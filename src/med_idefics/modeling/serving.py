@@ -83,7 +83,7 @@ class Package:
     artifacts: dict[str, str]
     signature: ModelSignature  # and no input example: MLflow would load and run the model (16 GB) to check it
     pip_requirements: list[str]
-    base_reference: str  # "hub:<id>@<revision>", "local:<path>" or "copied:<base_dir>"
+    base_reference: str  # "hub:<id>@<revision>", "local:<path> sha256:<digest>" or "copied:<base_dir>"
 
 
 def base_reference(base_dir: str | Path) -> str:
@@ -92,7 +92,8 @@ def base_reference(base_dir: str | Path) -> str:
         return f"copied:{base_dir}"
     if pointer["source"] == "hub":
         return f"hub:{pointer['id']}@{pointer.get('revision') or 'default'}"
-    return f"local:{pointer['path']}"
+    digest = f" sha256:{pointer['sha256']}" if pointer.get("sha256") else ""
+    return f"local:{pointer['path']}{digest}"
 
 
 def package_sha256(base_dir: str | Path, adapter_dir: str | Path, config: ServingConfig) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor, PreTrainedTokenizerFast
-from transformers.models.idefics2 import Idefics2ImageProcessorPil
+from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
 
 from med_idefics.config import TinyModelConfig
 from med_idefics.prompts import END_OF_UTTERANCE

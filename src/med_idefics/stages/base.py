@@ -52,12 +52,9 @@ def base_tags(source: str, base_dir: Path, result: dict[str, Any]) -> dict[str, 
     tags = {"base.source": source}
     if source == "hub":
         return tags | {"base.hub_id": result["id"], "base.revision": result["revision"]}
-    if source == "local":
-        tags["base.path"] = str(result["path"])
-        folder = Path(result["path"])
-    else:
-        folder = base_dir
-    return tags | {"base.sha256": folder_sha256(folder)}
+    if source == "local":  # hashed once, by the base stage (its pointer carries it)
+        return tags | {"base.path": str(result["path"]), "base.sha256": result["sha256"]}
+    return tags | {"base.sha256": folder_sha256(base_dir)}
 
 
 def _log_provenance(params: Params, base_dir: Path, source: str, result: dict[str, Any]) -> None:

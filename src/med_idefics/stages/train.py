@@ -31,7 +31,7 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_FILE = "train_summary.json"
 FINGERPRINT_FILE = "fingerprint.json"
-_NOT_FINGERPRINTED = ("eval.", "registry.", "mlflow.", "vision_cache.")  # what cannot change a checkpoint
+_NOT_FINGERPRINTED = ("eval.", "registry.", "mlflow.", "vision_cache.", "memory.")  # what cannot change a checkpoint
 
 
 @dataclass(frozen=True)
@@ -206,18 +206,19 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
 
     out_dir = request.out_dir
     checkpoints = out_dir / CHECKPOINT_DIR
+    recipe = fit_memory(params, prepared, run)  # the recipe as it runs on this GPU (params memory)
     # First: under torchrun this sets up the process group that orders the ranks below.
-    args = training_arguments(prepared.recipe, checkpoints, seed=params.seed, run_name=prepared.variant)
+    args = training_arguments(recipe, checkpoints, seed=params.seed, run_name=prepared.variant)
     with args.main_process_first(local=False, desc="checkpoint folder"):  # rank 0 prepares it, then the others read
         resume = _prepare_checkpoints(checkpoints, _fingerprint(params, request, prepared))
 
     torch.manual_seed(params.seed)
     model = load_base_model(params.model.base_dir, params.quantization, params.model.attn_implementation)
     # One preparation for all three stages; stage 2 continues the stage-1 adapter's weights.
-    model = add_lora(model, params.lora, prepared.recipe.gradient_checkpointing, prepared.init_adapter_dir)
+    model = add_lora(model, params.lora, recipe.gradient_checkpointing, prepared.init_adapter_dir)
     # params vision_cache: the frozen encoder's outputs for the splits' images, computed once (on args.device)
     splits = {"training": prepared.train_texts, "eval-loss": prepared.eval_texts}
-    collator = use_vision_cache(params, model, prepared.collator, splits, args.device, prepared.recipe)
+    collator = use_vision_cache(params, model, prepared.collator, splits, args.device, recipe)
     trainer = Trainer(
         model=model,
         args=args,
@@ -251,6 +252,32 @@ def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> di
         shutil.rmtree(checkpoints, ignore_errors=True)  # done: a rerun must start afresh, not resume
         return summary
     return {}
+
+
+def fit_memory(params: Params, prepared: Prepared, run=None) -> StageConfig:
+    """The stage's recipe as it runs on this process's GPU: its peak predicted from the measured memory per token
+    (benchmarks/results/gpu_check.json) and the longest training sequence; where it would not fit and params
+    ``memory.fit`` is on, split micro-batch and/or activation checkpointing (the same examples per optimizer step,
+    logged as param ``memory.fitted``); where it is off, a warning. On a CPU, or with nothing measured, the recipe
+    as params give it. Not fingerprinted (``memory.``) nor a DVC dependency: the optimizer steps stay the same."""
+    from med_idefics.modeling.measurements import fit_recipe, gpu_memory_gib, load_rates, quantization_label
+
+    card = gpu_memory_gib()
+    if card is None or not prepared.train_texts:
+        return prepared.recipe
+    tokens = max(len(text["input_ids"]) for text in prepared.train_texts)
+    fit = fit_recipe(load_rates(), prepared.recipe, quantization_label(params.quantization),
+                     params.vision_cache.enabled, tokens, card, params.memory.headroom_gib, params.memory.fit,
+                     stage=prepared.spec.section)  # fmt: skip
+    if fit.peak_gib is not None:
+        logger.info("%s: predicted peak %.1f GiB of %.1f (%s)", prepared.spec.section, fit.peak_gib, card, fit.origin)
+    if fit.note:
+        logger.warning("%s", fit.note)
+    if fit.changed and run is not None:
+        from med_idefics.tracking.runs import log_params
+
+        log_params({"memory.fitted": fit.note}, run.info.run_id)
+    return fit.apply(prepared.recipe)
 
 
 def _prefix(params: Params, spec: StageSpec) -> str:
