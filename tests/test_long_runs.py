@@ -161,13 +161,16 @@ def run_id() -> str:
     return client.create_run(client.create_experiment("outage")).info.run_id
 
 
+SERVER_WITH_PASSWORD = "http://alice:pa55word-123@127.0.0.1:9"
+
+
 def _server_down_for(monkeypatch, down: threading.Event) -> None:
     """MlflowClient.log_batch fails as it does when the server is away, while ``down`` is set."""
     real = MlflowClient.log_batch
 
     def log_batch(self, *args, **kwargs):
         if down.is_set():
-            raise MlflowException("API request to http://127.0.0.1:9/api/2.0/mlflow/runs/log-batch failed: refused")
+            raise MlflowException(f"API request to {SERVER_WITH_PASSWORD}/api/2.0/mlflow/runs/log-batch: refused")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
@@ -188,6 +191,8 @@ def test_step_metrics_wait_out_an_outage_with_one_warning_and_arrive_in_order(ru
     assert len(_history(run_id, "learning_rate")) == 40
     assert len(_warnings(caplog, "did not take")) == 1 and sender.outages == 1
     assert len(_warnings(caplog, "answers again")) == 1
+    assert "http://[redacted]@127.0.0.1:9" in _warnings(caplog, "did not take")[0]  # never the server's password
+    assert not _warnings(caplog, "pa55word")
 
 
 def test_what_the_server_never_took_is_kept_and_sent_by_the_next_invocation(run_id, monkeypatch, tmp_path):

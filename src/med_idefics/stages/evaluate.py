@@ -15,7 +15,9 @@ run that made the variant — its training run, or the base's run — is in the 
 and it gets the suite's headline metrics as ``<suite>/<metric>`` (with ``_ci_low``/``_ci_high``): one row per variant
 in the MLflow runs table. Evaluating again what is already evaluated — the same answers and scores as the files hold,
 whose recorded run is in this store (a clone after ``dvc pull``, a forced rerun) — keeps that run and changes no file:
-no duplicate run, no new run id for DVC to see.
+no duplicate run, no new run id for DVC to see. Predictions the tracking store did not take (an outage) are kept
+beside the predictions folder until their run has them; the rerun logs them without generating again
+(docs/long-runs.md).
 
 A variant is ``base``; a name whose adapter is ``<outputs_dir>/<name>/adapter`` (``outputs/`` unless the request
 says; ``single-stage``, ``two-stage``, sweep points such as ``two-stage-n500``); or an adapter reference — anything
@@ -272,9 +274,9 @@ def evaluate_suite(
                 if parent is not None:  # the variant's row in the runs table: its headline numbers as <suite>/<metric>
                     log_metrics_to(parent, results.headline(suite.name, metrics))
     except MlflowException as err:
-        from med_idefics.tracking.outbox import TrackingUnavailable
+        from med_idefics.tracking.outbox import TrackingUnavailable, first_line
 
-        why = str(err).splitlines()[0][:300]
+        why = first_line(err)
         raise TrackingUnavailable(
             f"{target.name}/{suite.name}: the tracking store did not take the evaluation ({why}). "
             f"Its predictions are in {predictions_path}, kept in {pending.folder} until logged: when the store answers "

@@ -338,7 +338,8 @@ def _log_trained(run_id: str, out_dir: Path, summary: dict, log_history: list, s
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.tracking.outbox import Outbox, TrackingUnavailable
+    from med_idefics.tracking.outbox import Outbox, TrackingUnavailable, first_line
+    from med_idefics.tracking.provenance import redact
 
     unsent = sender.close() if sender is not None else []  # one more attempt, as long as the client's retries take
     if unsent:
@@ -350,8 +351,8 @@ def _log_trained(run_id: str, out_dir: Path, summary: dict, log_history: list, s
         _log_outputs(out_dir, summary)
     except MlflowException as err:
         raise TrackingUnavailable(
-            f"training finished, but the tracking store {mlflow.get_tracking_uri()} did not take run {run_id}'s "
-            f"results ({str(err).splitlines()[0][:300]}). The adapter is in {out_dir / ADAPTER_DIR}, kept in "
+            f"training finished, but the tracking store {redact(mlflow.get_tracking_uri())} did not take run "
+            f"{run_id}'s results ({first_line(err)}). The adapter is in {out_dir / ADAPTER_DIR}, kept in "
             f"{out_dir / PENDING_DIR} until logged: when the store answers again, run the same command — it logs "
             "them into that run without training again"
         ) from err

@@ -139,13 +139,17 @@ class MetricSender:
         logger.warning(
             "the tracking server did not take run %s's step metrics at step %d (%s): training goes on; the step "
             "metrics wait here and are sent when it answers (tried every %.0f s)",
-            self.run_id, self._last_step, _first_line(err), self.retry_s,
+            self.run_id, self._last_step, first_line(err), self.retry_s,
         )  # fmt: skip
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An error's first line, for a warning or a message: cut at 300 characters, anything secret redacted (a URI's
+    user:password, a token)."""
+    from med_idefics.tracking.provenance import redact
+
     text = f"{type(err).__name__}: {err}"
-    return text.splitlines()[0][:300]
+    return redact(text.splitlines()[0][:300])
 
 
 class Outbox:
@@ -210,7 +214,7 @@ def keep_unsent(sender: MetricSender | None, outbox: Outbox, status: str | None 
     unsent = sender.close(wait_s=CLOSE_WAIT_S)
     if unsent or sender.server_down:
         failed = error is not None and status == "FAILED"
-        tags = {"error": _first_line(error)} if failed else {}
+        tags = {"error": first_line(error)} if failed else {}
         outbox.keep(sender.run_id, unsent, tags, status=status if sender.server_down else None)
     return unsent
 
@@ -242,6 +246,7 @@ def send_outbox(folder: str | Path, params) -> None:
     :class:`TrackingUnavailable` when it does not answer."""
     from mlflow.exceptions import MlflowException
 
+    from med_idefics.tracking.provenance import redact
     from med_idefics.tracking.runs import resolve_tracking_uri, setup_tracking
 
     outbox = Outbox(folder)
@@ -252,7 +257,8 @@ def send_outbox(folder: str | Path, params) -> None:
         sent = outbox.send()
     except MlflowException as err:
         raise TrackingUnavailable(
-            f"the tracking store {resolve_tracking_uri(params)} does not answer ({_first_line(err)}); {outbox.path} "
-            "holds what earlier runs of this stage could not log. Run the same command again when it answers"
+            f"the tracking store {redact(resolve_tracking_uri(params))} does not answer ({first_line(err)}); "
+            f"{outbox.path} holds what earlier runs of this stage could not log. Run the same command again when it "
+            "answers"
         ) from err
     logger.warning("sent what run(s) %s could not log during a tracking outage (%s)", ", ".join(sent), outbox.path)

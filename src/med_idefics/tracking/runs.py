@@ -441,7 +441,8 @@ def _quietly(call, *args) -> None:
         with bounded_requests():
             call(*args)
     except Exception as err:
-        logger.warning("the tracking store did not answer %s: %s", call.__name__, str(err).splitlines()[0][:300])
+        why = redact(str(err).splitlines()[0][:300])
+        logger.warning("the tracking store did not answer %s: %s", call.__name__, why)
 
 
 def _reopen(client, experiment_id: str, run_id: str, tags: Mapping[str, str]) -> bool:
@@ -456,7 +457,7 @@ def _reopen(client, experiment_id: str, run_id: str, tags: Mapping[str, str]) ->
     except MlflowException:
         run = None
     if run is None or run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
-        uri = mlflow.get_tracking_uri()
+        uri = redact(mlflow.get_tracking_uri())
         logger.warning("run %s is not in this experiment of %s: logging into a new run", run_id, uri)
         return False
     for key in ("host", "pid"):
