@@ -354,7 +354,7 @@ def test_the_train_command_exits_75_on_sigusr1_and_the_same_command_resumes(proj
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    while not scan(CHECKPOINTS)[0] if CHECKPOINTS.exists() else True:
+    while not (CHECKPOINTS.exists() and scan(CHECKPOINTS)[0]):  # its first complete checkpoint
         assert first.poll() is None, "training ended before the signal"
         assert time.monotonic() < deadline
         time.sleep(0.05)
