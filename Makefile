@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 DEMO_JOBS ?= $(shell n=$$(( $$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / $(OMP_NUM_THREADS) )); echo $$(( n > 0 ? n : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test demo-check paper-smoke test-slow gpu-prep gpu-wheels lint format docs screenshots venv clean-outputs
+.PHONY: help demo test demo-check paper-smoke test-long-runs test-slow gpu-prep gpu-wheels lint format docs screenshots venv clean-outputs
 
 demo: venv ## Run the demo profile end to end, offline on CPU: demo data, the DVC pipeline, then check the science
 	med-idefics data demo
@@ -23,13 +23,16 @@ demo: venv ## Run the demo profile end to end, offline on CPU: demo data, the DV
 	@echo "Results: reports/results.md · MLflow: $$(med-idefics tracking-uri --ui)"
 
 test: venv ## Run the offline test-suite (no network, no GPU), two workers
-	pytest -q -n 2 -m "not demo and not paper_smoke and not slow and not gpu_prep"
+	pytest -q -n 2 -m "not demo and not paper_smoke and not slow and not gpu_prep and not long_runs"
 
 demo-check: venv ## Check that the demo's numbers move as a correct pipeline makes them move (make demo runs it)
 	pytest -q -p no:cacheprovider -m demo tests/test_demo_results.py tests/test_demo_mlflow.py
 
 paper-smoke: venv ## The paper profile's own DVC pipeline end to end on CPU (tiny weights, small data) in outputs/paper-smoke/
 	python .ci/paper_smoke.py
+
+test-long-runs: venv ## Preemption signals, a tracking-server outage, a full disk, end to end (docs/long-runs.md; minutes)
+	pytest -q -n 2 -m long_runs tests/test_long_runs.py
 
 test-slow: venv ## Also run the tests marked slow
 	pytest -q -n 2 -m "not demo and not paper_smoke and not gpu_prep"

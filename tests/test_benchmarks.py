@@ -103,3 +103,26 @@ def test_gpu_check_fits_memory_over_the_steps_that_ran_and_records_the_one_that_
     assert [p["tokens"] for p in row["points"]] == [100, 200] and row["oom_tokens"] == 400
     assert row["fixed_gib"] == 20.0 and abs(row["gib_per_token"] - 0.001) < 1e-9
     assert abs(row["gib_per_sample"] - 0.01) < 1e-6
+
+
+def test_long_runs_disk_table_counts_the_8b_shapes_lora_as_its_dimensions_say(repo_root, monkeypatch, capsys):
+    """benchmarks/long_runs.py --disk-only builds the Idefics2-8B shape on the meta device; the LoRA it counts is
+    r x (in + out) of every targeted projection: 32 Mistral layers (hidden 4096, 8 KV heads of 128, MLP 14336), the
+    perceiver's 3 (16 heads and 4 KV heads of 96, MLP 4 x 4096) and the connector's MLP (1152 → 14336 → 4096)."""
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    long_runs = importlib.import_module("long_runs")
+    from med_idefics.config import load_params
+
+    params = load_params(repo_root / "params.yaml")
+    (name, need), (_, tiny) = long_runs.disk_rows(params)
+
+    def lora(*shapes: tuple[int, int]) -> int:
+        return sum(params.lora.r * (fan_in + fan_out) for fan_in, fan_out in shapes)
+
+    text = lora((4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096))
+    perceiver = lora((4096, 1536), (4096, 384), (4096, 384), (1536, 4096), (4096, 16384), (4096, 16384), (16384, 4096))
+    connector = lora((1152, 14336), (1152, 14336), (14336, 4096))
+    assert name == "Idefics2-8B shape" and need.trainable == 32 * text + 3 * perceiver + connector
+    assert need.adapter == 4 * need.trainable and need.total == 3 * need.checkpoint + need.adapter  # fp32 LoRA
+    out = capsys.readouterr().out
+    assert f"| Idefics2-8B shape | {need.trainable:,} |" in out and f"| tiny base | {tiny.trainable:,} |" in out

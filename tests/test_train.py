@@ -409,24 +409,30 @@ def test_a_bad_record_fails_before_training_starts(project, tmp_path, flaw):
     assert _runs() == [] and not Path("outputs/ss").exists()
 
 
+def _complete_checkpoint(checkpoints: Path, step: int) -> Path:
+    """A checkpoint folder as a finished save leaves it (its manifest written last, then renamed into place)."""
+    from med_idefics.modeling.checkpoints import STAGING, publish
+
+    staging = checkpoints / STAGING / f"checkpoint-{step}"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "trainer_state.json").write_text("{}")
+    return publish(staging, checkpoints, step, run_id=None, keep=None)
+
+
 def test_under_torchrun_only_rank_0_clears_the_checkpoints_and_writes_the_fingerprint(tmp_path, monkeypatch):
     """Every rank decides whether to resume, but only rank 0 touches the folder: another rank deleting and
     recreating it (and writing the fingerprint) at the same time races rank 0 and can destroy its checkpoint."""
-    from med_idefics.stages.train import FINGERPRINT_FILE, _prepare_checkpoints
+    from med_idefics.modeling.checkpoints import FINGERPRINT_FILE, prepare_folder
 
     checkpoints = tmp_path / "checkpoints"
-    (checkpoints / "checkpoint-4").mkdir(parents=True)
-    (checkpoints / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    _complete_checkpoint(checkpoints, 4)
     (checkpoints / FINGERPRINT_FILE).write_text('{"stage": "stage1"}')
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert _prepare_checkpoints(checkpoints, {"stage": "stage2"}) is False  # stale: rank 0 will clear it
+    assert prepare_folder(checkpoints, {"stage": "stage2"}, main_process=False) is None  # stale: rank 0 clears it
     assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file()
     assert (checkpoints / FINGERPRINT_FILE).read_text() == '{"stage": "stage1"}'
-    assert _prepare_checkpoints(checkpoints, {"stage": "stage1"}) is True  # what rank 0 resumes, every rank resumes
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    assert _prepare_checkpoints(checkpoints, {"stage": "stage2"}) is False
+    resumed = prepare_folder(checkpoints, {"stage": "stage1"}, main_process=False)  # what rank 0 resumes, every rank
+    assert resumed is not None and resumed.step == 4 and resumed.path == checkpoints / "checkpoint-4"
+    assert prepare_folder(checkpoints, {"stage": "stage2"}, main_process=True) is None
     assert not (checkpoints / "checkpoint-4").exists()
     assert json.loads((checkpoints / FINGERPRINT_FILE).read_text()) == {"stage": "stage2"}
 
@@ -436,7 +442,8 @@ def test_a_checkpoint_is_resumed_only_with_the_same_data_base_and_init_adapter(p
     import shutil
 
     from med_idefics.data.schema import read_records, write_splits
-    from med_idefics.stages.train import _fingerprint, _prepare_checkpoints, prepare
+    from med_idefics.modeling.checkpoints import prepare_folder
+    from med_idefics.stages.train import _fingerprint, prepare
 
     params = load_params("params.yaml")
     _make_stage1_adapter(params, project / "outputs/stage1/adapter")
@@ -444,9 +451,9 @@ def test_a_checkpoint_is_resumed_only_with_the_same_data_base_and_init_adapter(p
 
     def resumable() -> bool:
         request = TrainRequest(stage="stage2", out_dir=Path("outputs/two-stage"))
-        resumed = _prepare_checkpoints(checkpoints, _fingerprint(params, request, prepare(params, request)))
-        (checkpoints / "checkpoint-4").mkdir(exist_ok=True)
-        (checkpoints / "checkpoint-4/trainer_state.json").write_text("{}")
+        resumed = prepare_folder(checkpoints, _fingerprint(params, request, prepare(params, request))) is not None
+        if not (checkpoints / "checkpoint-4").exists():
+            _complete_checkpoint(checkpoints, 4)
         return resumed
 
     assert resumable() is False  # nothing to resume yet

@@ -11,6 +11,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
+class DiskSpaceError(RuntimeError):
+    """Not enough disk for what a stage is about to write (checked before), or the disk filled while it wrote."""
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -71,13 +71,16 @@ def optional_params_options(func):
 
 
 def run_main() -> None:
-    """Entry point: turn the project's own user errors into a one-line message and exit status 2."""
+    """Entry point: turn the project's own user errors into a one-line message and exit status 2. (A training stage
+    stopped by a preemption signal exits 75 itself: med_idefics.tracking.preemption.EXIT_REQUEUE.)"""
     from med_idefics.data.schema import DatasetError
+    from med_idefics.files import DiskSpaceError
     from med_idefics.reporting.results import ResultsError  # also med_idefics.reporting.review.GradingError, a subclass
     from med_idefics.scoring.predictions import PredictionsError
+    from med_idefics.tracking.outbox import TrackingUnavailable
 
     try:
         main(standalone_mode=True)
-    except (ConfigError, DatasetError, PredictionsError, ResultsError) as err:
+    except (ConfigError, DatasetError, PredictionsError, ResultsError, DiskSpaceError, TrackingUnavailable) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

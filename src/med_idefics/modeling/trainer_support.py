@@ -1,5 +1,5 @@
-"""HF ``Trainer`` plumbing shared by the training stages: arguments from params, and callbacks
-that log step metrics to the active MLflow run and stop on a non-finite loss."""
+"""HF ``Trainer`` plumbing shared by the training stages: arguments from params, and callbacks that log step
+metrics to the stage's MLflow run, stop on a non-finite loss, and stop with a checkpoint on a preemption signal."""
 
 from __future__ import annotations
 
@@ -81,11 +81,37 @@ class NonFiniteLossGuard(TrainerCallback):
                 raise NonFiniteLoss(f"{key} became {value} at step {state.global_step}; lower the learning rate")
 
 
-class MlflowStepLogger(TrainerCallback):
-    """Step metrics to the active MLflow run: train loss, eval loss, learning rate, samples/s."""
+class StopOnPreemption(TrainerCallback):
+    """On a preemption signal (:mod:`med_idefics.tracking.preemption`), at the end of the optimizer step under way:
+    log, save a checkpoint and stop. Under torchrun every rank stops at the same step when any rank got the signal
+    (a collective over the flag at each step end: a byte). ``stopped_at``: the step it stopped at, else None."""
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, request) -> None:
+        self.request = request
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _on_any_rank(self.request.requested, args.device):
+            control.should_log = control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
+def _on_any_rank(flag: bool, device) -> bool:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Step metrics to the stage's MLflow run through a :class:`~med_idefics.tracking.outbox.MetricSender` (None:
+    no run on this rank): train loss, eval loss, learning rate, samples/s."""
+
+    def __init__(self, sender):
+        self.sender = sender
         self._last_time: float | None = None
         self._last_step = 0
 
@@ -93,11 +119,11 @@ class MlflowStepLogger(TrainerCallback):
         self._last_time, self._last_step = time.perf_counter(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.run is None or not state.is_world_process_zero:
+        if self.sender is None or not state.is_world_process_zero:
             return
-        import mlflow
-
         metrics = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float) and math.isfinite(v)}
+        if "train_runtime" in metrics:  # the Trainer's closing summary: its mean loss would be a second point on the
+            metrics.pop("train_loss", None)  # last step's train_loss curve (the run's mean is final_train_loss)
         now = time.perf_counter()
         if "loss" in metrics and self._last_time is not None and state.global_step > self._last_step:
             samples = (state.global_step - self._last_step) * args.train_batch_size * args.gradient_accumulation_steps
@@ -106,4 +132,4 @@ class MlflowStepLogger(TrainerCallback):
             self._last_time, self._last_step = now, state.global_step
         renamed = {("train_loss" if k == "loss" else k): v for k, v in metrics.items()}
         if renamed:
-            mlflow.log_metrics(renamed, step=state.global_step, run_id=self.run.info.run_id)
+            self.sender.log(renamed, step=state.global_step)

@@ -15,7 +15,9 @@ run that made the variant — its training run, or the base's run — is in the 
 and it gets the suite's headline metrics as ``<suite>/<metric>`` (with ``_ci_low``/``_ci_high``): one row per variant
 in the MLflow runs table. Evaluating again what is already evaluated — the same answers and scores as the files hold,
 whose recorded run is in this store (a clone after ``dvc pull``, a forced rerun) — keeps that run and changes no file:
-no duplicate run, no new run id for DVC to see.
+no duplicate run, no new run id for DVC to see. Predictions the tracking store did not take (an outage) are kept
+beside the predictions folder until their run has them; the rerun logs them without generating again
+(docs/long-runs.md).
 
 A variant is ``base``; a name whose adapter is ``<outputs_dir>/<name>/adapter`` (``outputs/`` unless the request
 says; ``single-stage``, ``two-stage``, sweep points such as ``two-stage-n500``); or an adapter reference — anything
@@ -27,6 +29,7 @@ every other character than letters, digits, ``.``, ``_`` and ``-`` turned into `
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -44,7 +47,10 @@ from med_idefics.prompts import extract_answer
 from med_idefics.reporting import results
 from med_idefics.scoring.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
 
+logger = logging.getLogger(__name__)
 BASE = "base"
+PENDING_DIR = ".unlogged-evaluations"  # beside the predictions folder: what an outage kept from its runs
+KEPT_PREDICTIONS = "predictions.jsonl"
 PREDICTIONS_DIR = Path(results.PREDICTIONS_DIR)
 METRICS_DIR = Path(results.METRICS_DIR)
 OUTPUTS_DIR = Path("outputs")
@@ -208,15 +214,85 @@ def evaluate_suite(
 ) -> SuiteResult:
     """One suite: generate and score; then, unless that reproduces the evaluation already recorded (see
     :func:`_reproduces_recorded`), write the two files and log them as one tracked run. ``store``: the vision-feature
-    cache, used for the suite when its images fit."""
-    from med_idefics.modeling.vision_cache import fill
-    from med_idefics.scoring.predictions import write_predictions
+    cache, used for the suite when its images fit. The predictions are kept aside until their run has them
+    (:mod:`med_idefics.tracking.pending`): when the tracking store does not take them, the stage fails saying so, and
+    its rerun logs them without generating again."""
+    from mlflow.exceptions import MlflowException
+
+    from med_idefics.scoring.predictions import read_predictions, write_predictions
     from med_idefics.tracking.runs import log_params, tracked_run
+
+    tags = {
+        "variant": target.name,
+        "suite": suite.name,
+        "adapter": target.adapter or "none",
+        "training_run_id": target.training_run_id or "none",
+        "precision": precision_tag(params),
+        "vqa_split": split_name(params.data.vqa),
+    }
+    pending, fingerprint = _pending(request, target, suite), _fingerprint(params, target, suite, tags)
+    kept = pending.load(fingerprint)
+    if kept is not None:
+        rows = read_predictions(pending.path(KEPT_PREDICTIONS))
+        logger.warning(
+            "%s: predictions generated before a tracking outage, logged without generating again", pending.folder
+        )
+    else:
+        rows = prediction_rows(suite, _answers(params, target, suite, model, processor, store))
+    metrics = suite_metrics(suite.name, rows, params)
+    where = (target.name, suite.name)
+    predictions_path = results.predictions_path(request.predictions_dir, *where)
+    metrics_path = results.metrics_path(request.metrics_dir, *where)
+    if _reproduces_recorded(request.metrics_dir / target.name, tags, rows, metrics, predictions_path, metrics_path):
+        pending.clear()
+        return SuiteResult(metrics, predictions_path, metrics_path)
+    write_predictions(predictions_path, rows)
+    state = {"fingerprint": fingerprint, "eval_run": (kept or {}).get("eval_run")}
+    pending.keep(state, {KEPT_PREDICTIONS: predictions_path})
+    run_name = f"eval-{target.name}-{suite.name}"
+    try:
+        with tracked_run(
+            params, run_name, tags=tags, parent_run_id=parent, dvc_stage=request.dvc_stage,
+            resume_run_id=state["eval_run"],
+        ) as run:  # fmt: skip
+            if run is not None:
+                pending.update(eval_run=run.info.run_id)
+                log_params({"precision": tags["precision"]}, run.info.run_id)
+            write_json(metrics_path, metrics)
+            eval_run = run.info.run_id if run is not None else None
+            info = {
+                "variant": target.name,
+                "training_run_id": target.training_run_id,
+                "eval_runs": {suite.name: eval_run},
+            }
+            results.write_run_info(request.metrics_dir / target.name, info)
+            if run is not None:
+                from med_idefics.tracking.runs import log_metrics_to, log_split_inputs
+
+                log_split_inputs(params.data.root, suite_splits(params, suite.name), "evaluation")
+                _log_results(suite.name, rows, metrics, predictions_path, metrics_path)
+                if parent is not None:  # the variant's row in the runs table: its headline numbers as <suite>/<metric>
+                    log_metrics_to(parent, results.headline(suite.name, metrics))
+    except MlflowException as err:
+        from med_idefics.tracking.outbox import TrackingUnavailable, first_line
+
+        why = first_line(err)
+        raise TrackingUnavailable(
+            f"{target.name}/{suite.name}: the tracking store did not take the evaluation ({why}). "
+            f"Its predictions are in {predictions_path}, kept in {pending.folder} until logged: when the store answers "
+            "again, run the same command — it logs them without generating again"
+        ) from err
+    pending.clear()
+    return SuiteResult(metrics, predictions_path, metrics_path)
+
+
+def _answers(params, target: Target, suite: Suite, model, processor, store) -> list[str]:
+    from med_idefics.modeling.vision_cache import fill
 
     batch, workers = params.eval.batch_size, params.eval.dataloader_workers
     images = [record["image"] for record in suite.records]
     cached = store is not None and fill(store, model, processor, images, suite.name, batch, workers)
-    raws = generate_answers(
+    return generate_answers(
         model,
         processor,
         suite.records,
@@ -227,38 +303,29 @@ def evaluate_suite(
         store=store if cached else None,
         workers=workers,
     )
-    rows = prediction_rows(suite, raws)
-    metrics = suite_metrics(suite.name, rows, params)
-    where = (target.name, suite.name)
-    predictions_path = results.predictions_path(request.predictions_dir, *where)
-    metrics_path = results.metrics_path(request.metrics_dir, *where)
-    tags = {
-        "variant": target.name,
-        "suite": suite.name,
-        "adapter": target.adapter or "none",
-        "training_run_id": target.training_run_id or "none",
-        "precision": precision_tag(params),
-        "vqa_split": split_name(params.data.vqa),
-    }
-    if _reproduces_recorded(request.metrics_dir / target.name, tags, rows, metrics, predictions_path, metrics_path):
-        return SuiteResult(metrics, predictions_path, metrics_path)
-    run_name = f"eval-{target.name}-{suite.name}"
-    with tracked_run(params, run_name, tags=tags, parent_run_id=parent, dvc_stage=request.dvc_stage) as run:
-        if run is not None:
-            log_params({"precision": tags["precision"]}, run.info.run_id)
-        write_predictions(predictions_path, rows)
-        write_json(metrics_path, metrics)
-        eval_run = run.info.run_id if run is not None else None
-        info = {"variant": target.name, "training_run_id": target.training_run_id, "eval_runs": {suite.name: eval_run}}
-        results.write_run_info(request.metrics_dir / target.name, info)
-        if run is not None:
-            from med_idefics.tracking.runs import log_metrics_to, log_split_inputs
 
-            log_split_inputs(params.data.root, suite_splits(params, suite.name), "evaluation")
-            _log_results(suite.name, rows, metrics, predictions_path, metrics_path)
-            if parent is not None:  # the variant's row in the runs table: its headline numbers as <suite>/<metric>
-                log_metrics_to(parent, results.headline(suite.name, metrics))
-    return SuiteResult(metrics, predictions_path, metrics_path)
+
+def _pending(request: EvalRequest, target: Target, suite: Suite):
+    """Beside the predictions folder, not in it: ``dvc repro`` deletes a stage's outputs before running it."""
+    from med_idefics.tracking.pending import PendingLog
+
+    root = Path(request.predictions_dir).parent / PENDING_DIR
+    return PendingLog(root / target.name / suite.name, root=root)
+
+
+def _fingerprint(params: Params, target: Target, suite: Suite, tags: Mapping) -> dict[str, Any]:
+    """What made the predictions: the run's tags, the params, the adapter's and the base's contents, the questions."""
+    from med_idefics.data.schema import records_digest
+    from med_idefics.files import folder_sha256
+    from med_idefics.modeling.loading import base_digest
+
+    return {
+        "tags": dict(tags),
+        "params": {k: v for k, v in params.flat().items() if not k.startswith(("mlflow.", "registry."))},
+        "adapter": folder_sha256(target.adapter_dir) if target.adapter_dir else None,
+        "base": base_digest(params.model.base_dir),
+        "records": records_digest(suite.records),
+    }
 
 
 def _reproduces_recorded(variant_metrics: Path, tags: Mapping, rows, metrics, predictions_path, metrics_path) -> bool:

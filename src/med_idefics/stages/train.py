@@ -2,10 +2,17 @@
 weights) and single-stage (VQA from the bare base, the paper's baseline).
 
 One run = one MLflow run named by its variant and seed, ``two-stage (seed 42)`` (its train and eval splits logged as
-dataset inputs; ``variant`` and ``seed`` among its params), HF ``Trainer``
-driven entirely by params, checkpoints every ``save_steps`` that a rerun of the same command resumes from, the adapter
+dataset inputs; ``variant`` and ``seed`` among its params), HF ``Trainer`` driven entirely by params, the adapter
 saved in PEFT format (adapter only). Beside the adapter: ``train_summary.json`` (numbers only) and
 ``run_info.json`` (variant, stage, MLflow run id, whether it resumed: :mod:`med_idefics.reporting.results`).
+
+Long runs (docs/long-runs.md): free disk is checked before training; checkpoints every ``save_steps`` are written
+aside and renamed into place when complete (:mod:`med_idefics.modeling.checkpoints`), and a rerun of the same command
+resumes from the newest complete one, its run tagged with the run and step it continues. SIGTERM or SIGUSR1 (a
+scheduler's preemption, a time limit) saves a checkpoint at the current step, ends the run KILLED and exits 75
+(:mod:`med_idefics.tracking.preemption`). Step metrics reach MLflow from a background sender that rides out a
+tracking-server outage (:mod:`med_idefics.tracking.outbox`); an adapter trained while the server stays away is kept
+until its run has it, and the rerun logs it without training again.
 """
 
 from __future__ import annotations
@@ -24,13 +31,13 @@ from med_idefics.data.schema import DatasetError, count_records, read_records, r
 from med_idefics.data.splits import load_vqa_splits, split_name
 from med_idefics.files import folder_sha256, write_json
 from med_idefics.modeling.adapters import is_remote, resolve_adapter
-from med_idefics.reporting.results import run_id_of, write_run_info
+from med_idefics.reporting.results import RUN_INFO_FILE, run_id_of, write_run_info
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_FILE = "train_summary.json"
-FINGERPRINT_FILE = "fingerprint.json"
+PENDING_DIR = ".unlogged"  # a trained adapter until its run has it (tracking.pending): what an outage leaves
 _NOT_FINGERPRINTED = ("eval.", "registry.", "mlflow.", "vision_cache.", "memory.")  # what cannot change a checkpoint
 
 
@@ -175,96 +182,221 @@ def _records(params: Params, task: str, train_size: int | None) -> tuple[list[di
 
 
 def train(params: Params, request: TrainRequest) -> dict[str, Any]:
-    """Run one training stage; returns the summary written to ``<out_dir>/train_summary.json``."""
+    """Run one training stage; returns the summary written to ``<out_dir>/train_summary.json``. A preemption signal
+    ends it with :class:`~med_idefics.tracking.preemption.Preempted` (exit status 75) after a checkpoint; a rerun
+    resumes from the newest complete checkpoint, or only logs an adapter whose logging an outage stopped."""
     prepared = prepare(params, request)
+    from med_idefics.tracking.preemption import PreemptionRequest
+
+    preemption = PreemptionRequest()
+    with preemption.catching():  # from here on SIGTERM/SIGUSR1 only ask to stop at a step's end
+        return _run(params, request, prepared, preemption)
+
+
+def _run(params: Params, request: TrainRequest, prepared: Prepared, preemption) -> dict[str, Any]:
+    import torch
+
+    from med_idefics.modeling.checkpoints import check_free_space, prepare_folder, scan, space_needed
+    from med_idefics.modeling.loading import load_base_model
+    from med_idefics.modeling.lora import add_lora
+    from med_idefics.modeling.trainer_support import training_arguments
+    from med_idefics.tracking.outbox import send_outbox
+    from med_idefics.tracking.preemption import Preempted, mark_resumed, resumed_tags
     from med_idefics.tracking.runs import is_main_process, log_params, seeded_run_name, tracked_run
 
+    out_dir, checkpoints = request.out_dir, request.out_dir / CHECKPOINT_DIR
+    fingerprint = _fingerprint(params, request, prepared)
     tags = {"variant": prepared.variant, "stage": request.stage}
     if prepared.spec.task == "vqa":
         tags["vqa_split"] = split_name(params.data.vqa)
     if prepared.init_adapter_dir is not None:
         tags |= _init_adapter_tags(request.init_adapter or "outputs/stage1/adapter", prepared.init_adapter_dir)
     run_name = seeded_run_name(prepared.variant, params.seed)
-    with tracked_run(params, run_name=run_name, tags=tags, dvc_stage=request.dvc_stage) as run:
-        if run is not None:
-            log_params({"precision": precision_label(params.quantization)}, run.info.run_id)
-            _log_inputs(params, prepared.spec)
-        summary = _train(params, request, prepared, run)
-        if is_main_process() and run is not None:
-            _log_outputs(request.out_dir, summary)
-    return summary
 
-
-def _train(params: Params, request: TrainRequest, prepared: Prepared, run) -> dict[str, Any]:
-    import torch
-    from transformers import Trainer
-
-    from med_idefics.modeling.loading import load_base_model
-    from med_idefics.modeling.lora import add_lora
-    from med_idefics.modeling.trainer_support import MlflowStepLogger, NonFiniteLossGuard, training_arguments
-    from med_idefics.modeling.vision_cache import use_vision_cache
-
-    out_dir = request.out_dir
-    checkpoints = out_dir / CHECKPOINT_DIR
-    recipe = fit_memory(params, prepared, run)  # the recipe as it runs on this GPU (params memory)
+    recipe, fitted = fit_memory(params, prepared)  # the recipe as it runs on this GPU (params memory)
     # First: under torchrun this sets up the process group that orders the ranks below.
     args = training_arguments(recipe, checkpoints, seed=params.seed, run_name=prepared.variant)
     with args.main_process_first(local=False, desc="checkpoint folder"):  # rank 0 prepares it, then the others read
-        resume = _prepare_checkpoints(checkpoints, _fingerprint(params, request, prepared))
+        if is_main_process():
+            send_outbox(out_dir, params)  # what an outage kept from earlier runs of this stage, before anything else
+        kept = _pending(out_dir).load(fingerprint) if is_main_process() else _pending(out_dir).peek()
+        resume = None if kept else prepare_folder(checkpoints, fingerprint, is_main_process())
+    if kept is not None:  # trained already; only its logging was cut short
+        return _log_kept(params, request, kept, tags, run_name) if is_main_process() else {}
 
     torch.manual_seed(params.seed)
     model = load_base_model(params.model.base_dir, params.quantization, params.model.attn_implementation)
     # One preparation for all three stages; stage 2 continues the stage-1 adapter's weights.
     model = add_lora(model, params.lora, recipe.gradient_checkpointing, prepared.init_adapter_dir)
+    need = space_needed(model, args.save_total_limit, existing=len(scan(checkpoints)[0]))
+    if is_main_process():
+        check_free_space(checkpoints, need)
+    if preemption.requested:  # before the first step: nothing new to save
+        raise Preempted(preemption.signal_name, resume.step if resume else 0, str(resume.path) if resume else None)
+
+    if resume is not None:
+        tags |= resumed_tags(resume.run_id, resume.step, str(resume.path))
+    with tracked_run(params, run_name, tags=tags, dvc_stage=request.dvc_stage, catch_sigterm=False) as run:
+        if run is not None:
+            log_params({"precision": precision_label(params.quantization)}, run.info.run_id)
+            if fitted:
+                log_params({"memory.fitted": fitted}, run.info.run_id)
+            _log_inputs(params, prepared.spec)
+            if resume is not None and resume.run_id:
+                mark_resumed(resume.run_id, run.info.run_id)
+        summary = _train(
+            params, request, prepared, run, _Setup(args, model, recipe, resume, need.checkpoint, preemption)
+        )
+    if summary:
+        _pending(out_dir).clear()  # its run has everything: a rerun trains afresh
+    return summary
+
+
+@dataclass
+class _Setup:
+    args: Any  # TrainingArguments
+    model: Any
+    recipe: StageConfig  # the stage's recipe as fitted to this GPU (fit_memory)
+    resume: Any  # the Checkpoint resumed from, or None
+    checkpoint_bytes: int
+    preemption: Any  # PreemptionRequest
+
+
+def _train(params: Params, request: TrainRequest, prepared: Prepared, run, setup: _Setup) -> dict[str, Any]:
+    """Train, save and log, the run's step metrics going through a sender that rides out an outage; whatever stops
+    it, what the sender could not send is kept for the rerun (:mod:`med_idefics.tracking.outbox`)."""
+    from med_idefics.tracking.outbox import MetricSender, Outbox, TrackingUnavailable, keep_unsent
+    from med_idefics.tracking.preemption import Preempted
+
+    run_id = run.info.run_id if run is not None else None
+    sender = MetricSender(run_id) if run_id else None
+    try:
+        return _fit(params, request, prepared, run_id, setup, sender)
+    except (Preempted, TrackingUnavailable):
+        raise  # they closed the sender and kept what it did not send
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        keep_unsent(sender, Outbox(request.out_dir), status=status, error=err)
+        raise
+
+
+def _fit(params, request: TrainRequest, prepared: Prepared, run_id, setup: _Setup, sender) -> dict[str, Any]:
+    from med_idefics.modeling.checkpoints import AtomicCheckpointTrainer
+    from med_idefics.modeling.trainer_support import MlflowStepLogger, NonFiniteLossGuard, StopOnPreemption
+    from med_idefics.modeling.vision_cache import use_vision_cache
+    from med_idefics.tracking.outbox import Outbox, end_preempted_run
+    from med_idefics.tracking.preemption import Preempted
+
+    out_dir, checkpoints = request.out_dir, request.out_dir / CHECKPOINT_DIR
     # params vision_cache: the frozen encoder's outputs for the splits' images, computed once (on args.device)
     splits = {"training": prepared.train_texts, "eval-loss": prepared.eval_texts}
-    collator = use_vision_cache(params, model, prepared.collator, splits, args.device, recipe)
-    trainer = Trainer(
-        model=model,
-        args=args,
+    collator = use_vision_cache(params, setup.model, prepared.collator, splits, setup.args.device, setup.recipe)
+    stopper = StopOnPreemption(setup.preemption)
+    trainer = AtomicCheckpointTrainer(
+        model=setup.model,
+        args=setup.args,
         data_collator=collator.collate_texts,
         train_dataset=prepared.train_texts,
         eval_dataset=prepared.eval_texts or None,
-        callbacks=[NonFiniteLossGuard(), MlflowStepLogger(run)],
+        callbacks=[NonFiniteLossGuard(), MlflowStepLogger(sender), stopper],
+        run_id=run_id,
+        checkpoint_bytes=setup.checkpoint_bytes,
     )
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(setup.resume.path) if setup.resume else None)
     seconds = time.perf_counter() - started
+    step = trainer.state.global_step
+    if stopper.stopped_at is not None and step < trainer.state.max_steps:  # (a signal at the last step: finished)
+        signal_name = setup.preemption.signal_name or "a signal to another rank"
+        preempted = Preempted(signal_name, step, str(checkpoints / f"checkpoint-{step}"))
+        logger.warning("%s", preempted)
+        if sender is not None:
+            end_preempted_run(preempted, sender, Outbox(out_dir))
+        raise preempted
+    if not trainer.is_world_process_zero():
+        return {}
     # The Trainer evaluates at the last step itself (eval_strategy "steps"); a trainer.evaluate() here ran it twice.
     final_eval = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), {})
-
-    if trainer.is_world_process_zero():
-        _save_adapter(model, out_dir / ADAPTER_DIR)
-        summary = _summary(prepared, trainer, result, final_eval, seconds)
-        write_json(out_dir / SUMMARY_FILE, summary)
-        run_id = run.info.run_id if run is not None else None
-        info = {
-            "variant": prepared.variant,
-            "stage": request.stage,
-            "run_id": run_id,
-            "resumed_from_checkpoint": resume,
-        }
-        write_run_info(out_dir, info)
-        if run is not None:
-            import mlflow
-
-            mlflow.log_dict({"log_history": trainer.state.log_history}, "trainer_log.json", run_id=run.info.run_id)
-        shutil.rmtree(checkpoints, ignore_errors=True)  # done: a rerun must start afresh, not resume
-        return summary
-    return {}
+    _save_adapter(setup.model, out_dir / ADAPTER_DIR)
+    summary = _summary(prepared, trainer, result, final_eval, seconds, setup.resume)
+    write_json(out_dir / SUMMARY_FILE, summary)
+    info = {"variant": prepared.variant, "stage": request.stage, "run_id": run_id}
+    write_run_info(out_dir, info | {"resumed_from_checkpoint": setup.resume is not None})
+    log_history = trainer.state.log_history
+    if run_id is not None:  # kept until its run has it all: an outage now must not cost the training
+        files = {name: out_dir / name for name in (ADAPTER_DIR, SUMMARY_FILE, RUN_INFO_FILE)}
+        state = {"run_id": run_id, "fingerprint": _fingerprint(params, request, prepared), "log_history": log_history}
+        _pending(out_dir).keep(state, files)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # done: a rerun must start afresh, not resume
+    if run_id is not None:
+        _log_trained(run_id, out_dir, summary, log_history, sender)
+    return summary
 
 
-def fit_memory(params: Params, prepared: Prepared, run=None) -> StageConfig:
-    """The stage's recipe as it runs on this process's GPU: its peak predicted from the measured memory per token
-    (benchmarks/results/gpu_check.json) and the longest training sequence; where it would not fit and params
-    ``memory.fit`` is on, split micro-batch and/or activation checkpointing (the same examples per optimizer step,
-    logged as param ``memory.fitted``); where it is off, a warning. On a CPU, or with nothing measured, the recipe
-    as params give it. Not fingerprinted (``memory.``) nor a DVC dependency: the optimizer steps stay the same."""
+def _pending(out_dir: Path):
+    from med_idefics.tracking.pending import PendingLog
+
+    return PendingLog(out_dir / PENDING_DIR)
+
+
+def _log_trained(run_id: str, out_dir: Path, summary: dict, log_history: list, sender) -> None:
+    """Log the finished training into its run; TrackingUnavailable when the store does not take it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from med_idefics.tracking.outbox import Outbox, TrackingUnavailable, first_line
+    from med_idefics.tracking.provenance import redact
+
+    unsent = sender.close() if sender is not None else []  # one more attempt, as long as the client's retries take
+    if unsent:
+        Outbox(out_dir).keep(run_id, unsent)
+    try:
+        if unsent:
+            raise MlflowException(f"{len(unsent)} step metrics did not reach it")
+        mlflow.log_dict({"log_history": log_history}, "trainer_log.json", run_id=run_id)
+        _log_outputs(out_dir, summary)
+    except MlflowException as err:
+        raise TrackingUnavailable(
+            f"training finished, but the tracking store {redact(mlflow.get_tracking_uri())} did not take run "
+            f"{run_id}'s results ({first_line(err)}). The adapter is in {out_dir / ADAPTER_DIR}, kept in "
+            f"{out_dir / PENDING_DIR} until logged: when the store answers again, run the same command — it logs "
+            "them into that run without training again"
+        ) from err
+
+
+def _log_kept(params: Params, request: TrainRequest, kept: dict, tags: dict, run_name: str) -> dict[str, Any]:
+    """The rerun after an outage: put the kept adapter back (``dvc repro`` deletes a stage's outputs before running
+    it) and log it into the run that trained it, reopened; no training."""
+    from med_idefics.tracking.runs import tracked_run
+
+    out_dir, pending = request.out_dir, _pending(request.out_dir)
+    for name in (ADAPTER_DIR, SUMMARY_FILE, RUN_INFO_FILE):
+        pending.restore(name, out_dir / name)
+    summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    logger.warning(
+        "%s holds the adapter of run %s, trained already: logging it into that run, without training again",
+        pending.folder, kept["run_id"],
+    )  # fmt: skip
+    with tracked_run(params, run_name, tags=tags, dvc_stage=request.dvc_stage, resume_run_id=kept["run_id"]) as run:
+        if run.info.run_id != kept["run_id"]:  # that run is gone from the store: this new one holds the adapter
+            write_run_info(out_dir, {"run_id": run.info.run_id})
+        _log_trained(run.info.run_id, out_dir, summary, kept["log_history"], sender=None)
+    pending.clear()
+    return summary
+
+
+def fit_memory(params: Params, prepared: Prepared) -> tuple[StageConfig, str | None]:
+    """The stage's recipe as it runs on this process's GPU, and what was changed to fit (run param ``memory.fitted``)
+    or None: its peak predicted from the measured memory per token (benchmarks/results/gpu_check.json) and the
+    longest training sequence; where it would not fit and params ``memory.fit`` is on, split micro-batch and/or
+    activation checkpointing (the same examples per optimizer step); where it is off, a warning. On a CPU, or with
+    nothing measured, the recipe as params give it. Not fingerprinted (``memory.``) nor a DVC dependency: the
+    optimizer steps stay the same."""
     from med_idefics.modeling.measurements import fit_recipe, gpu_memory_gib, load_rates, quantization_label
 
     card = gpu_memory_gib()
     if card is None or not prepared.train_texts:
-        return prepared.recipe
+        return prepared.recipe, None
     tokens = max(len(text["input_ids"]) for text in prepared.train_texts)
     fit = fit_recipe(load_rates(), prepared.recipe, quantization_label(params.quantization),
                      params.vision_cache.enabled, tokens, card, params.memory.headroom_gib, params.memory.fit,
@@ -273,11 +405,7 @@ def fit_memory(params: Params, prepared: Prepared, run=None) -> StageConfig:
         logger.info("%s: predicted peak %.1f GiB of %.1f (%s)", prepared.spec.section, fit.peak_gib, card, fit.origin)
     if fit.note:
         logger.warning("%s", fit.note)
-    if fit.changed and run is not None:
-        from med_idefics.tracking.runs import log_params
-
-        log_params({"memory.fitted": fit.note}, run.info.run_id)
-    return fit.apply(prepared.recipe)
+    return fit.apply(prepared.recipe), (fit.note if fit.changed else None)
 
 
 def _prefix(params: Params, spec: StageSpec) -> str:
@@ -303,35 +431,43 @@ def _fingerprint(params: Params, request: TrainRequest, prepared: Prepared) -> d
     }
 
 
-def _prepare_checkpoints(checkpoints: Path, fingerprint: dict[str, Any]) -> bool:
-    """True when ``checkpoints`` holds a resumable checkpoint of this very configuration. Only the main process
-    (rank 0 under torchrun) removes a stale folder and writes the fingerprint; the other ranks only read, after it
-    (``main_process_first`` in :func:`_train`), so every rank takes the same decision on the same folder."""
-    from med_idefics.tracking.runs import is_main_process
-
-    marker = checkpoints / FINGERPRINT_FILE
-    has_checkpoint = any(checkpoints.glob("checkpoint-*/trainer_state.json"))
-    if has_checkpoint and marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint)):
-        return True
-    if is_main_process():
-        shutil.rmtree(checkpoints, ignore_errors=True)
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
-    return False
-
-
 def _save_adapter(model, target: Path) -> None:
-    """Adapter only, PEFT format, written next to the target then renamed: never a half-written adapter."""
+    """Adapter only, PEFT format, written next to the target then renamed: never a half-written adapter. A full disk
+    is a DiskSpaceError; the checkpoints are still there, so the rerun resumes at the last step and saves it again."""
+    from med_idefics.files import DiskSpaceError
+    from med_idefics.modeling.checkpoints import is_disk_full
+
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
+    try:
+        model.save_pretrained(str(staging))
+    except Exception as err:
+        adapter_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        full = is_disk_full(err, target.parent, adapter_bytes)
+        shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            raise DiskSpaceError(
+                f"the disk of {target.parent} filled while saving the adapter: free space there and run the same "
+                "command again (it resumes from the last checkpoint)"
+            ) from err
+        raise
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
 
 
-def _summary(prepared, trainer, result, final_eval, seconds) -> dict[str, Any]:
-    """Numbers only (a DVC metric); the ids go to ``run_info.json``."""
+def _summary(prepared, trainer, result, final_eval, seconds, resume) -> dict[str, Any]:
+    """Numbers only (a DVC metric); the ids go to ``run_info.json``. ``train_loss`` is the whole training's mean
+    loss, a resumed one's too (the Trainer's own covers the steps of its last call only)."""
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    train_loss = result.training_loss
+    if resume is not None:
+        # a logged loss is the mean over the steps since the one logged before it
+        history = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+        total, last = 0.0, 0
+        for step, loss in [(step, loss) for step, loss in history if step <= resume.step]:
+            total, last = total + loss * (step - last), step
+        after = trainer.state.global_step - resume.step
+        train_loss = (total + result.training_loss * after) / max(last + after, 1)
     return {
         "optimizer_steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
@@ -339,7 +475,7 @@ def _summary(prepared, trainer, result, final_eval, seconds) -> dict[str, Any]:
         "n_eval": len(prepared.eval_records),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "eval_loss": final_eval.get("eval_loss"),
         "train_seconds": round(seconds, 2),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),

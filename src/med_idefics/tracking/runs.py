@@ -8,11 +8,13 @@ For a sqlite store the experiment's artifacts live beside the database (``<db fo
 git-ignored.
 
 :func:`tracked_run` logs the resolved config (params and ``config.yaml``) and provenance tags, never secrets, and ends
-the run FINISHED, FAILED (tag ``error``) or KILLED (Ctrl-C, SIGTERM). The experiment is tagged as model training
-(:data:`EXPERIMENT_KIND`), not GenAI; a run's datasets are logged as MLflow inputs (:func:`log_split_inputs`).
-A SIGKILLed or crashed process cannot end its run; the next :func:`tracked_run` on the same host finds it (RUNNING,
-its pid gone) and marks it KILLED. Only the main process (rank 0 under torchrun/accelerate) logs; other ranks get
-``None``.
+the run FINISHED, FAILED (tag ``error``) or KILLED (Ctrl-C, SIGTERM, a preemption: :mod:`.preemption`). After a
+failure its calls to the store are bounded and cannot hide the failure (:func:`bounded_requests`); it can
+also reopen a run (``resume_run_id``) to finish logging what a server outage kept from it. The experiment is tagged
+as model training (:data:`EXPERIMENT_KIND`), not GenAI; a run's datasets are logged as MLflow inputs
+(:func:`log_split_inputs`). A SIGKILLed or crashed process cannot end its run; the next :func:`tracked_run` on the
+same host finds it (RUNNING, its pid gone) and marks it KILLED. Only the main process (rank 0 under
+torchrun/accelerate) logs; other ranks get ``None``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from med_idefics.config import ConfigError, Params
+from med_idefics.tracking.preemption import Preempted
 from med_idefics.tracking.provenance import experiment_copy, provenance_tags, redact, scrub_secrets, store_root
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun
 
+logger = logging.getLogger(__name__)
 __all__ = [
     "RunTerminated",
     "end_stale_runs",
@@ -319,11 +323,15 @@ def tracked_run(
     nested: bool = False,
     parent_run_id: str | None = None,
     dvc_stage: str | None = None,
+    catch_sigterm: bool = True,
+    resume_run_id: str | None = None,
 ) -> Iterator[ActiveRun | None]:
     """An MLflow run for one stage invocation, yielding the ``ActiveRun`` (``None`` on non-main ranks).
 
     ``tags`` are added over the provenance tags (git commit, data md5, DVC stage/experiment, profile, host, pid);
-    ``dvc_stage`` defaults to ``$DVC_STAGE``, which DVC sets for every stage command.
+    ``dvc_stage`` defaults to ``$DVC_STAGE``, which DVC sets for every stage command. ``catch_sigterm=False``: the
+    caller handles SIGTERM itself (a training stage: :mod:`.preemption`). ``resume_run_id``: reopen that run (its
+    params and tags stay; see :func:`_reopen`) instead of starting one.
     """
     if not is_main_process():
         yield None
@@ -339,36 +347,125 @@ def tracked_run(
     if all_tags.get("variant"):
         all_tags.setdefault(RUN_COLOR_TAG, variant_color(all_tags["variant"]))
     all_tags = {k: _truncate(v, MAX_TAG_LENGTH) for k, v in scrub_secrets(all_tags).items()}
+    reopened = resume_run_id is not None and _reopen(client, experiment_id, resume_run_id, all_tags)
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, nested=nested, parent_run_id=parent_run_id, tags=all_tags
+        run_id=resume_run_id if reopened else None,
+        experiment_id=None if reopened else experiment_id,
+        run_name=None if reopened else run_name,
+        nested=nested,
+        parent_run_id=None if reopened else parent_run_id,
+        tags=None if reopened else all_tags,
     )
     run_id = run.info.run_id
     status = "FAILED"
     try:
-        with sigterm_raises():
-            log_params(params.flat(), run_id)
-            if all_tags.get("variant"):  # a param too: the compare page's "show diff only" lists params, not tags
-                log_params({"variant": all_tags["variant"]}, run_id)
-            mlflow.log_dict(scrub_secrets(params.to_dict()), "config.yaml", run_id=run_id)
+        with sigterm_raises() if catch_sigterm else contextlib.nullcontext():
+            if not reopened:
+                log_params(params.flat(), run_id)
+                if all_tags.get("variant"):  # a param too: the compare page's "show diff only" lists params, not tags
+                    log_params({"variant": all_tags["variant"]}, run_id)
+                mlflow.log_dict(scrub_secrets(params.to_dict()), "config.yaml", run_id=run_id)
             end_stale_runs(experiment_id, detected_by=run_id)
             yield run
         status = "FINISHED"
+    except Preempted:  # the training tagged the run itself (why, step, checkpoint), or kept the tags for its rerun
+        status = "KILLED"
+        raise
     except (KeyboardInterrupt, RunTerminated) as err:
-        client.set_tag(run_id, "killed_by", "SIGTERM" if isinstance(err, RunTerminated) else "KeyboardInterrupt")
+        killed_by = "SIGTERM" if isinstance(err, RunTerminated) else "KeyboardInterrupt"
+        _quietly(client.set_tag, run_id, "killed_by", killed_by)
         status = "KILLED"
         raise
     except SystemExit as err:
         status = "FINISHED" if err.code in (None, 0) else "FAILED"
         if status == "FAILED":
-            client.set_tag(run_id, "error", _truncate(redact(f"SystemExit: {err.code}"), MAX_TAG_LENGTH))
+            _quietly(client.set_tag, run_id, "error", _truncate(redact(f"SystemExit: {err.code}"), MAX_TAG_LENGTH))
         raise
     except BaseException as err:
-        client.set_tag(run_id, "error", _truncate(redact(f"{type(err).__name__}: {err}"), MAX_TAG_LENGTH))
+        _quietly(client.set_tag, run_id, "error", _truncate(redact(f"{type(err).__name__}: {err}"), MAX_TAG_LENGTH))
         raise
     finally:
-        mlflow.end_run(status)
+        if status == "FINISHED":
+            mlflow.end_run(status)
+        else:  # a failure is on its way out: the store may be what failed, and must not hide it or hold it
+            _quietly(mlflow.end_run, status)
         if project_run is not None:
-            _point_to(client, project_run, f"{params.mlflow.experiment}/{run_id}")
+            _quietly(_point_to, client, project_run, f"{params.mlflow.experiment}/{run_id}")
+
+
+@contextlib.contextmanager
+def bounded_requests(retries: int = 1, timeout_s: int = 10) -> Iterator[None]:
+    """Inside the block, an MLflow HTTP request gives up after ``retries`` retries of at most ``timeout_s`` seconds
+    each (lower settings of the user's stay), and the HTTP library's warning for each retry is left out."""
+    bounds = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": retries, "MLFLOW_HTTP_REQUEST_TIMEOUT": timeout_s}
+    saved = {name: os.environ.get(name) for name in bounds}
+    for name, bound in bounds.items():
+        current = saved[name]
+        os.environ[name] = str(min(int(current), bound) if current and current.isdigit() else bound)
+    try:
+        with quiet_retries(threading.current_thread().name):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class _OneThread(logging.Filter):
+    def __init__(self, thread_name: str) -> None:
+        super().__init__()
+        self.thread_name = thread_name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.threadName != self.thread_name
+
+
+@contextlib.contextmanager
+def quiet_retries(thread_name: str) -> Iterator[None]:
+    """Leave out the HTTP library's warning for each retry of a request made by thread ``thread_name``: who makes
+    the requests warns once per outage itself (:class:`~.outbox.MetricSender`)."""
+    quiet, retries = _OneThread(thread_name), logging.getLogger("urllib3.connectionpool")
+    retries.addFilter(quiet)
+    try:
+        yield
+    finally:
+        retries.removeFilter(quiet)
+
+
+def _quietly(call, *args) -> None:
+    """A call to the store made while a failure is on its way out: bounded, and a failure of its own only warned
+    about (the run then stays as the store has it; the next run of this host ends it: :func:`end_stale_runs`)."""
+    try:
+        with bounded_requests():
+            call(*args)
+    except Exception as err:
+        why = redact(str(err).splitlines()[0][:300])
+        logger.warning("the tracking store did not answer %s: %s", call.__name__, why)
+
+
+def _reopen(client, experiment_id: str, run_id: str, tags: Mapping[str, str]) -> bool:
+    """Prepare run ``run_id`` to be reopened by this process: True when it is in this experiment (not deleted); its
+    host and pid become this process's, and the marks of its earlier end (``killed_by``, ``error``) go. False, with
+    a warning, when it is not there: the caller starts a new run instead."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+        uri = redact(mlflow.get_tracking_uri())
+        logger.warning("run %s is not in this experiment of %s: logging into a new run", run_id, uri)
+        return False
+    for key in ("host", "pid"):
+        client.set_tag(run_id, key, tags[key])
+    for key in ("killed_by", "error"):
+        if key in run.data.tags:
+            client.delete_tag(run_id, key)
+    return True
 
 
 def _project_run_elsewhere(client, experiment_id: str):
