@@ -31,7 +31,7 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_FILE = "train_summary.json"
 FINGERPRINT_FILE = "fingerprint.json"
-_NOT_FINGERPRINTED = ("eval.", "registry.", "mlflow.", "vision_cache.")  # what cannot change a checkpoint
+_NOT_FINGERPRINTED = ("eval.", "registry.", "mlflow.", "vision_cache.", "cluster.")  # what cannot change a checkpoint
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,344 @@
+"""``med-idefics repro --slurm``: the pipeline's stages that are not up to date, each a Slurm job.
+
+Each job runs its stage as ``med-idefics repro`` runs it locally, through DVC (``dvc --wait-for-lock repro
+--single-item <stage>``: DVC decides, runs, records ``dvc.lock`` and caches), with ``--dependency=afterok:`` on the
+jobs of the stages it depends on (DVC's graph) and ``--kill-on-invalid-dep=yes`` (a failed stage's dependents are
+cancelled by Slurm, never left pending), named ``med-idefics:<stage>``, its output in ``outputs/logs/<stage>.log``,
+its resources from ``cluster.slurm`` (:mod:`med_idefics.workflow.slurm`). Before anything is submitted, the
+cluster's realities are checked (:func:`check_cluster`): the tracking store, DVC's lock on a network filesystem, and
+a hub base resolved and fetched on the login node (compute nodes often have no network).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from med_idefics.config import ConfigError, Params
+from med_idefics.workflow.pipeline import LOG_DIR, UP_TO_DATE, PipelineError, clock, last_line, log_tail
+from med_idefics.workflow.slurm import (
+    Job,
+    JobState,
+    SlurmError,
+    batch_script,
+    cancel,
+    failure,
+    gpus_for,
+    kind_of,
+    require_slurm,
+    states,
+    submit,
+)
+
+POLL_SECONDS = 10.0  # between two squeue calls while following (Slurm starts the dependent jobs itself)
+DVC = (sys.executable, "-m", "dvc")  # this environment's DVC, on PATH or not
+PROGRESS_EVERY = 60.0  # seconds between progress lines
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse.ceph", "glusterfs"}
+
+
+def pipeline_state(repo: Path = Path(".")) -> tuple[dict[str, list[str]], dict[str, str], list[str]]:
+    """DVC's view of the pipeline: (stage → the stages it depends on, stage → command, the stages `dvc repro` would
+    run — those DVC reports changed and every stage after them — in an order where a stage comes after its deps)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as dvc:
+            stages = [s for s in dvc.index.stages if not s.is_data_source]
+            names = {s: s.addressing for s in stages}
+            graph = {names[s]: [names[d] for d in dvc.index.graph.successors(s) if d in names] for s in stages}
+            commands = {names[s]: s.cmd for s in stages}
+            changed = dvc.status()
+    except DvcException as err:
+        raise PipelineError(f"cannot read the DVC pipeline in {repo.resolve()}: {err}") from err
+    sources = {name: change for name, change in changed.items() if name not in graph}
+    if sources:
+        raise PipelineError(
+            f"the data does not match its record ({sources}): `dvc pull` the recorded data, or `dvc add data` to "
+            "record yours, before the stages are submitted"
+        )
+    order = _topological(graph)
+    stale = set(changed)
+    for name in order:  # a stage after a stale one is stale: it will read what that one writes
+        if any(dep in stale for dep in graph[name]):
+            stale.add(name)
+    return graph, commands, [name for name in order if name in stale]
+
+
+def _topological(graph: dict[str, list[str]]) -> list[str]:
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name not in seen:
+            seen.add(name)
+            for dep in graph[name]:
+                visit(dep)
+            order.append(name)
+
+    for name in graph:
+        visit(name)
+    return order
+
+
+def cluster_params(overrides: list[str]) -> Params:
+    """params.yaml with ``--set`` overrides of ``cluster.`` keys only: the stages themselves read params.yaml (DVC
+    runs them), so an override of any other key would not reach them."""
+    from med_idefics.config import load_params
+
+    other = [item for item in overrides if not item.strip().startswith("cluster.")]
+    if other:
+        raise ConfigError(
+            f"--set {other[0]}: only cluster.* keys can be set here; the stages read params.yaml, so edit it (or "
+            "`dvc exp run -S …`) to change anything else"
+        )
+    return load_params(overrides=overrides)
+
+
+def stage_job(name: str, command: str, params: Params, log_dir: Path) -> Job:
+    kind = kind_of(command)
+    gpus, nodes = gpus_for(params.cluster.slurm, kind)
+    command = f"dvc --wait-for-lock repro --single-item {name}"
+    return Job(name, command, kind, log_dir / f"{name}.log", trains=kind == "train", gpus=gpus, nodes=nodes)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The cluster's realities, checked on the login node before anything is submitted
+
+
+def check_cluster(params: Params, repo: Path = Path(".")) -> None:
+    check_tracking_store(params)
+    check_dvc_lock(repo)
+
+
+def check_tracking_store(params: Params) -> None:
+    """Jobs on several nodes must not write one SQLite file (on a shared filesystem its locks do not hold): the
+    team's MLflow server, unless ``cluster.slurm.sqlite_single_node`` says every job runs on one node."""
+    from med_idefics.tracking.runs import resolve_tracking_uri, sqlite_file
+
+    uri = resolve_tracking_uri(params)
+    if sqlite_file(uri) is not None and not params.cluster.slurm.sqlite_single_node:
+        raise ConfigError(
+            f"the MLflow tracking store is a SQLite file ({uri}): jobs on several nodes writing it at once corrupt "
+            "it (SQLite's locks do not hold on a shared filesystem). Point the project at the team's MLflow server "
+            "(`export MLFLOW_TRACKING_URI=http://<server>:5000` on the login node: the jobs inherit it; README, Team "
+            "setup), or, on a single-node cluster, set cluster.slurm.sqlite_single_node: true"
+        )
+
+
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
+    """The type of the filesystem ``path`` is on (``/proc/mounts``: the longest mount point above it)."""
+    if mounts is None:
+        mounts = Path("/proc/mounts").read_text()
+    path = str(path.resolve())
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            point = fields[1].replace("\\040", " ")
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def check_dvc_lock(repo: Path = Path("."), mounts: str | None = None) -> None:
+    """On a network filesystem DVC's default lock (flock) does not hold across nodes: ``core.hardlink_lock``."""
+    kind = filesystem_type(repo, mounts)
+    if kind not in NETWORK_FILESYSTEMS:
+        return
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        hardlink = dvc.config["core"].get("hardlink_lock", False)
+    if not hardlink:
+        raise ConfigError(
+            f"the repository is on {kind}, shared by the nodes, where DVC's default lock (flock) does not hold: "
+            "stages started on two nodes could both write dvc.lock. Run `dvc config core.hardlink_lock true` "
+            "(and commit .dvc/config) on the login node, then submit again"
+        )
+
+
+def prepare_hub_base(params: Params, stale: list[str], dry_run: bool, echo: Callable[[str], None]) -> list[str]:
+    """A hub base (``model.base: owner/name``) needs the network, which compute nodes often lack: its ``base``
+    stage (resolving the revision to a commit) runs here, on the login node, and its files are fetched into the HF
+    cache here (the jobs read it offline: it must sit on a filesystem the nodes share, ``$HF_HOME``). Returns the
+    stages left for jobs."""
+    base = params.model.base
+    if "/" not in base or Path(base).is_dir():  # tiny, tiny-real-processor, a local folder: no network needed
+        return stale
+    from med_idefics.modeling.bases import HUB_ID  # torch and transformers: only for a hub base
+
+    if not HUB_ID.fullmatch(base):
+        return stale
+    if dry_run:
+        echo(f"# {base} is a hub model: the login node runs `base` and fetches its files before submitting")
+        return [name for name in stale if name != "base"]
+    if "base" in stale:
+        echo(f"base: {base} is a hub model; resolving it here, on the login node (compute nodes may have no network)")
+        if subprocess.run([*DVC, "--wait-for-lock", "repro", "--single-item", "base"]).returncode != 0:
+            raise SlurmError("base failed on the login node (its output is above): the hub id, $HF_TOKEN, network")
+    fetch_hub_snapshot(params.model.base_dir, echo)
+    return [name for name in stale if name != "base"]
+
+
+def fetch_hub_snapshot(base_dir: str, echo: Callable[[str], None]) -> None:
+    """The files of the base ``base_dir`` points to, in the HF cache (downloaded here when missing)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from med_idefics.modeling.loading import hub_token, read_pointer
+
+    pointer = read_pointer(base_dir) or {}
+    if pointer.get("source") != "hub":
+        return
+    wanted = {"repo_id": pointer["id"], "revision": pointer["revision"], "allow_patterns": HUB_FILES}
+    try:
+        path = snapshot_download(**wanted, local_files_only=True)
+    except LocalEntryNotFoundError:
+        echo(f"base: fetching {pointer['id']}@{pointer['revision'][:12]} into the HF cache (once, on the login node)")
+        path = snapshot_download(**wanted, token=hub_token())
+    echo(f"base: {pointer['id']} in the HF cache ({path}); the jobs read it offline")
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # weights, configs, processor, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Submitting and following
+
+
+def repro_slurm(
+    params: Params,
+    wait: bool = False,
+    dry_run: bool = False,
+    log_dir: Path = LOG_DIR,
+    echo: Callable[[str], None] = print,
+) -> list[str]:
+    """Submit the stages that are not up to date (see the module docstring); with ``wait``, follow them to the end.
+    Returns the job ids (none in a dry run)."""
+    if not dry_run:
+        require_slurm()
+    check_cluster(params)
+    graph, commands, stale = pipeline_state()
+    stale = prepare_hub_base(params, stale, dry_run, echo)
+    if not stale:
+        echo("every stage is up to date: nothing to submit")
+        return []
+    jobs = [stage_job(name, commands[name], params, log_dir) for name in stale]
+    repo = Path.cwd()
+    if dry_run:
+        for job in jobs:
+            after = [f"<{dep}>" for dep in graph[job.name] if dep in stale]
+            echo(f"# {job.name}: sbatch --parsable{_after(after)}")
+            echo(batch_script(job, params.cluster.slurm, repo))
+        echo(f"# {len(jobs)} jobs (dry run: nothing submitted)")
+        return []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    submitted = submit_all(jobs, graph, params, repo, echo)
+    if not wait:
+        ids = " ".join(submitted.values())
+        echo(f"{len(submitted)} jobs submitted. Follow: `squeue --jobs={ids.replace(' ', ',')}`, the logs in "
+             f"{log_dir}/<stage>.log; cancel: `scancel {ids}`")  # fmt: skip
+        return list(submitted.values())
+    follow({job.name: (job, submitted[job.name]) for job in jobs}, echo)
+    _, _, left = pipeline_state()
+    if left:
+        raise PipelineError(f"the jobs ended, but DVC still finds these stages out of date: {', '.join(left)}")
+    echo("dvc status: every stage up to date")
+    return list(submitted.values())
+
+
+def _after(deps: list[str]) -> str:
+    return f" --dependency=afterok:{':'.join(deps)} --kill-on-invalid-dep=yes" if deps else ""
+
+
+def submit_all(jobs: list[Job], graph: dict[str, list[str]], params: Params, repo: Path, echo) -> dict[str, str]:
+    """Submit ``jobs`` in order, each after the jobs of the stages it depends on; all or none: when sbatch refuses
+    one, the jobs submitted before it are cancelled."""
+    submitted: dict[str, str] = {}
+    try:
+        for job in jobs:
+            after = [submitted[dep] for dep in graph.get(job.name, []) if dep in submitted]
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            job.log.write_text("")  # this run's log (a requeued job appends to it)
+            submitted[job.name] = submit(batch_script(job, params.cluster.slurm, repo), job.name, after)
+            on = f", {job.gpus} GPU{'s' if job.gpus > 1 else ''}" if job.gpus else ""
+            echo(f"submitted {job.name}: job {submitted[job.name]}{on}{_after(after)}")
+    except BaseException:
+        cancel(list(submitted.values()))
+        if submitted:
+            echo(f"cancelled the {len(submitted)} jobs submitted before: nothing of this run is left queued")
+        raise
+    return submitted
+
+
+def follow(jobs: dict[str, tuple[Job, str]], echo: Callable[[str], None] = print) -> None:
+    """Follow the jobs to their end, as ``repro --jobs`` follows its stages: a line when a job starts and ends, the
+    running ones' latest log line every minute, a failed job's log tail; Ctrl-C (or SIGTERM) cancels what is left.
+    Raises :class:`SlurmError` naming the first stage that failed."""
+    from med_idefics.tracking.runs import sigterm_raises
+
+    started = last_progress = time.monotonic()
+    seen: dict[str, str] = {}
+    since: dict[str, float] = {}
+    failed: dict[str, JobState] = {}
+    pending = dict(jobs)
+    with sigterm_raises():
+        try:
+            while pending:
+                now = states([job_id for _, job_id in pending.values()])
+                for name, (job, job_id) in list(pending.items()):
+                    state = now.get(job_id)
+                    if state is None:
+                        continue
+                    _report(name, job, job_id, state, seen, since, started, echo)
+                    if state.finished:
+                        del pending[name]
+                        if state.state != "COMPLETED":
+                            failed[name] = state
+                if pending and time.monotonic() - last_progress >= PROGRESS_EVERY:
+                    last_progress = time.monotonic()
+                    for name, (job, _) in pending.items():
+                        if seen.get(name) == "RUNNING":
+                            echo(f"[{clock(started)}]   {name}: {last_line(job.log)}")
+                if pending:
+                    time.sleep(POLL_SECONDS)
+        except BaseException:
+            left = [job_id for _, job_id in pending.values()]
+            if left:
+                echo(f"[{clock(started)}] cancelling {', '.join(pending)} (jobs {' '.join(left)})")
+                cancel(left)
+            raise
+    if failed:  # the stage that failed first, not the dependents Slurm cancelled after it
+        first = next((n for n, state in failed.items() if "Dependency" not in state.reason), next(iter(failed)))
+        job, job_id = jobs[first]
+        cancelled = len(failed) - 1
+        after = f"; the {cancelled} stage(s) after it were cancelled" if cancelled else ""
+        raise SlurmError(f"stage {first} (job {job_id}): {failure(first, job.kind, failed[first], job.log)}{after}")
+
+
+def _report(name, job, job_id, state: JobState, seen, since, started, echo) -> None:
+    before = seen.get(name)
+    phase = "RUNNING" if state.state in ("RUNNING", "COMPLETING") else state.state
+    if phase == before:
+        return
+    seen[name] = phase
+    at = f"[{clock(started)}]"
+    if phase == "RUNNING":
+        since[name] = time.monotonic()
+        echo(f"{at} start {name} (job {job_id}, log: {job.log})")
+    elif phase in ("REQUEUED", "PENDING") and before == "RUNNING":
+        echo(f"{at} requeued {name} (job {job_id}): it resumes from its checkpoint when it starts again")
+    elif phase == "COMPLETED":
+        seconds = time.monotonic() - since.get(name, time.monotonic())
+        note = " (up to date)" if job.log.is_file() and UP_TO_DATE in job.log.read_text(errors="replace") else ""
+        echo(f"{at} done {name} in {seconds:.0f} s{note}")
+    elif state.finished:
+        word = "CANCELLED" if state.state == "CANCELLED" else "FAILED"
+        echo(f"{at} {word} {failure(name, job.kind, state, job.log)}")
+        if job.log.is_file() and job.log.stat().st_size and "Dependency" not in state.reason:
+            echo(log_tail(job.log))

@@ -1,0 +1,365 @@
+"""``med-idefics repro --slurm`` and its batch scripts: what each job asks for, the cluster's realities checked before
+anything is submitted, and — on a real single-node Slurm cluster (the ``slurm`` fixture, tests/slurm_cluster.py) — a
+stand-in pipeline whose failing stage cancels its dependents, a refused partition, and a training stage that
+checkpoints on USR1 and is requeued. The demo pipeline itself runs on the cluster in ``make slurm-smoke``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from med_idefics.cli import main
+from med_idefics.config import ConfigError, load_params
+from med_idefics.workflow import cluster, jobsignal, launch, slurm
+from med_idefics.workflow.profiles import apply_profile
+
+BIN = Path(sys.executable).parent
+STANDIN = '''#!/usr/bin/env python3
+"""Stand-in for `med-idefics train NAME OUT MODE`: ok | fail | checkpoint (exit 75 on USR1 or TERM; then 0)."""
+import pathlib, signal, sys, time
+name, out, mode = sys.argv[2], pathlib.Path(sys.argv[3]), sys.argv[4]
+if mode == "fail":
+    print(f"{name}: failing on purpose", flush=True)
+    sys.exit(3)
+if mode == "checkpoint" and not pathlib.Path(f"{name}.checkpoint").exists():
+    def stop(signum, frame):
+        pathlib.Path(f"{name}.{signal.Signals(signum).name}").touch()
+        pathlib.Path(f"{name}.checkpoint").touch()
+        print(f"{name}: {signal.Signals(signum).name}: checkpoint saved, exit 75", flush=True)
+        sys.exit(75)
+    signal.signal(signal.SIGUSR1, stop)
+    signal.signal(signal.SIGTERM, stop)
+    pathlib.Path(f"{name}.ready").touch()
+    while True:
+        time.sleep(0.2)
+out.write_text(name + "\\n")
+'''
+
+
+def paper_params(repo_root):
+    from med_idefics.config import Params, build
+
+    return build(Params, apply_profile(yaml.safe_load((repo_root / "params.yaml").read_text()), "paper"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batch scripts
+
+
+def test_a_paper_training_job_asks_for_its_gpu_requeues_and_forwards_usr1(repo_root, tmp_path):
+    params = paper_params(repo_root)
+    job = cluster.stage_job("stage1", "med-idefics train stage1 --out outputs/stage1", params, tmp_path / "logs")
+    script = slurm.batch_script(job, params.cluster.slurm, tmp_path)
+    lines = script.splitlines()
+    assert "#SBATCH --gres=gpu:1" in lines
+    assert "#SBATCH --time=12:00:00" in lines and "#SBATCH --mem=64G" in lines and "#SBATCH --cpus-per-task=6" in lines
+    assert "#SBATCH --requeue" in lines and "#SBATCH --signal=B:USR1@300" in lines
+    assert f"#SBATCH --output={tmp_path / 'logs' / 'stage1.log'}" in lines and "#SBATCH --export=ALL" in lines
+    assert "dvc --wait-for-lock repro --single-item stage1 &" in lines
+    assert "trap on_usr1 USR1" in lines and 'scontrol requeue "$SLURM_JOB_ID" && exit 0' in script
+    assert "MED_IDEFICS_LAUNCHER" not in script  # one GPU: no torchrun
+    assert f"source {Path(sys.prefix) / 'bin' / 'activate'}" in lines
+
+
+@pytest.mark.parametrize(
+    ("name", "command", "gres"),
+    [
+        ("evaluate@two-stage", "med-idefics evaluate --variant two-stage --suite all", "#SBATCH --gres=gpu:1"),
+        ("report", "med-idefics report --metrics-dir metrics", None),
+        ("register", "med-idefics register --records-dir outputs/registry/versions", None),
+        ("promote", "med-idefics promote --out outputs/registry/promotion.json", None),
+    ],
+)
+def test_only_training_and_evaluation_ask_for_a_gpu(repo_root, tmp_path, name, command, gres):
+    params = paper_params(repo_root)
+    script = slurm.batch_script(cluster.stage_job(name, command, params, tmp_path), params.cluster.slurm, tmp_path)
+    assert [line for line in script.splitlines() if "--gres" in line] == ([gres] if gres else [])
+    assert "--requeue" not in script and "trap" not in script  # only a training checkpoints and requeues
+
+
+def test_several_gpus_start_torchrun_and_several_nodes_rendezvous_on_the_first(repo_root, tmp_path):
+    params = load_params(repo_root / "params.yaml", ["cluster.slurm.gpus_per_training=4"])
+    job = cluster.stage_job("stage2", "med-idefics train stage2", params, tmp_path)
+    script = slurm.batch_script(job, params.cluster.slurm, tmp_path)
+    assert "#SBATCH --gres=gpu:4" in script.splitlines()
+    assert 'export MED_IDEFICS_LAUNCHER="torchrun --standalone --nnodes=1 --nproc-per-node=4"' in script
+    params = load_params(
+        repo_root / "params.yaml", ["cluster.slurm.gpus_per_training=4", "cluster.slurm.nodes_per_training=2"]
+    )
+    job = cluster.stage_job("stage2", "med-idefics train stage2", params, tmp_path)
+    script = slurm.batch_script(job, params.cluster.slurm, tmp_path)
+    assert "#SBATCH --nodes=2" in script.splitlines()
+    assert 'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert "srun --nodes=2 --ntasks-per-node=1 torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d" in script
+    assert 'srun --overlap --nodes="$SLURM_NNODES"' in script  # USR1 reaches the other nodes' trainings too
+
+
+def test_partition_account_qos_and_extra_lines_come_from_params(repo_root, tmp_path):
+    overrides = ["cluster.slurm.partition=gpu-a100", "cluster.slurm.account=medlab", "cluster.slurm.qos=long"]
+    overrides.append("cluster.slurm.extra=['--constraint=a100', '--exclude=node13']")
+    params = load_params(repo_root / "params.yaml", overrides)
+    script = slurm.batch_script(
+        cluster.stage_job("report", "med-idefics report", params, tmp_path), params.cluster.slurm, tmp_path
+    )
+    for line in ("--partition=gpu-a100", "--account=medlab", "--qos=long", "--constraint=a100", "--exclude=node13"):
+        assert f"#SBATCH {line}" in script.splitlines()
+    with pytest.raises(ConfigError, match=r"cluster\.slurm\.extra"):
+        load_params(repo_root / "params.yaml", ["cluster.slurm.extra=['constraint=a100']"])
+
+
+def test_no_secret_is_written_into_a_batch_script(repo_root, tmp_path, monkeypatch):
+    secret = "hf_NotWrittenAnywhere123"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:pw-in-uri@mlflow.example:5000")
+    params = paper_params(repo_root)
+    for name, command in (("base", "med-idefics base"), ("stage1", "med-idefics train stage1")):
+        script = slurm.batch_script(cluster.stage_job(name, command, params, tmp_path), params.cluster.slurm, tmp_path)
+        assert secret not in script and "pw-in-uri" not in script and "HF_TOKEN" not in script
+
+
+def test_the_dry_run_prints_every_batch_script_and_submits_nothing(repo_root, tmp_path, monkeypatch):
+    """In a tmp DVC repository with three stages: every stale stage's script, in order, each after its deps."""
+    repo = _standin_repo(
+        tmp_path, {"a": ("train", "ok", []), "b": ("evaluate", "ok", ["a"]), "c": ("report", "ok", ["b"])}
+    )
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch: a dry run needs none
+    result = CliRunner().invoke(main, ["repro", "--slurm", "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("#!/bin/bash") == 3
+    assert "# b: sbatch --parsable --dependency=afterok:<a> --kill-on-invalid-dep=yes" in result.output
+    assert "# 3 jobs (dry run: nothing submitted)" in result.output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The cluster's realities, before anything is submitted
+
+
+def test_a_sqlite_store_is_refused_unless_the_cluster_has_one_node(repo_root, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    with pytest.raises(ConfigError, match=r"team's MLflow server.*sqlite_single_node: true"):
+        cluster.check_tracking_store(load_params(repo_root / "params.yaml"))
+    cluster.check_tracking_store(load_params(repo_root / "params.yaml", ["cluster.slurm.sqlite_single_node=true"]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    cluster.check_tracking_store(load_params(repo_root / "params.yaml"))
+
+
+def test_on_nfs_dvc_must_use_hardlink_locks(tmp_path):
+    repo = _standin_repo(tmp_path, {"a": ("report", "ok", [])})
+    mounts = f"server:/export {repo.parent} nfs4 rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
+    assert cluster.filesystem_type(repo, mounts) == "nfs4"
+    with pytest.raises(ConfigError, match=r"dvc config core\.hardlink_lock true"):
+        cluster.check_dvc_lock(repo, mounts)
+    subprocess.run([str(BIN / "dvc"), "config", "core.hardlink_lock", "true"], cwd=repo, check=True)
+    cluster.check_dvc_lock(repo, mounts)
+    cluster.check_dvc_lock(repo, "/dev/sda1 / ext4 rw 0 0\n")  # a local disk: no lock to change
+
+
+def test_a_hub_base_is_resolved_and_fetched_on_the_login_node(repo_root, tmp_path, monkeypatch):
+    """`base` runs here (not in a job: compute nodes may have no network), then the snapshot it pins is fetched."""
+    import huggingface_hub
+
+    params = paper_params(repo_root)
+    ran, fetched = [], []
+    monkeypatch.setattr(
+        cluster.subprocess, "run", lambda command, **_: ran.append(command) or subprocess.CompletedProcess(command, 0)
+    )
+    from med_idefics.modeling.loading import write_pointer
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    write_pointer(base_dir, {"source": "hub", "id": params.model.base, "revision": "0" * 40})
+    params.model.base_dir = str(base_dir)
+
+    def snapshot(**kwargs):
+        fetched.append(kwargs)
+        if kwargs.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        return "/cache/snapshot"
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    left = cluster.prepare_hub_base(params, ["base", "stage1"], dry_run=False, echo=lambda _: None)
+    assert left == ["stage1"]
+    assert ran == [[*cluster.DVC, "--wait-for-lock", "repro", "--single-item", "base"]]
+    assert [f.get("local_files_only", False) for f in fetched] == [True, False]
+    assert fetched[1]["repo_id"] == params.model.base and fetched[1]["revision"] == "0" * 40
+
+
+def test_only_cluster_keys_can_be_set_for_the_jobs(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    assert cluster.cluster_params(["cluster.slurm.partition=gpu"]).cluster.slurm.partition == "gpu"
+    with pytest.raises(ConfigError, match=r"only cluster\.\* keys"):
+        cluster.cluster_params(["stage2.lr=1e-3"])
+
+
+def test_without_sbatch_repro_slurm_says_where_to_run_it(tmp_path, monkeypatch):
+    repo = _standin_repo(tmp_path, {"a": ("report", "ok", [])})
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    result = CliRunner().invoke(main, ["repro", "--slurm"])
+    assert result.exit_code != 0
+    assert "sbatch" in result.output and "login node" in result.output and "repro --jobs" in result.output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# USR1 to the training processes only; torchrun
+
+
+@pytest.mark.parametrize(
+    ("argv", "training"),
+    [
+        (["/v/bin/python", "/v/bin/med-idefics", "train", "stage1", "--out", "o"], True),
+        (["/v/bin/python", "-u", "-m", "med_idefics.cli", "train", "stage2"], True),  # a torchrun worker
+        (["/v/bin/python", "/v/bin/torchrun", "--nproc-per-node=2", "-m", "med_idefics.cli", "train", "x"], False),
+        (["/v/bin/python", "/v/bin/dvc", "--wait-for-lock", "repro", "--single-item", "stage1"], False),
+        (["/bin/sh", "-c", "med-idefics train stage1"], False),
+        (["/v/bin/python", "/v/bin/med-idefics", "evaluate", "--variant", "base"], False),
+    ],
+)
+def test_usr1_goes_to_trainings_not_to_dvc_torchrun_or_a_shell(argv, training):
+    assert jobsignal.is_training(argv) is training
+
+
+def test_dataloader_workers_of_a_training_are_not_signalled(tmp_path):
+    """Forked workers keep the training's command line: only the topmost training of each chain is signalled, and
+    only this job's processes."""
+    training = ["/v/bin/python", "/v/bin/med-idefics", "train", "stage1"]
+    table = {
+        10: (["/bin/bash", "/var/spool/slurm/job"], 1, "7"),
+        11: (["/v/bin/python", "/v/bin/dvc", "repro", "--single-item", "stage1"], 10, "7"),
+        12: (training, 11, "7"),
+        13: (training, 12, "7"),  # a DataLoader worker
+        20: (training, 1, "8"),  # another job's training
+    }
+    for pid, (argv, parent, job) in table.items():
+        folder = tmp_path / str(pid)
+        folder.mkdir()
+        (folder / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (folder / "environ").write_bytes(f"PATH=/bin\0SLURM_JOB_ID={job}\0".encode())
+        (folder / "stat").write_text(f"{pid} (python) S {parent} 1 1")
+    assert jobsignal.training_processes("7", tmp_path) == [12]
+
+
+def test_the_training_relaunches_itself_under_the_launcher_once():
+    argv = ["/v/bin/med-idefics", "train", "stage2", "--out", "o"]
+    launcher = {"MED_IDEFICS_LAUNCHER": "torchrun --standalone --nproc-per-node=2"}
+    assert launch.launch_command(argv, launcher) == [
+        "torchrun", "--standalone", "--nproc-per-node=2", "-m", "med_idefics.cli", "train", "stage2", "--out", "o",
+    ]  # fmt: skip
+    assert launch.launch_command(argv, {**launcher, "LOCAL_RANK": "0"}) is None  # torchrun's worker: train here
+    assert launch.launch_command(argv, {}) is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# On a real cluster
+
+
+def _standin_repo(tmp_path: Path, stages: dict[str, tuple[str, str, list[str]]]) -> Path:
+    """A git + DVC repository whose stages run the stand-in ``./med-idefics <kind> <name> <out> <mode>``; each stage
+    writes ``<name>.txt`` and reads its deps' files."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "med-idefics").write_text(STANDIN)
+    (repo / "med-idefics").chmod(0o755)
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["cluster"]["slurm"]["sqlite_single_node"] = True  # one node: the tests' own sqlite store
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_stages = {
+        name: {"cmd": f"./med-idefics {kind} {name} {name}.txt {mode}", "deps": [f"{d}.txt" for d in deps] or None,
+               "outs": [f"{name}.txt"]}
+        for name, (kind, mode, deps) in stages.items()
+    }  # fmt: skip
+    for stage in dvc_stages.values():
+        if stage["deps"] is None:
+            del stage["deps"]
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": dvc_stages}, sort_keys=False))
+    for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"]):
+        subprocess.run(command, cwd=repo, check=True)
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", *identity, "commit", "-qm", "stand-in"], cwd=repo, check=True)
+    return repo
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    pytest.fail(f"waited {seconds:.0f} s for {what}")
+
+
+def test_a_failed_stage_cancels_its_dependents_and_names_itself(slurm, tmp_path, monkeypatch):
+    repo = _standin_repo(
+        tmp_path,
+        {
+            "a": ("train", "ok", []),
+            "b": ("evaluate", "fail", ["a"]),
+            "c": ("report", "ok", ["b"]),
+            "d": ("report", "ok", []),
+        },
+    )
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(cluster, "POLL_SECONDS", 0.5)
+    result = CliRunner().invoke(main, ["repro", "--slurm", "--wait"])
+    assert result.exit_code == 1, result.output
+    assert "Error: stage b (job" in result.output and "outputs/logs/b.log" in result.output
+    assert "b: failing on purpose" in result.output  # the failed stage's log tail
+    assert "CANCELLED c was cancelled: a stage it depends on failed" in result.output
+    assert (repo / "a.txt").is_file() and (repo / "d.txt").is_file() and not (repo / "c.txt").exists()
+    queue = subprocess.run(["squeue", "-h", "-t", "PD,R"], capture_output=True, text=True)
+    assert queue.stdout.strip() == ""  # nothing left pending
+
+
+def test_an_unknown_partition_is_refused_naming_the_stage_and_the_key(slurm, tmp_path, monkeypatch):
+    repo = _standin_repo(tmp_path, {"a": ("train", "ok", []), "b": ("report", "ok", ["a"])})
+    monkeypatch.chdir(repo)
+    result = CliRunner().invoke(main, ["repro", "--slurm", "--set", "cluster.slurm.partition=nope"])
+    assert result.exit_code == 1
+    assert "a: sbatch refused the job" in result.output and "cluster.slurm.partition" in result.output
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+
+
+def test_a_training_checkpointed_on_usr1_is_requeued_and_finishes(slurm, tmp_path, monkeypatch):
+    """Slurm's USR1 before the time limit (sent here by hand: `scancel --signal=USR1 --batch`) reaches the training
+    through DVC; it exits 75; the job requeues itself and, started again, finishes the stage."""
+    repo = _standin_repo(tmp_path, {"t": ("train", "checkpoint", [])})
+    monkeypatch.chdir(repo)
+    (job_id,) = cluster.repro_slurm(cluster.cluster_params([]), echo=lambda _: None)
+    _wait_for((repo / "t.ready").exists, 60, "the stand-in training to start")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    _wait_for(lambda: slurm_state(job_id) == "PENDING", 60, "the job to requeue itself")
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)  # Slurm waits ~2 min
+    _wait_for(lambda: slurm_state(job_id) == "COMPLETED", 60, "the requeued job to finish")
+    log = (repo / "outputs" / "logs" / "t.log").read_text()
+    assert (repo / "t.SIGUSR1").exists() and (repo / "t.txt").is_file()
+    assert "exited with 75" in log  # DVC, not killed by USR1, reported the training's status
+    assert f"requeueing job {job_id}" in log and ", start 2," in log
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, capture_output=True, text=True)
+    assert "up to date" in status.stdout
+
+
+def test_a_cancelled_training_is_not_requeued(slurm, tmp_path, monkeypatch):
+    """scancel's SIGTERM also makes the training checkpoint and exit 75: the job stays CANCELLED."""
+    repo = _standin_repo(tmp_path, {"t": ("train", "checkpoint", [])})
+    monkeypatch.chdir(repo)
+    (job_id,) = cluster.repro_slurm(cluster.cluster_params([]), echo=lambda _: None)
+    _wait_for((repo / "t.ready").exists, 60, "the stand-in training to start")
+    subprocess.run(["scancel", job_id], check=True)
+    _wait_for((repo / "t.SIGTERM").exists, 30, "the training to get SIGTERM")
+    time.sleep(3)
+    assert slurm_state(job_id) == "CANCELLED"
+    assert "requeueing" not in (repo / "outputs" / "logs" / "t.log").read_text()
+
+
+def slurm_state(job_id: str) -> str:
+    done = subprocess.run(
+        ["squeue", "-h", "--states=all", f"--jobs={job_id}", "-o", "%T"], capture_output=True, text=True
+    )
+    return done.stdout.strip()
