@@ -5,6 +5,7 @@ checkpoints on USR1 and is requeued. The demo pipeline itself runs on the cluste
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -363,3 +364,87 @@ def slurm_state(job_id: str) -> str:
         ["squeue", "-h", "--states=all", f"--jobs={job_id}", "-o", "%T"], capture_output=True, text=True
     )
     return done.stdout.strip()
+
+
+def test_offline_a_hub_base_resolves_to_the_commit_the_login_node_fetched(tmp_path, monkeypatch):
+    """A seed's experiment re-runs `base` in a job, offline: the HF cache's commit for the branch, no network."""
+    from huggingface_hub import constants
+
+    from med_idefics.modeling.bases import resolve_hub_revision
+
+    commit = "a" * 40
+    model = tmp_path / "hub" / "models--owner--vlm"
+    (model / "refs").mkdir(parents=True)
+    (model / "refs" / "main").write_text(commit)
+    (model / "snapshots" / commit).mkdir(parents=True)
+    (model / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_hub_revision("owner/vlm", None) == commit
+    with pytest.raises(ConfigError, match="fetch it first"):
+        resolve_hub_revision("owner/other", None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# mlflow run … --backend med-idefics-slurm
+
+
+def _mlproject_repo(tmp_path: Path, repo_root: Path) -> Path:
+    repo = tmp_path / "project"
+    repo.mkdir()
+    for name in ("MLproject", "conda.yaml", "params.yaml"):
+        (repo / name).write_text((repo_root / name).read_text())
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo, check=True)
+    (repo / "backend.json").write_text('{"set": ["cluster.slurm.sqlite_single_node=true"]}')
+    return repo
+
+
+def test_an_entry_point_runs_as_a_slurm_job_and_its_run_follows_the_job(slurm, tmp_path, repo_root):
+    """`promote` (an empty registry: a quick no-candidate decision): FINISHED, tagged with its job id; `predict` with
+    no champion to load (and no image): the job fails and so does the run."""
+    repo = _mlproject_repo(tmp_path, repo_root)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    backend = ["--backend", "med-idefics-slurm", "--backend-config", "backend.json", "--env-manager", "local"]
+    done = subprocess.run(
+        [str(BIN / "mlflow"), "run", ".", "-e", "promote", *backend], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # submitted: `mlflow run` does not wait
+    run = _entry_point_run("promote")
+    assert run.info.status in ("SCHEDULED", "RUNNING", "FINISHED") and run.data.tags["slurm_job_id"].isdigit()
+    job_id = run.data.tags["slurm_job_id"]
+    _wait_for(lambda: slurm_state(job_id) == "COMPLETED", 90, "the promote job")
+    assert _entry_point_run("promote").info.status == "FINISHED"
+    subprocess.run(
+        [str(BIN / "mlflow"), "run", ".", "-e", "predict", "-P", "image=params.yaml", "-P", "question=q", *backend],
+        cwd=repo, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job_id = _entry_point_run("predict").data.tags["slurm_job_id"]
+    _wait_for(lambda: slurm_state(job_id) == "FAILED", 90, "the predict job to fail")
+    assert _entry_point_run("predict").info.status == "FAILED"
+
+
+def _entry_point_run(entry_point: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("med-idefics").experiment_id
+    (run,) = client.search_runs([experiment], f"tags.`mlflow.project.entryPoint` = '{entry_point}'")
+    return run
+
+
+def test_a_cancelled_entry_point_job_leaves_its_run_killed_not_running(slurm, tmp_path, repo_root, monkeypatch):
+    import mlflow
+
+    repo = _mlproject_repo(tmp_path, repo_root)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    submitted = mlflow.projects.run(
+        str(repo), "promote", backend="med-idefics-slurm", backend_config=str(repo / "backend.json"),
+        env_manager="local", synchronous=False,
+    )  # fmt: skip
+    job_id = mlflow.MlflowClient().get_run(submitted.run_id).data.tags["slurm_job_id"]
+    submitted.cancel()
+    _wait_for(lambda: slurm_state(job_id) == "CANCELLED", 30, "the job to be cancelled")
+    assert mlflow.MlflowClient().get_run(submitted.run_id).info.status == "KILLED"

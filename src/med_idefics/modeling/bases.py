@@ -85,16 +85,20 @@ def _replacing(target: Path):
 
 
 def resolve_hub_revision(repo_id: str, revision: str | None) -> str:
-    """The commit hash of ``revision`` (None: the default branch) of hub model ``repo_id``."""
-    from huggingface_hub import HfApi
+    """The commit hash of ``revision`` (None: the default branch) of hub model ``repo_id``. Offline
+    (``$HF_HUB_OFFLINE``: a compute node without network), the commit the HF cache holds for it, as fetched before."""
+    from huggingface_hub import HfApi, constants, snapshot_download
 
     try:
+        if constants.HF_HUB_OFFLINE:
+            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True)).name
         return HfApi().model_info(repo_id, revision=revision, token=hub_token()).sha
     except Exception as err:  # offline mode, no network, unknown repo or revision, no access: one answer to all
         raise ConfigError(
             f"model.base={repo_id!r} (revision {revision or 'default'}): cannot resolve it on the hub "
             f"({type(err).__name__}: {err}). Check the id and the network, set $HF_TOKEN for a gated model, "
-            "or use model.base=tiny to work offline"
+            "or use model.base=tiny to work offline (offline, fetch it first: `huggingface-cli download` on a node "
+            "with network)"
         ) from err
 
 

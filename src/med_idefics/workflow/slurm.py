@@ -52,6 +52,7 @@ class Job:
     gpus: int = 0
     nodes: int = 1
     env: dict[str, str] = field(default_factory=dict)  # exported in the script: never a secret (see batch_script)
+    epilogue: str | None = None  # run after the command, with its exit status in $status (also on scancel's TERM)
 
 
 def kind_of(command: str) -> str:
@@ -138,7 +139,12 @@ def batch_script(job: Job, settings: SlurmConfig, repo: Path, prefix: Path = Pat
         lines.append(f'export MED_IDEFICS_LAUNCHER="{start}"  # med-idefics train starts itself under it')
     attempt = "$((${SLURM_RESTART_COUNT:-0} + 1))"
     lines.append(f'echo "[med-idefics] {job.name}: job $SLURM_JOB_ID on $(hostname -s), start {attempt}, $(date -Is)"')
-    lines += _run_and_requeue(job) if job.trains else [job.command]
+    if job.epilogue:
+        lines.append(f"trap 'status=143; {job.epilogue}; exit 143' TERM  # scancel")
+    lines += _run_and_requeue(job) if job.trains else [job.command, "status=$?"]
+    if job.epilogue:
+        lines.append(job.epilogue)
+    lines.append('exit "$status"')
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +177,6 @@ def _run_and_requeue(job: Job) -> list[str]:
         '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
         '  echo "[med-idefics] scontrol requeue refused: the job ends here (a cancelled job is not requeued)"',
         "fi",
-        'exit "$status"',
     ]
 
 
