@@ -59,7 +59,7 @@ def test_a_paper_training_job_asks_for_its_gpu_requeues_and_forwards_usr1(repo_r
     script = slurm.batch_script(job, params.cluster.slurm, tmp_path)
     lines = script.splitlines()
     assert "#SBATCH --gres=gpu:1" in lines
-    assert "#SBATCH --time=12:00:00" in lines and "#SBATCH --mem=64G" in lines and "#SBATCH --cpus-per-task=6" in lines
+    assert "#SBATCH --time=720" in lines and "#SBATCH --mem=64G" in lines and "#SBATCH --cpus-per-task=6" in lines
     assert "#SBATCH --requeue" in lines and "#SBATCH --signal=B:USR1@300" in lines
     assert f"#SBATCH --output={tmp_path / 'logs' / 'stage1.log'}" in lines and "#SBATCH --export=ALL" in lines
     assert "dvc --wait-for-lock repro --single-item stage1 &" in lines
@@ -310,7 +310,7 @@ def test_a_failed_stage_cancels_its_dependents_and_names_itself(slurm, tmp_path,
     monkeypatch.setattr(cluster, "POLL_SECONDS", 0.5)
     result = CliRunner().invoke(main, ["repro", "--slurm", "--wait"])
     assert result.exit_code == 1, result.output
-    assert "Error: stage b (job" in result.output and "outputs/logs/b.log" in result.output
+    assert "Error: stage b failed (FAILED, NonZeroExitCode)" in result.output and "outputs/logs/b.log" in result.output
     assert "b: failing on purpose" in result.output  # the failed stage's log tail
     assert "CANCELLED c was cancelled: a stage it depends on failed" in result.output
     assert (repo / "a.txt").is_file() and (repo / "d.txt").is_file() and not (repo / "c.txt").exists()
@@ -448,3 +448,36 @@ def test_a_cancelled_entry_point_job_leaves_its_run_killed_not_running(slurm, tm
     submitted.cancel()
     _wait_for(lambda: slurm_state(job_id) == "CANCELLED", 30, "the job to be cancelled")
     assert mlflow.MlflowClient().get_run(submitted.run_id).info.status == "KILLED"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Seeds
+
+
+def test_each_seed_is_an_experiment_of_its_own_pinned_to_the_store(repo_root, tmp_path, monkeypatch):
+    from med_idefics.workflow import seeds
+
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    params = load_params(repo_root / "params.yaml")
+    printed = []
+    seeds.run_seeds(
+        [7, 2026], params, ["sweep.sizes=[]"], slurm=True, dry_run=True, log_dir=tmp_path, echo=printed.append
+    )
+    assert len(printed) == 2
+    for seed, script in zip((7, 2026), printed, strict=True):
+        assert f"#SBATCH --job-name=med-idefics:seed-{seed}" in script and "#SBATCH --time=120" in script
+        assert (
+            f"-m dvc exp run --temp -n seed-{seed} -S seed={seed} -S mlflow.tracking_uri=http://mlflow.example:5000 "
+            "-S 'sweep.sizes=[]'" in script
+        )
+    queued = []
+    seeds.run_seeds([7], params, [], dry_run=True, echo=queued.append)  # without --slurm: queued for dvc queue start
+    assert queued[0].endswith(
+        "dvc exp run --queue -n seed-7 -S seed=7 -S mlflow.tracking_uri=http://mlflow.example:5000"
+    )
+    with pytest.raises(ConfigError, match="each seed once"):
+        seeds.run_seeds([7, 7], params, [], dry_run=True, echo=queued.append)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://me:secret@mlflow.example:5000")
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_PASSWORD"):
+        seeds.run_seeds([7], params, [], slurm=True, dry_run=True, echo=queued.append)

@@ -233,13 +233,13 @@ class MlflowConfig:
 class SlurmResources:
     """What one kind of job asks Slurm for (``--time``, ``--mem``, ``--cpus-per-task``)."""
 
-    time: str  # sbatch --time: minutes, or [days-]hours:minutes:seconds
+    minutes: int  # sbatch --time, in minutes: a number, not "12:00:00", which YAML 1.1 (PyYAML) reads as seconds
     mem: str  # sbatch --mem, per node: 8G, 64000M
     cpus: int  # sbatch --cpus-per-task; the job's OMP_NUM_THREADS unless the environment sets one
 
     def __post_init__(self) -> None:
-        if self.cpus < 1:
-            raise ConfigError(f"cluster.slurm.*.cpus must be >= 1, got {self.cpus}")
+        if self.cpus < 1 or self.minutes < 1:
+            raise ConfigError(f"cluster.slurm.*: cpus and minutes must be >= 1, got {self.cpus} and {self.minutes}")
 
 
 @dataclass

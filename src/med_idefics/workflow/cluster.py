@@ -18,7 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from med_idefics.config import ConfigError, Params
-from med_idefics.workflow.pipeline import LOG_DIR, UP_TO_DATE, PipelineError, clock, last_line, log_tail
+from med_idefics.workflow.pipeline import (
+    LOG_DIR,
+    UP_TO_DATE,
+    PipelineError,
+    chain_lengths,
+    clock,
+    last_line,
+    log_tail,
+)
 from med_idefics.workflow.slurm import (
     Job,
     JobState,
@@ -69,18 +77,14 @@ def pipeline_state(repo: Path = Path(".")) -> tuple[dict[str, list[str]], dict[s
 
 
 def _topological(graph: dict[str, list[str]]) -> list[str]:
+    """Every stage after the stages it depends on; among those ready, the one with the longest chain of stages
+    after it first (as ``repro --jobs`` starts them): Slurm starts jobs of equal priority in submission order."""
+    priority = chain_lengths(graph)
+    position = {name: i for i, name in enumerate(graph)}
     order: list[str] = []
-    seen: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name not in seen:
-            seen.add(name)
-            for dep in graph[name]:
-                visit(dep)
-            order.append(name)
-
-    for name in graph:
-        visit(name)
+    while len(order) < len(graph):
+        ready = [n for n in graph if n not in order and all(d in order for d in graph[n])]
+        order.append(min(ready, key=lambda n: (-priority[n], position[n])))
     return order
 
 
@@ -276,15 +280,14 @@ def submit_all(jobs: list[Job], graph: dict[str, list[str]], params: Params, rep
     return submitted
 
 
-def follow(jobs: dict[str, tuple[Job, str]], echo: Callable[[str], None] = print) -> None:
+def follow(jobs: dict[str, tuple[Job, str]], echo: Callable[[str], None] = print, noun: str = "stage") -> None:
     """Follow the jobs to their end, as ``repro --jobs`` follows its stages: a line when a job starts and ends, the
     running ones' latest log line every minute, a failed job's log tail; Ctrl-C (or SIGTERM) cancels what is left.
-    Raises :class:`SlurmError` naming the first stage that failed."""
+    Raises :class:`SlurmError` naming the ``noun`` (stage, experiment, …) that failed."""
     from med_idefics.tracking.runs import sigterm_raises
 
     started = last_progress = time.monotonic()
     seen: dict[str, str] = {}
-    since: dict[str, float] = {}
     failed: dict[str, JobState] = {}
     pending = dict(jobs)
     with sigterm_raises():
@@ -295,7 +298,7 @@ def follow(jobs: dict[str, tuple[Job, str]], echo: Callable[[str], None] = print
                     state = now.get(job_id)
                     if state is None:
                         continue
-                    _report(name, job, job_id, state, seen, since, started, echo)
+                    _report(name, job, job_id, state, seen, started, echo)
                     if state.finished:
                         del pending[name]
                         if state.state != "COMPLETED":
@@ -313,15 +316,16 @@ def follow(jobs: dict[str, tuple[Job, str]], echo: Callable[[str], None] = print
                 echo(f"[{clock(started)}] cancelling {', '.join(pending)} (jobs {' '.join(left)})")
                 cancel(left)
             raise
-    if failed:  # the stage that failed first, not the dependents Slurm cancelled after it
-        first = next((n for n, state in failed.items() if "Dependency" not in state.reason), next(iter(failed)))
+    if failed:  # the stages that failed, not the dependents Slurm cancelled after them
+        cancelled = [n for n, state in failed.items() if "Dependency" in state.reason]
+        first, *others = [n for n in failed if n not in cancelled] or list(failed)
         job, job_id = jobs[first]
-        cancelled = len(failed) - 1
-        after = f"; the {cancelled} stage(s) after it were cancelled" if cancelled else ""
-        raise SlurmError(f"stage {first} (job {job_id}): {failure(first, job.kind, failed[first], job.log)}{after}")
+        also = f"; {', '.join(others)} failed too" if others else ""
+        after = f"; {len(cancelled)} job(s) after them were cancelled" if cancelled else ""
+        raise SlurmError(f"{noun} {failure(first, job.kind, failed[first], job.log)} (job {job_id}){also}{after}")
 
 
-def _report(name, job, job_id, state: JobState, seen, since, started, echo) -> None:
+def _report(name, job, job_id, state: JobState, seen, started, echo) -> None:
     before = seen.get(name)
     phase = "RUNNING" if state.state in ("RUNNING", "COMPLETING") else state.state
     if phase == before:
@@ -329,14 +333,12 @@ def _report(name, job, job_id, state: JobState, seen, since, started, echo) -> N
     seen[name] = phase
     at = f"[{clock(started)}]"
     if phase == "RUNNING":
-        since[name] = time.monotonic()
         echo(f"{at} start {name} (job {job_id}, log: {job.log})")
     elif phase in ("REQUEUED", "PENDING") and before == "RUNNING":
         echo(f"{at} requeued {name} (job {job_id}): it resumes from its checkpoint when it starts again")
     elif phase == "COMPLETED":
-        seconds = time.monotonic() - since.get(name, time.monotonic())
         note = " (up to date)" if job.log.is_file() and UP_TO_DATE in job.log.read_text(errors="replace") else ""
-        echo(f"{at} done {name} in {seconds:.0f} s{note}")
+        echo(f"{at} done {name} in {state.elapsed or '?'}{note}")
     elif state.finished:
         word = "CANCELLED" if state.state == "CANCELLED" else "FAILED"
         echo(f"{at} {word} {failure(name, job.kind, state, job.log)}")

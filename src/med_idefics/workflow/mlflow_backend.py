@@ -114,7 +114,7 @@ class SlurmSubmittedRun(SubmittedRun):
         from med_idefics.workflow.slurm import SlurmError
 
         try:
-            follow({self.job.name: (self.job, self.job_id)}, echo=print)
+            follow({self.job.name: (self.job, self.job_id)}, echo=print, noun="entry point")
         except SlurmError as err:
             _logger.error("%s", err)
         except BaseException:

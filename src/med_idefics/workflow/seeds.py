@@ -89,7 +89,7 @@ def run_seeds(
         return []
     submitted = submit_all(jobs, {}, params, repo, echo)
     if wait:
-        follow({job.name: (job, submitted[job.name]) for job in jobs}, echo)
+        follow({job.name: (job, submitted[job.name]) for job in jobs}, echo, noun="experiment")
         echo(f"{len(jobs)} experiments done: `dvc exp show`, `med-idefics compare --from-mlflow`")
     else:
         ids = " ".join(submitted.values())

@@ -87,7 +87,7 @@ def sbatch_options(job: Job, settings: SlurmConfig, repo: Path) -> list[str]:
         "--open-mode=append",  # a requeued job goes on in the same log
         f"--chdir={repo.resolve()}",
         "--export=ALL",  # the login shell's environment: $HF_TOKEN, $MLFLOW_TRACKING_URI, … never written here
-        f"--time={res.time}",
+        f"--time={res.minutes}",
         f"--mem={res.mem}",
         f"--cpus-per-task={res.cpus}",
         "--ntasks-per-node=1",
@@ -215,8 +215,8 @@ def _fix(error: str) -> str:
         if word in text:
             return f"Check cluster.slurm.{key} in params.yaml (`sinfo` lists the partitions and their GPUs)"
     if "time limit" in text:
-        return "Lower cluster.slurm.<kind>.time to the partition's limit (`sinfo -o '%P %l'`)"
-    return "Check cluster.slurm in params.yaml (partition, account, qos, gres, the kinds' time/mem/cpus, extra)"
+        return "Lower cluster.slurm.<kind>.minutes to the partition's limit (`sinfo -o '%P %l'`)"
+    return "Check cluster.slurm in params.yaml (partition, account, qos, gres, the kinds' minutes/mem/cpus, extra)"
 
 
 def cancel(job_ids: list[str]) -> None:
@@ -229,6 +229,7 @@ class JobState:
     state: str  # Slurm's: PENDING, RUNNING, COMPLETED, FAILED, TIMEOUT, CANCELLED, …
     reason: str = ""  # squeue's reason (DependencyNeverSatisfied, NonZeroExitCode, …)
     exit_code: str = ""
+    elapsed: str = ""  # Slurm's count of the time the job ran, [days-][hours:]minutes:seconds
 
     @property
     def finished(self) -> bool:
@@ -242,31 +243,31 @@ def states(job_ids: list[str]) -> dict[str, JobState]:
     if not job_ids:
         return found
     queue = subprocess.run(
-        ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r"],
+        ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}", "--format=%i|%T|%r|%M"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     for line in queue.stdout.splitlines():
-        job, state, reason = [*line.split("|"), "", ""][:3]
+        job, state, reason, elapsed = [*line.split("|"), "", "", ""][:4]
         if job.strip() in job_ids:
-            found[job.strip()] = JobState(state.strip(), reason.strip())
+            found[job.strip()] = JobState(state.strip(), reason.strip(), elapsed=elapsed.strip())
     missing = [job for job in job_ids if job not in found]
     if missing and shutil.which("sacct"):
         accounted = subprocess.run(
             ["sacct", "--noheader", "--parsable2", "-X", f"--jobs={','.join(missing)}",
-             "--format=JobID,State,ExitCode"],
+             "--format=JobID,State,ExitCode,Elapsed"],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         for line in accounted.stdout.splitlines():
-            job, state, code = [*line.split("|"), "", ""][:3]
+            job, state, code, elapsed = [*line.split("|"), "", "", ""][:4]
             if job in missing:
-                found[job] = JobState(state.split()[0] if state else "", "", code)
+                found[job] = JobState(state.split()[0] if state else "", "", code, elapsed)
     return found
 
 
 def failure(name: str, kind: str, state: JobState, log: Path) -> str:
     """What went wrong with a finished job, and what to do: for a message naming the stage."""
     if state.state == "TIMEOUT":
-        return f"{name} ran past its time limit: raise cluster.slurm.{kind}.time (log: {log})"
+        return f"{name} ran past its time limit: raise cluster.slurm.{kind}.minutes (log: {log})"
     if state.state == "OUT_OF_MEMORY":
         return f"{name} ran out of memory: raise cluster.slurm.{kind}.mem (log: {log})"
     if state.state == "CANCELLED" and "Dependency" in state.reason:
@@ -275,4 +276,5 @@ def failure(name: str, kind: str, state: JobState, log: Path) -> str:
         return f"{name} was cancelled (scancel, or the cluster's administrators); rerun to go on"
     if state.state in ("NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "DEADLINE"):
         return f"{name} ended {state.state} (the cluster, not the stage): rerun to go on (log: {log})"
-    return f"{name} failed ({state.state}{', ' + state.reason if state.reason else ''}); its log: {log}"
+    said = f"{state.state}{', ' + state.reason if state.reason else ''}"
+    return f"{name} failed ({said}): its log {log} says why; once fixed, submit again (what is up to date stays)"
