@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 
 from med_idefics.cli import main
 from med_idefics.config import ConfigError, load_params
-from med_idefics.workflow import cluster, jobsignal, launch, slurm
+from med_idefics.workflow import cluster, cluster_checks, jobsignal, launch, slurm
 from med_idefics.workflow.profiles import apply_profile
 
 BIN = Path(sys.executable).parent
@@ -145,21 +146,22 @@ def test_the_dry_run_prints_every_batch_script_and_submits_nothing(repo_root, tm
 def test_a_sqlite_store_is_refused_unless_the_cluster_has_one_node(repo_root, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     with pytest.raises(ConfigError, match=r"team's MLflow server.*sqlite_single_node: true"):
-        cluster.check_tracking_store(load_params(repo_root / "params.yaml"))
-    cluster.check_tracking_store(load_params(repo_root / "params.yaml", ["cluster.slurm.sqlite_single_node=true"]))
+        cluster_checks.check_tracking_store(load_params(repo_root / "params.yaml"))
+    single_node = ["cluster.slurm.sqlite_single_node=true"]
+    cluster_checks.check_tracking_store(load_params(repo_root / "params.yaml", single_node))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    cluster.check_tracking_store(load_params(repo_root / "params.yaml"))
+    cluster_checks.check_tracking_store(load_params(repo_root / "params.yaml"))
 
 
 def test_on_nfs_dvc_must_use_hardlink_locks(tmp_path):
     repo = _standin_repo(tmp_path, {"a": ("report", "ok", [])})
     mounts = f"server:/export {repo.parent} nfs4 rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
-    assert cluster.filesystem_type(repo, mounts) == "nfs4"
+    assert cluster_checks.filesystem_type(repo, mounts) == "nfs4"
     with pytest.raises(ConfigError, match=r"dvc config core\.hardlink_lock true"):
-        cluster.check_dvc_lock(repo, mounts)
+        cluster_checks.check_dvc_lock(repo, mounts)
     subprocess.run([str(BIN / "dvc"), "config", "core.hardlink_lock", "true"], cwd=repo, check=True)
-    cluster.check_dvc_lock(repo, mounts)
-    cluster.check_dvc_lock(repo, "/dev/sda1 / ext4 rw 0 0\n")  # a local disk: no lock to change
+    cluster_checks.check_dvc_lock(repo, mounts)
+    cluster_checks.check_dvc_lock(repo, "/dev/sda1 / ext4 rw 0 0\n")  # a local disk: no lock to change
 
 
 def test_a_hub_base_is_resolved_and_fetched_on_the_login_node(repo_root, tmp_path, monkeypatch):
@@ -168,9 +170,12 @@ def test_a_hub_base_is_resolved_and_fetched_on_the_login_node(repo_root, tmp_pat
 
     params = paper_params(repo_root)
     ran, fetched = [], []
-    monkeypatch.setattr(
-        cluster.subprocess, "run", lambda command, **_: ran.append(command) or subprocess.CompletedProcess(command, 0)
-    )
+
+    def fake_run(command, **_):
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(cluster_checks.subprocess, "run", fake_run)
     from med_idefics.modeling.loading import write_pointer
 
     base_dir = tmp_path / "base"
@@ -185,9 +190,9 @@ def test_a_hub_base_is_resolved_and_fetched_on_the_login_node(repo_root, tmp_pat
         return "/cache/snapshot"
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
-    left = cluster.prepare_hub_base(params, ["base", "stage1"], dry_run=False, echo=lambda _: None)
+    left = cluster_checks.prepare_hub_base(params, ["base", "stage1"], dry_run=False, echo=lambda _: None)
     assert left == ["stage1"]
-    assert ran == [[*cluster.DVC, "--wait-for-lock", "repro", "--single-item", "base"]]
+    assert ran == [[*cluster_checks.DVC, "--wait-for-lock", "repro", "--single-item", "base"]]
     assert [f.get("local_files_only", False) for f in fetched] == [True, False]
     assert fetched[1]["repo_id"] == params.model.base and fetched[1]["revision"] == "0" * 40
 
@@ -481,3 +486,51 @@ def test_each_seed_is_an_experiment_of_its_own_pinned_to_the_store(repo_root, tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://me:secret@mlflow.example:5000")
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_PASSWORD"):
         seeds.run_seeds([7], params, [], slurm=True, dry_run=True, echo=queued.append)
+
+
+def test_ctrl_c_while_following_cancels_what_was_submitted(slurm, tmp_path, monkeypatch):
+    """`repro --slurm --wait`, interrupted: the running stage gets SIGTERM, the one waiting on it is cancelled."""
+    repo = _standin_repo(tmp_path, {"t": ("train", "checkpoint", []), "u": ("report", "ok", ["t"])})
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(cluster, "POLL_SECONDS", 0.5)
+    real_sleep = time.sleep
+
+    def interrupt_once_running(seconds):
+        if (repo / "t.ready").exists():
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+
+    printed = []
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(cluster, "time", SimpleNamespace(monotonic=time.monotonic, sleep=interrupt_once_running))
+        cluster.repro_slurm(cluster.cluster_params([]), wait=True, echo=printed.append)
+    assert any(line.endswith(")") and "cancelling t, u (jobs" in line for line in printed), printed
+    _wait_for((repo / "t.SIGTERM").exists, 30, "the running stage to get SIGTERM")
+    ids = [line.split("job ")[1].split(",")[0] for line in printed if line.startswith("submitted")]
+    _wait_for(lambda: all(slurm_state(i) == "CANCELLED" for i in ids), 30, "both jobs to be cancelled")
+
+
+@pytest.mark.slow
+def test_a_stage_over_its_time_limit_names_the_key_to_raise(slurm, tmp_path, monkeypatch):
+    """A stage that runs past `cluster.slurm.<kind>.minutes` (1 minute here; Slurm ends it within a minute more)."""
+    repo = _standin_repo(tmp_path, {"t": ("evaluate", "checkpoint", [])})  # waits for a signal that never comes
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(cluster, "POLL_SECONDS", 2)
+    result = CliRunner().invoke(main, ["repro", "--slurm", "--wait", "--set", "cluster.slurm.evaluate.minutes=1"])
+    assert result.exit_code == 1
+    assert "stage t ran past its time limit: raise cluster.slurm.evaluate.minutes" in result.output
+
+
+@pytest.mark.parametrize(
+    ("state", "says"),
+    [
+        (slurm.JobState("TIMEOUT"), "raise cluster.slurm.train.minutes"),
+        (slurm.JobState("OUT_OF_MEMORY"), "raise cluster.slurm.train.mem"),
+        (slurm.JobState("CANCELLED", "DependencyNeverSatisfied"), "a stage it depends on failed"),
+        (slurm.JobState("NODE_FAIL"), "the cluster, not the stage"),
+        (slurm.JobState("UNKNOWN"), "Slurm no longer knows the job"),
+        (slurm.JobState("FAILED", "NonZeroExitCode"), "its log /l/stage1.log says why"),
+    ],
+)
+def test_each_way_a_job_ends_says_what_to_do(state, says):
+    assert says in slurm.failure("stage1", "train", state, Path("/l/stage1.log"))

@@ -11,13 +11,12 @@ a hub base resolved and fetched on the login node (compute nodes often have no n
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from med_idefics.config import ConfigError, Params
+from med_idefics.workflow.cluster_checks import check_cluster, prepare_hub_base
 from med_idefics.workflow.pipeline import (
     LOG_DIR,
     UP_TO_DATE,
@@ -42,9 +41,8 @@ from med_idefics.workflow.slurm import (
 )
 
 POLL_SECONDS = 10.0  # between two squeue calls while following (Slurm starts the dependent jobs itself)
-DVC = (sys.executable, "-m", "dvc")  # this environment's DVC, on PATH or not
 PROGRESS_EVERY = 60.0  # seconds between progress lines
-NETWORK_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse.ceph", "glusterfs"}
+LOST_AFTER = 6  # polls in a row in which neither squeue nor sacct knows a job
 
 
 def pipeline_state(repo: Path = Path(".")) -> tuple[dict[str, list[str]], dict[str, str], list[str]]:
@@ -110,108 +108,6 @@ def stage_job(name: str, command: str, params: Params, log_dir: Path) -> Job:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The cluster's realities, checked on the login node before anything is submitted
-
-
-def check_cluster(params: Params, repo: Path = Path(".")) -> None:
-    check_tracking_store(params)
-    check_dvc_lock(repo)
-
-
-def check_tracking_store(params: Params) -> None:
-    """Jobs on several nodes must not write one SQLite file (on a shared filesystem its locks do not hold): the
-    team's MLflow server, unless ``cluster.slurm.sqlite_single_node`` says every job runs on one node."""
-    from med_idefics.tracking.runs import resolve_tracking_uri, sqlite_file
-
-    uri = resolve_tracking_uri(params)
-    if sqlite_file(uri) is not None and not params.cluster.slurm.sqlite_single_node:
-        raise ConfigError(
-            f"the MLflow tracking store is a SQLite file ({uri}): jobs on several nodes writing it at once corrupt "
-            "it (SQLite's locks do not hold on a shared filesystem). Point the project at the team's MLflow server "
-            "(`export MLFLOW_TRACKING_URI=http://<server>:5000` on the login node: the jobs inherit it; README, Team "
-            "setup), or, on a single-node cluster, set cluster.slurm.sqlite_single_node: true"
-        )
-
-
-def filesystem_type(path: Path, mounts: str | None = None) -> str:
-    """The type of the filesystem ``path`` is on (``/proc/mounts``: the longest mount point above it)."""
-    if mounts is None:
-        mounts = Path("/proc/mounts").read_text()
-    path = str(path.resolve())
-    best, kind = "", ""
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) >= 3:
-            point = fields[1].replace("\\040", " ")
-            inside = path == point or path.startswith(point.rstrip("/") + "/")
-            if inside and len(point) > len(best):
-                best, kind = point, fields[2]
-    return kind
-
-
-def check_dvc_lock(repo: Path = Path("."), mounts: str | None = None) -> None:
-    """On a network filesystem DVC's default lock (flock) does not hold across nodes: ``core.hardlink_lock``."""
-    kind = filesystem_type(repo, mounts)
-    if kind not in NETWORK_FILESYSTEMS:
-        return
-    from dvc.repo import Repo
-
-    with Repo(str(repo)) as dvc:
-        hardlink = dvc.config["core"].get("hardlink_lock", False)
-    if not hardlink:
-        raise ConfigError(
-            f"the repository is on {kind}, shared by the nodes, where DVC's default lock (flock) does not hold: "
-            "stages started on two nodes could both write dvc.lock. Run `dvc config core.hardlink_lock true` "
-            "(and commit .dvc/config) on the login node, then submit again"
-        )
-
-
-def prepare_hub_base(params: Params, stale: list[str], dry_run: bool, echo: Callable[[str], None]) -> list[str]:
-    """A hub base (``model.base: owner/name``) needs the network, which compute nodes often lack: its ``base``
-    stage (resolving the revision to a commit) runs here, on the login node, and its files are fetched into the HF
-    cache here (the jobs read it offline: it must sit on a filesystem the nodes share, ``$HF_HOME``). Returns the
-    stages left for jobs."""
-    base = params.model.base
-    if "/" not in base or Path(base).is_dir():  # tiny, tiny-real-processor, a local folder: no network needed
-        return stale
-    from med_idefics.modeling.bases import HUB_ID  # torch and transformers: only for a hub base
-
-    if not HUB_ID.fullmatch(base):
-        return stale
-    if dry_run:
-        echo(f"# {base} is a hub model: the login node runs `base` and fetches its files before submitting")
-        return [name for name in stale if name != "base"]
-    if "base" in stale:
-        echo(f"base: {base} is a hub model; resolving it here, on the login node (compute nodes may have no network)")
-        if subprocess.run([*DVC, "--wait-for-lock", "repro", "--single-item", "base"]).returncode != 0:
-            raise SlurmError("base failed on the login node (its output is above): the hub id, $HF_TOKEN, network")
-    fetch_hub_snapshot(params.model.base_dir, echo)
-    return [name for name in stale if name != "base"]
-
-
-def fetch_hub_snapshot(base_dir: str, echo: Callable[[str], None]) -> None:
-    """The files of the base ``base_dir`` points to, in the HF cache (downloaded here when missing)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from med_idefics.modeling.loading import hub_token, read_pointer
-
-    pointer = read_pointer(base_dir) or {}
-    if pointer.get("source") != "hub":
-        return
-    wanted = {"repo_id": pointer["id"], "revision": pointer["revision"], "allow_patterns": HUB_FILES}
-    try:
-        path = snapshot_download(**wanted, local_files_only=True)
-    except LocalEntryNotFoundError:
-        echo(f"base: fetching {pointer['id']}@{pointer['revision'][:12]} into the HF cache (once, on the login node)")
-        path = snapshot_download(**wanted, token=hub_token())
-    echo(f"base: {pointer['id']} in the HF cache ({path}); the jobs read it offline")
-
-
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # weights, configs, processor, tokenizer
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Submitting and following
 
 
@@ -226,7 +122,12 @@ def repro_slurm(
     Returns the job ids (none in a dry run)."""
     if not dry_run:
         require_slurm()
-    check_cluster(params)
+        check_cluster(params)
+    else:
+        try:
+            check_cluster(params)
+        except ConfigError as err:  # a dry run shows the scripts all the same, and what a submission would say
+            echo(f"# a submission would stop here: {err}")
     graph, commands, stale = pipeline_state()
     stale = prepare_hub_base(params, stale, dry_run, echo)
     if not stale:
@@ -288,6 +189,7 @@ def follow(jobs: dict[str, tuple[Job, str]], echo: Callable[[str], None] = print
 
     started = last_progress = time.monotonic()
     seen: dict[str, str] = {}
+    missing: dict[str, int] = {}
     failed: dict[str, JobState] = {}
     pending = dict(jobs)
     with sigterm_raises():
@@ -296,8 +198,11 @@ def follow(jobs: dict[str, tuple[Job, str]], echo: Callable[[str], None] = print
                 now = states([job_id for _, job_id in pending.values()])
                 for name, (job, job_id) in list(pending.items()):
                     state = now.get(job_id)
-                    if state is None:
-                        continue
+                    if state is None:  # left the queue, and no accounting (sacct) to ask: its log says how it ended
+                        missing[name] = missing.get(name, 0) + 1
+                        if missing[name] < LOST_AFTER:
+                            continue
+                        state = JobState("UNKNOWN")
                     _report(name, job, job_id, state, seen, started, echo)
                     if state.finished:
                         del pending[name]

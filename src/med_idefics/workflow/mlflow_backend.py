@@ -54,7 +54,7 @@ class SlurmBackend(AbstractBackend):
         from mlflow import MlflowClient
 
         from med_idefics.config import PARAMS_FILE, load_params
-        from med_idefics.workflow.cluster import check_tracking_store
+        from med_idefics.workflow.cluster_checks import check_tracking_store
         from med_idefics.workflow.slurm import Job, SlurmError, batch_script, gpus_for, kind_of, require_slurm, submit
 
         manager = backend_config.get(PROJECT_ENV_MANAGER)

@@ -75,12 +75,13 @@ def run_seeds(
         if not dry_run:
             echo(f"{len(seeds)} experiments queued: `dvc queue start` runs them (`dvc queue status`, `dvc exp show`)")
         return [f"seed-{seed}" for seed in seeds]
-    from med_idefics.workflow.cluster import check_cluster, follow, submit_all
+    from med_idefics.workflow.cluster import follow, submit_all
+    from med_idefics.workflow.cluster_checks import check_cluster
     from med_idefics.workflow.slurm import batch_script, require_slurm
 
     if not dry_run:
         require_slurm()
-    check_cluster(params)
+        check_cluster(params)
     jobs = [seed_job(seed, store, sets, params, log_dir) for seed in seeds]
     repo = Path.cwd()
     if dry_run:

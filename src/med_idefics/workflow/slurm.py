@@ -274,6 +274,8 @@ def failure(name: str, kind: str, state: JobState, log: Path) -> str:
         return f"{name} was cancelled: a stage it depends on failed"
     if state.state == "CANCELLED":
         return f"{name} was cancelled (scancel, or the cluster's administrators); rerun to go on"
+    if state.state == "UNKNOWN":
+        return f"{name}: Slurm no longer knows the job (gone from squeue, no accounting for sacct); see its log {log}"
     if state.state in ("NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "DEADLINE"):
         return f"{name} ended {state.state} (the cluster, not the stage): rerun to go on (log: {log})"
     said = f"{state.state}{', ' + state.reason if state.reason else ''}"
