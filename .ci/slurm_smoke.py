@@ -41,7 +41,7 @@ DEST = REPO / "outputs" / "slurm-smoke"
 SEEDS = (7, 2026)
 SHORT = ["model.pretrain.steps=100", "model.pretrain.focus_steps=20", "sweep.sizes=[]", "stage1.max_steps=10",
          "stage2.max_steps=10", "single_stage.max_steps=10"]  # fmt: skip
-DDP_SIZE, DDP_EPOCHS, MICRO_BATCH = 128, 1, 16  # stage1 micro_batch in params.yaml
+DDP_SIZE, DDP_EPOCHS, MICRO_BATCH = 512, 1, 16  # above the sweep sizes (params check); stage1 micro_batch
 
 
 def main() -> None:

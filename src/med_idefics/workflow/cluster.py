@@ -242,7 +242,8 @@ def _report(name, job, job_id, state: JobState, seen, started, echo) -> None:
     elif phase in ("REQUEUED", "PENDING") and before == "RUNNING":
         echo(f"{at} requeued {name} (job {job_id}): it resumes from its checkpoint when it starts again")
     elif phase == "COMPLETED":
-        note = " (up to date)" if job.log.is_file() and UP_TO_DATE in job.log.read_text(errors="replace") else ""
+        skipped = f"'{name}' {UP_TO_DATE}"  # DVC: "Stage 'x' didn't change, skipping" (not a dep's line)
+        note = " (up to date)" if job.log.is_file() and skipped in job.log.read_text(errors="replace") else ""
         echo(f"{at} done {name} in {state.elapsed or '?'}{note}")
     elif state.finished:
         word = "CANCELLED" if state.state == "CANCELLED" else "FAILED"
