@@ -534,3 +534,11 @@ def test_a_stage_over_its_time_limit_names_the_key_to_raise(slurm, tmp_path, mon
 )
 def test_each_way_a_job_ends_says_what_to_do(state, says):
     assert says in slurm.failure("stage1", "train", state, Path("/l/stage1.log"))
+
+
+def test_a_second_submission_waits_for_the_first_ones_jobs(slurm, tmp_path, monkeypatch):
+    repo = _standin_repo(tmp_path, {"t": ("train", "checkpoint", [])})
+    monkeypatch.chdir(repo)
+    (job_id,) = cluster.repro_slurm(cluster.cluster_params([]), echo=lambda _: None)
+    with pytest.raises(cluster.SlurmError, match=rf"still queued or running \(t {job_id}\).*scancel {job_id}"):
+        cluster.repro_slurm(cluster.cluster_params([]), echo=lambda _: None)

@@ -35,6 +35,7 @@ from med_idefics.workflow.slurm import (
     failure,
     gpus_for,
     kind_of,
+    queued_in,
     require_slurm,
     states,
     submit,
@@ -142,6 +143,13 @@ def repro_slurm(
             echo(batch_script(job, params.cluster.slurm, repo))
         echo(f"# {len(jobs)} jobs (dry run: nothing submitted)")
         return []
+    queued = queued_in(repo)
+    if queued:
+        raise SlurmError(
+            f"jobs of this checkout are still queued or running ({', '.join(f'{n} {i}' for i, n in queued.items())}): "
+            f"their stages would run twice. Wait for them (`squeue --jobs={','.join(queued)}`) or cancel them "
+            f"(`scancel {' '.join(queued)}`), then submit again"
+        )
     log_dir.mkdir(parents=True, exist_ok=True)
     submitted = submit_all(jobs, graph, params, repo, echo)
     if not wait:
@@ -226,7 +234,7 @@ def follow(jobs: dict[str, tuple[Job, str]], echo: Callable[[str], None] = print
         first, *others = [n for n in failed if n not in cancelled] or list(failed)
         job, job_id = jobs[first]
         also = f"; {', '.join(others)} failed too" if others else ""
-        after = f"; {len(cancelled)} job(s) after them were cancelled" if cancelled else ""
+        after = f"; cancelled after it: {', '.join(cancelled)}" if cancelled else ""
         raise SlurmError(f"{noun} {failure(first, job.kind, failed[first], job.log)} (job {job_id}){also}{after}")
 
 

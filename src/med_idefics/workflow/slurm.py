@@ -24,7 +24,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from med_idefics.config import SlurmConfig, SlurmResources
@@ -51,7 +51,6 @@ class Job:
     trains: bool = False  # a training: torchrun over several GPUs, USR1 → checkpoint → requeue
     gpus: int = 0
     nodes: int = 1
-    env: dict[str, str] = field(default_factory=dict)  # exported in the script: never a secret (see batch_script)
     epilogue: str | None = None  # run after the command, with its exit status in $status (also on scancel's TERM)
 
 
@@ -124,14 +123,13 @@ def launcher(gpus: int, nodes: int) -> str | None:
 
 
 def batch_script(job: Job, settings: SlurmConfig, repo: Path, prefix: Path = Path(sys.prefix)) -> str:
-    """The whole batch script of ``job``. It holds no secret: the environment comes from ``--export=ALL``, and
-    ``job.env`` (written here) must hold only non-secret values."""
+    """The whole batch script of ``job``. It holds no secret: values come from the environment (``--export=ALL``,
+    and what :func:`submit` adds to sbatch's), never from this text."""
     lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in sbatch_options(job, settings, repo))]
     lines += [f"# med-idefics: {job.name} in {repo.resolve()}", "set -uo pipefail", activation(prefix)]
     lines.append('export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" PYTHONUNBUFFERED=1')
     if settings.offline:
         lines.append("export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # the login node fetched")
-    lines += [f"export {key}={shlex.quote(value)}" for key, value in job.env.items()]
     start = launcher(job.gpus, job.nodes) if job.kind in ("train", "seed") else None
     if start:
         if job.nodes > 1:
@@ -140,10 +138,10 @@ def batch_script(job: Job, settings: SlurmConfig, repo: Path, prefix: Path = Pat
     attempt = "$((${SLURM_RESTART_COUNT:-0} + 1))"
     lines.append(f'echo "[med-idefics] {job.name}: job $SLURM_JOB_ID on $(hostname -s), start {attempt}, $(date -Is)"')
     if job.epilogue:
-        lines.append(f"trap 'status=143; {job.epilogue}; exit 143' TERM  # scancel")
+        lines += [f"epilogue() {{ {job.epilogue}; }}", "trap 'status=143; epilogue; exit 143' TERM  # scancel"]
     lines += _run_and_requeue(job) if job.trains else [job.command, "status=$?"]
     if job.epilogue:
-        lines.append(job.epilogue)
+        lines.append("epilogue")
     lines.append('exit "$status"')
     return "\n".join(lines) + "\n"
 
@@ -217,6 +215,20 @@ def _fix(error: str) -> str:
     if "time limit" in text:
         return "Lower cluster.slurm.<kind>.minutes to the partition's limit (`sinfo -o '%P %l'`)"
     return "Check cluster.slurm in params.yaml (partition, account, qos, gres, the kinds' minutes/mem/cpus, extra)"
+
+
+def queued_in(repo: Path) -> dict[str, str]:
+    """This user's med-idefics jobs still waiting or running in checkout ``repo``: job id → name."""
+    done = subprocess.run(
+        ["squeue", "--me", "--noheader", "--states=PD,R,CG,S,CF", "--format=%i|%j|%Z"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    found = {}
+    for line in done.stdout.splitlines():
+        job, name, folder = [*line.split("|"), "", ""][:3]
+        if name.startswith(JOB_PREFIX) and folder and Path(folder).resolve() == repo.resolve():
+            found[job] = name.removeprefix(JOB_PREFIX)
+    return found
 
 
 def cancel(job_ids: list[str]) -> None:
