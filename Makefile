@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 DEMO_JOBS ?= $(shell n=$$(( $$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) / $(OMP_NUM_THREADS) )); echo $$(( n > 0 ? n : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test demo-check paper-smoke test-long-runs test-slow gpu-prep gpu-wheels lint format docs screenshots venv clean-outputs
+.PHONY: help demo test demo-check paper-smoke slurm-smoke test-long-runs test-slow gpu-prep gpu-wheels lint format docs screenshots venv clean-outputs
 
 demo: venv ## Run the demo profile end to end, offline on CPU: demo data, the DVC pipeline, then check the science
 	med-idefics data demo
@@ -30,6 +30,9 @@ demo-check: venv ## Check that the demo's numbers move as a correct pipeline mak
 
 paper-smoke: venv ## The paper profile's own DVC pipeline end to end on CPU (tiny weights, small data) in outputs/paper-smoke/
 	python .ci/paper_smoke.py
+
+slurm-smoke: venv ## The demo on a real single-node Slurm cluster (repro --slurm, seeds, mlflow run, torchrun) in outputs/slurm-smoke/
+	python .ci/slurm_smoke.py
 
 test-long-runs: venv ## Preemption signals, a tracking-server outage, a full disk, end to end (docs/long-runs.md; minutes)
 	pytest -q -n 2 -m long_runs tests/test_long_runs.py

@@ -197,3 +197,30 @@ def project(tmp_path, repo_root, tiny_base_dir, make_vqa_records, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A real single-node Slurm cluster (tests/slurm_cluster.py), one per test session: the tests that use it skip, saying
+# why, where Slurm is not installed or the tests do not run as root.
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    from slurm_cluster import SlurmCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster, monkeypatch):
+    """The session's cluster, its jobs cancelled after the test, ``$SLURM_CONF`` set for this test's processes."""
+    for key, value in slurm_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    yield slurm_cluster
+    slurm_cluster.cancel_all()

@@ -272,3 +272,25 @@ def test_dvc_metrics_are_one_headline_file_and_the_rest_are_outputs(repo_root):
     ids = [path for path in plain if path.endswith("run_info.json")]
     assert len(summaries) >= 5 and len(scores) >= 8 and len(ids) >= 5, (summaries, scores, ids)
     assert all(plain[path] == {"cache": False} for path in summaries + scores + ids)
+
+
+def test_the_slurm_backend_configs_load(repo_root):
+    """configs/slurm-backend.json (our backend: cluster.slurm overrides) builds valid params; configs/mlflow-slurm.json
+    (the conda case's plugin, the `cluster` extra) names only keys that plugin's batch template reads; both
+    backends are registered with MLflow where installed."""
+    import json
+
+    from mlflow.projects.backend import loader
+
+    ours = json.loads((repo_root / "configs" / "slurm-backend.json").read_text())
+    assert set(ours) <= {"set", "log_dir"}
+    params = load_params(repo_root / "params.yaml", ours["set"])
+    assert params.cluster.slurm.train.minutes == 720 and params.cluster.slurm.gpus_per_training == 1
+    assert type(loader.load_backend("med-idefics-slurm")).__name__ == "SlurmBackend"
+    theirs = json.loads((repo_root / "configs" / "mlflow-slurm.json").read_text())
+    template_keys = {"partition", "account", "exports", "gpus_per_node", "gres", "mem", "time", "nodes", "ntasks",
+                     "exclusive", "modules", "environment", "sbatch-script-file"}  # fmt: skip
+    assert set(theirs) <= template_keys and "HF_TOKEN" in theirs["exports"]  # the name: its value stays in the env
+    if importlib.util.find_spec("mlflow_slurm") is None:
+        pytest.skip("mlflow-slurm (the `cluster` extra) is not installed: its backend is not loaded here")
+    assert type(loader.load_backend("slurm")).__name__ == "SlurmProjectBackend"

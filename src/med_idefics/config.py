@@ -243,6 +243,59 @@ class MlflowConfig:
 
 
 @dataclass
+class SlurmResources:
+    """What one kind of job asks Slurm for (``--time``, ``--mem``, ``--cpus-per-task``)."""
+
+    minutes: int  # sbatch --time, in minutes: a number, not "12:00:00", which YAML 1.1 (PyYAML) reads as seconds
+    mem: str  # sbatch --mem, per node: 8G, 64000M
+    cpus: int  # sbatch --cpus-per-task; the job's OMP_NUM_THREADS unless the environment sets one
+
+    def __post_init__(self) -> None:
+        if self.cpus < 1 or self.minutes < 1:
+            raise ConfigError(f"cluster.slurm.*: cpus and minutes must be >= 1, got {self.cpus} and {self.minutes}")
+
+
+@dataclass
+class SlurmConfig:
+    """``med-idefics repro --slurm`` and ``seeds --slurm``: what each job asks the scheduler for. No stage reads
+    these keys: changing them reruns nothing."""
+
+    partition: str | None  # None = the cluster's default partition
+    account: str | None
+    qos: str | None
+    gres: str  # the GPU generic resource: --gres=<gres>:<n> (gpu, or gpu:<type>)
+    gpus_per_training: int  # 0 = CPU; >1 = torchrun, one process per GPU
+    nodes_per_training: int  # >1: torchrun on each node, c10d rendezvous on the first
+    gpus_per_evaluation: int  # 0 = CPU
+    base: SlurmResources
+    train: SlurmResources
+    evaluate: SlurmResources
+    other: SlurmResources  # report, register, promote: no GPU, whatever the profile
+    seed: SlurmResources  # one seed's whole pipeline, a DVC experiment, as one job (`med-idefics seeds --slurm`)
+    extra: list[str]  # further sbatch options, one per #SBATCH line, e.g. --constraint=a100
+    requeue_signal_seconds: int  # training jobs: USR1 this long before the time limit, to checkpoint and requeue
+    offline: bool  # jobs run with the hub offline: compute nodes without network read the login node's HF cache
+    sqlite_single_node: bool  # allow a sqlite tracking store: only where every job runs on one node
+
+    def __post_init__(self) -> None:
+        for key in ("gpus_per_training", "gpus_per_evaluation", "requeue_signal_seconds"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"cluster.slurm.{key} must be >= 0, got {getattr(self, key)}")
+        if self.nodes_per_training < 1:
+            raise ConfigError(f"cluster.slurm.nodes_per_training must be >= 1, got {self.nodes_per_training}")
+        if self.nodes_per_training > 1 and self.gpus_per_training < 1:
+            raise ConfigError("cluster.slurm.nodes_per_training > 1 needs cluster.slurm.gpus_per_training >= 1")
+        bad = [line for line in self.extra if not line.startswith("-")]
+        if bad:
+            raise ConfigError(f"cluster.slurm.extra: each entry is an sbatch option, like --constraint=a100; got {bad}")
+
+
+@dataclass
+class ClusterConfig:
+    slurm: SlurmConfig
+
+
+@dataclass
 class Params:
     profile: str
     seed: int
@@ -259,6 +312,7 @@ class Params:
     vision_cache: VisionCacheConfig
     memory: MemoryConfig
     sweep: SweepConfig
+    cluster: ClusterConfig
 
     def __post_init__(self) -> None:
         for name in ("stage1", "stage2", "single_stage"):

@@ -11,6 +11,7 @@ from med_idefics.cli import (  # noqa: F401
     report,
     repro,
     score,
+    seeds,
     tracking,
     train,
 )

@@ -32,6 +32,9 @@ from med_idefics.cli.app import main, params_options
 def train_command(stage, params, out_dir, init_adapter, train_size, variant, dvc_stage) -> None:
     """LoRA-train STAGE (stage1: captioning; stage2: VQA continuing stage 1; single-stage: VQA from the base)."""
     from med_idefics.stages.train import TrainRequest, train, variant_name
+    from med_idefics.workflow.launch import relaunch_if_asked
+
+    relaunch_if_asked()  # $MED_IDEFICS_LAUNCHER (a multi-GPU Slurm job): torchrun, one process per GPU
 
     request = TrainRequest(
         stage=stage,

@@ -26,7 +26,8 @@ from med_idefics.reporting.results import headline_metrics
 
 EVAL_RUNS = "attributes.run_name LIKE 'eval-%'"
 REPORT_RUNS = "attributes.run_name = 'report'"
-IGNORED_PARAMS = ("seed", "mlflow.")  # the seed varies by design; mlflow.* says where runs go, not what they are
+# the seed varies by design; mlflow.* says where runs go and cluster.* where jobs run, not what the runs are
+IGNORED_PARAMS = ("seed", "mlflow.", "cluster.")
 
 
 @dataclass

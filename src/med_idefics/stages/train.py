@@ -38,7 +38,14 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_FILE = "train_summary.json"
 PENDING_DIR = ".unlogged"  # a trained adapter until its run has it (tracking.pending): what an outage leaves
-_NOT_FINGERPRINTED = ("eval.", "registry.", "mlflow.", "vision_cache.", "memory.")  # what cannot change a checkpoint
+_NOT_FINGERPRINTED = (
+    "eval.",
+    "registry.",
+    "mlflow.",
+    "vision_cache.",
+    "memory.",
+    "cluster.",
+)  # cannot change a checkpoint
 
 
 @dataclass(frozen=True)

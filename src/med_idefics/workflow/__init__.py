@@ -1,1 +1,2 @@
-"""Running the pipeline: `repro` (stages at once), the cost estimate, profile switching."""
+"""Running the pipeline: `repro` (stages at once), on Slurm (`repro --slurm`, `seeds --slurm`, the MLflow backend),
+the cost estimate, profile switching."""

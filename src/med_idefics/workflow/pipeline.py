@@ -153,7 +153,7 @@ def run_pipeline(
     with sigterm_raises():  # SIGTERM unwinds like a Ctrl-C, through the `except` below
         try:
             while waiting or running:
-                for name, ok in _reap(running, f"[{_clock(started)}]", echo):
+                for name, ok in _reap(running, f"[{clock(started)}]", echo):
                     if ok:
                         done.add(name)
                     else:
@@ -164,24 +164,24 @@ def run_pipeline(
                     gpu = next((g for g in gpus if g not in {j.gpu for j in running.values()}), None) if gpus else None
                     running[name] = _start(name, log_dir, dvc, gpu)
                     on = f", GPU {gpu}" if gpu is not None else ""
-                    echo(f"[{_clock(started)}] start {name} (log: {running[name].log}{on})")
+                    echo(f"[{clock(started)}] start {name} (log: {running[name].log}{on})")
                 if failed and not running:
                     break
                 if running and time.monotonic() - last_progress >= PROGRESS_EVERY:
                     last_progress = time.monotonic()
                     for name, job in running.items():
-                        echo(f"[{_clock(started)}]   {name}: {_last_line(job.log)}")
+                        echo(f"[{clock(started)}]   {name}: {last_line(job.log)}")
                 time.sleep(0.2)
         except BaseException:  # Ctrl-C, SIGTERM, or a bug here: the stages must not run on unattended
             if running:
-                echo(f"[{_clock(started)}] stopping {', '.join(running)}")
+                echo(f"[{clock(started)}] stopping {', '.join(running)}")
             _stop(running)
             raise
     if failed:
         raise PipelineError(
             f"stage {failed[0]} failed (log: {log_dir / (failed[0] + '.log')}); the stages after it did not run"
         )
-    echo(f"[{_clock(started)}] all {len(graph)} stages done; checking with `dvc repro`")
+    echo(f"[{clock(started)}] all {len(graph)} stages done; checking with `dvc repro`")
     if subprocess.run([*dvc, "repro"]).returncode != 0:
         raise PipelineError("`dvc repro` failed after the stages ran (its output is above)")
 
@@ -200,7 +200,7 @@ def _reap(running: dict[str, _Running], clock: str, echo: Callable[[str], None])
             echo(f"{clock} done {name} in {seconds:.0f} s{note}")
         else:
             echo(f"{clock} FAILED {name} (exit {code}, {seconds:.0f} s); the end of {job.log}:")
-            echo(_tail(job.log))
+            echo(log_tail(job.log))
         ended.append((name, code == 0))
     return ended
 
@@ -241,12 +241,12 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _clock(started: float) -> str:
+def clock(started: float) -> str:
     seconds = int(time.monotonic() - started)
     return f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
-def _last_line(log: Path, width: int = 100) -> str:
+def last_line(log: Path, width: int = 100) -> str:
     """The latest line of a log, progress bars included (tqdm rewrites its line with carriage returns)."""
     try:
         with open(log, "rb") as handle:
@@ -258,7 +258,7 @@ def _last_line(log: Path, width: int = 100) -> str:
     return lines[-1].strip()[:width] if lines else ""
 
 
-def _tail(log: Path, lines: int = TAIL_LINES) -> str:
+def log_tail(log: Path, lines: int = TAIL_LINES) -> str:
     return "\n".join(_lines(log.read_text(encoding="utf-8", errors="replace"))[-lines:])
 
 
