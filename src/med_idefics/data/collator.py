@@ -121,7 +121,9 @@ class VqaCollator:
                 length = int(batch["attention_mask"][i].sum())  # right padding: the real tokens come first
                 input_ids = batch["input_ids"][i, :length]
                 labels = self.answer_labels(input_ids, prompt_ids[i], record)
-                texts.append({"id": record.get("id"), "image": record["image"], "input_ids": input_ids, "labels": labels})
+                texts.append(
+                    {"id": record.get("id"), "image": record["image"], "input_ids": input_ids, "labels": labels}
+                )
         return texts
 
     def unknown_words(self, records: Sequence[Mapping], texts: Sequence[Mapping]) -> UnknownWords:

@@ -226,9 +226,9 @@ def contrast(image: DemoImage, rng: np.random.Generator) -> DemoImage:
             return None
         return shown if asked != shown else str(rng.choice([o for o in options if o != shown]))
 
+    side = flip(SIDES, image.side, image.asked_side) if image.count else image.asked_side
     return replace(image, asked_look=flip(MODALITIES, image.look, image.asked_look),
-                   asked_organ=flip(ORGANS, image.organ, image.asked_organ),
-                   asked_side=flip(SIDES, image.side, image.asked_side) if image.count else image.asked_side)  # fmt: skip
+                   asked_organ=flip(ORGANS, image.organ, image.asked_organ), asked_side=side)  # fmt: skip
 
 
 def general_questions(image: DemoImage, rng: np.random.Generator | None = None) -> list[tuple[str, str]]:

@@ -183,7 +183,9 @@ def import_split(
 
     Raises :class:`DatasetError` at the end when nothing was kept (the write is then abandoned: nothing changes).
     """
-    context = RowContext(caption_prompt, split_source.base_dir, cache or ImageCache(compress_level=IMPORT_COMPRESS_LEVEL))
+    context = RowContext(
+        caption_prompt, split_source.base_dir, cache or ImageCache(compress_level=IMPORT_COMPRESS_LEVEL)
+    )
     convert = CONVERTERS[spec.kind]
     seen: set[str] = set()
     rows = tqdm(split_source.rows, desc=f"{spec.name}/{report.split}", unit="row", disable=None)

@@ -3,7 +3,8 @@ and questions without their image — what ``med-idefics data check`` prints.
 
 Images are compared by the SHA-1 of their stored bytes (importers store every image as a deterministic PNG of its
 pixels, or as its source's JPEG less its metadata: one picture under two file names is still one image); questions and
-answers by their lower-cased, stripped text. Splits are read column by column in batches, so checking a large dataset never holds its images in memory.
+answers by their lower-cased, stripped text. Splits are read column by column in batches, so checking a large dataset
+never holds its images in memory.
 """
 
 from __future__ import annotations

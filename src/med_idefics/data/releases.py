@@ -7,8 +7,8 @@
 - SLAKE 1.0: ``train.json`` / ``validate.json`` / ``test.json`` + ``imgs/`` (img_name ``xmlabN/source.jpg``); one
   language (``q_lang``, English by default); modality, location and content_type kept as extra columns, and
   content_type again as ``question_type``, the column every source's question kind goes by.
-- PathVQA: ``{train,val,test}_vqa.pkl`` (lists of plain dicts) loaded with :func:`load_plain_pickle`, which refuses every
-  global; images ``<img_id>.jpg`` in ``--images``, else ``images/`` beside or one level up, flat or in
+- PathVQA: ``{train,val,test}_vqa.pkl`` (lists of plain dicts) loaded with :func:`load_plain_pickle`, which refuses
+  every global; images ``<img_id>.jpg`` in ``--images``, else ``images/`` beside or one level up, flat or in
   ``train/ val/ test/`` sub-folders as the release's ``pvqa/images``.
 
 Each release is read into rows ``{id, image (a path), question, answer, answer_type (closed/open), <extras>}`` that

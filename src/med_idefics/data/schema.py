@@ -97,7 +97,8 @@ def write_splits(
     final = root / dataset
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{dataset}.tmp-"))
     try:
-        if final.exists():  # the splits not written now stay as they are: linked (DVC's cache may link them), not copied
+        # the splits not written now stay as they are: linked (DVC's cache may link them), not copied
+        if final.exists():
             for existing in final.glob("*.parquet"):
                 if existing.stem not in splits:
                     _link_or_copy(existing, staging / existing.name)

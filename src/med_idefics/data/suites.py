@@ -156,8 +156,9 @@ def load_suite(params: Params, name: str) -> Suite:
             )
         if not records:
             raise DatasetError(
-                f"suite {VALIDATION}: data.vqa.validation_fraction {data.vqa.validation_fraction:g} of {data.vqa.dataset}/"
-                f"{data.vqa.train_split} holds no whole image (an image's questions stay together); raise the fraction"
+                f"suite {VALIDATION}: data.vqa.validation_fraction {data.vqa.validation_fraction:g} of "
+                f"{data.vqa.dataset}/{data.vqa.train_split} holds no whole image (an image's questions stay together); "
+                "raise the fraction"
             )
     elif name == SLAKE:
         records = read_records(data.root, SLAKE_DATASET, SLAKE_SPLIT)
