@@ -383,10 +383,11 @@ def test_offline_a_hub_base_resolves_to_the_commit_the_login_node_fetched(tmp_pa
     (model / "refs" / "main").write_text(commit)
     (model / "snapshots" / commit).mkdir(parents=True)
     (model / "snapshots" / commit / "config.json").write_text("{}")
+    (model / "snapshots" / commit / "model.safetensors").write_bytes(b"")  # a snapshot is whole with its weights
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_hub_revision("owner/vlm", None) == commit
-    with pytest.raises(ConfigError, match="fetch it first"):
+    with pytest.raises(ConfigError, match=r"not in the HF cache .*run `hf download owner/other"):
         resolve_hub_revision("owner/other", None)
 
 
