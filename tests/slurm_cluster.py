@@ -4,6 +4,8 @@ Debian's ``slurm-wlm`` and ``munge`` (``apt-get install -y slurm-wlm munge``; ``
 run as root: a ``munged`` of its own (its own key and socket: the machine's munge, if any, is left alone), then
 ``slurmctld`` and ``slurmd`` from a ``slurm.conf`` in the folder, on free ports, one node named ``hostname -s`` with
 the machine's CPUs. The tools find it through ``$SLURM_CONF`` (:attr:`SlurmCluster.env`). Jobs start within seconds.
+A job's processes are tracked by process group (``proctrack/pgid``: a cgroup, as production clusters track them, is
+not ours to make on a shared machine); ``KillWait`` is 5 s (Slurm's default: 30).
 
 The node advertises ``gpus`` GPUs as a generic resource without device files (``Gres=gpu:N``, ``gres.conf``
 ``Name=gpu Count=N``): Slurm schedules ``--gres=gpu:N`` requests against them — the batch scripts' GPU requests are
@@ -95,7 +97,10 @@ class SlurmCluster:
             "SlurmdPidFile": self.root / "slurmd.pid",
             "SlurmctldLogFile": self.root / "log" / "slurmctld.log",
             "SlurmdLogFile": self.root / "log" / "slurmd.log",
-            "ProctrackType": "proctrack/linuxproc",
+            # a job's processes are its batch shell's process group, as a production cluster's cgroup holds them all:
+            # linuxproc follows parent links, and loses a training whose DVC died of Slurm's SIGTERM (it then outlives
+            # its job, unkilled, and a test cannot see what the cluster's SIGKILL would have cut short)
+            "ProctrackType": "proctrack/pgid",
             "TaskPlugin": "task/none",
             "SelectType": "select/cons_tres",
             "SelectTypeParameters": "CR_CPU",

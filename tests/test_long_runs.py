@@ -376,6 +376,97 @@ def test_the_train_command_exits_75_on_sigusr1_and_the_same_command_resumes(proj
     assert json.loads((OUT / "train_summary.json").read_text())["optimizer_steps"] == 60
 
 
+def _training_pipeline(repo_root: Path, stage: str) -> str:
+    """Make the tmp project a git + DVC repository whose pipeline is dvc.yaml's training stage ``stage`` as shipped
+    (its command, params and outputs; the data as its dependency), as `med-idefics repro --slurm` submits it; the
+    folder its command trains into."""
+    shipped = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"][stage]
+    pipeline = {"cmd": shipped["cmd"], "deps": ["data"], "params": shipped["params"], "outs": shipped["outs"]}
+    Path("dvc.yaml").write_text(yaml.safe_dump({"stages": {stage: pipeline}}, sort_keys=False))
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["cluster"]["slurm"]["sqlite_single_node"] = True  # one node: the test's own sqlite store
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
+                    ["git", *identity, "commit", "-qm", "a training stage"]):  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+    return shipped["cmd"].split("--out ")[1].split()[0]
+
+
+def _job(job_id: str) -> dict[str, str]:
+    """`scontrol show job`'s fields (the test cluster keeps no accounting for sacct; finished jobs stay an hour)."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    return dict(word.partition("=")[::2] for word in shown.split())
+
+
+def _until(condition: Callable[[], bool], seconds: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {seconds:.0f} s for {what}; the job's log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.long_runs
+def test_scontrol_requeue_of_a_running_training_job_resumes_and_finishes(project, slurm, repo_root):
+    """The cluster issue's test cluster (`slurm`: skips, saying why, where Slurm cannot run). The training stage
+    submitted as users submit it (`med-idefics repro --slurm`: its batch script runs `dvc repro --single-item`), then
+    `scontrol requeue` of the running job past its first checkpoint — Slurm's SIGTERM to every process of the job, as
+    on preemption: the training saves the step it is at and ends its run KILLED before Slurm's KillWait (5 s here) is
+    up; the batch shell waits for it and does not requeue again; the job's second start resumes and finishes."""
+    from click.testing import CliRunner
+
+    from med_idefics.cli import main
+
+    _recipe(epochs=20.0, save_steps=5)  # 120 steps: the requeue comes long before the end
+    out = Path(_training_pipeline(repo_root, "single_stage"))
+    checkpoints, log = out / "checkpoints", Path("outputs/logs/single_stage.log")
+    submitted = CliRunner().invoke(main, ["repro", "--slurm"], catch_exceptions=False)
+    assert submitted.exit_code == 0, submitted.output
+    (job_id,) = [line.split("job ")[1] for line in submitted.output.splitlines() if line.startswith("submitted ")]
+
+    def past_first_checkpoint() -> bool:
+        assert _job(job_id)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-3000:]
+        return checkpoints.exists() and bool(scan(checkpoints)[0])
+
+    _until(past_first_checkpoint, 300, "the training's first checkpoint", log)
+    first = scan(checkpoints)[0][0].step
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    _until(lambda: _job(job_id)["JobState"] == "PENDING", 120, "the first start to end, the job requeued", log)
+    (killed,) = _runs()
+    tags = killed.data.tags  # ended by the training itself, with the tags of its stop: it fit in KillWait
+    step = int(tags["preempted_at_step"])
+    assert killed.info.status == "KILLED" and tags["killed_by"] == "SIGTERM" and first <= step < 120
+    assert tags["preempted_checkpoint"] == str(checkpoints / f"checkpoint-{step}")
+    assert scan(checkpoints)[0][-1].step == step and not scan(checkpoints)[1]
+
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)  # Slurm waits ~2 min
+    _until(lambda: _job(job_id)["JobState"] == "COMPLETED", 600, "the requeued job to finish", log)
+    job, text = _job(job_id), log.read_text()
+    assert job["Restarts"] == "1" and text.count(f"job {job_id} on ") == 2  # it ran twice
+    assert ", start 1," in text and ", start 2," in text and "DUE TO JOB REQUEUE" in text
+    assert "SIGTERM: Slurm ends or requeues this job itself" in text
+    assert "requeueing" not in text  # the batch shell did not requeue on top of Slurm
+    assert f"resuming from {checkpoints / f'checkpoint-{step}'} (step {step}" in text
+
+    killed, resumed = _runs()
+    assert killed.info.status == "KILLED" and killed.data.tags["resumed_by_run_id"] == resumed.info.run_id
+    assert resumed.info.status == "FINISHED" and resumed.info.run_name == killed.info.run_name
+    assert resumed.data.tags["resumed_from_run_id"] == killed.info.run_id
+    assert resumed.data.tags["resumed_from_step"] == str(step)
+    assert resumed.data.tags["resumed_from_checkpoint"] == str(checkpoints / f"checkpoint-{step}")
+    before, after = _history(killed.info.run_id), _history(resumed.info.run_id)
+    assert sorted(before) == list(range(1, step + 1)) and sorted(after) == list(range(step + 1, 121))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "train_summary.json").read_text())["optimizer_steps"] == 120
+    assert not MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
+                                          "attributes.status = 'RUNNING'")  # fmt: skip
+    queue = subprocess.run(["squeue", "-h", "-t", "PD,R,CG,CF,S"], capture_output=True, text=True, check=True)
+    assert queue.stdout.strip() == ""  # nothing left queued
+    status = subprocess.run([str(BIN / "dvc"), "status"], capture_output=True, text=True, check=True)
+    assert "up to date" in status.stdout  # DVC recorded the stage the second start ran
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # End to end: a real `mlflow server`, stopped and started again on the same store
 

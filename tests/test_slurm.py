@@ -23,15 +23,18 @@ from med_idefics.workflow.profiles import apply_profile
 
 BIN = Path(sys.executable).parent
 STANDIN = '''#!/usr/bin/env python3
-"""Stand-in for `med-idefics train NAME OUT MODE`: ok | fail | checkpoint (exit 75 on USR1 or TERM; then 0)."""
+"""Stand-in for `med-idefics train NAME OUT MODE`: ok | fail | checkpoint (exit 75 on USR1 or TERM; then 0) |
+slow-checkpoint (the same, its checkpoint written 2 s after the signal)."""
 import pathlib, signal, sys, time
 name, out, mode = sys.argv[2], pathlib.Path(sys.argv[3]), sys.argv[4]
 if mode == "fail":
     print(f"{name}: failing on purpose", flush=True)
     sys.exit(3)
-if mode == "checkpoint" and not pathlib.Path(f"{name}.checkpoint").exists():
+if mode.endswith("checkpoint") and not pathlib.Path(f"{name}.checkpoint").exists():
     def stop(signum, frame):
         pathlib.Path(f"{name}.{signal.Signals(signum).name}").touch()
+        if mode == "slow-checkpoint":
+            time.sleep(2)
         pathlib.Path(f"{name}.checkpoint").touch()
         print(f"{name}: {signal.Signals(signum).name}: checkpoint saved, exit 75", flush=True)
         sys.exit(75)
@@ -234,22 +237,24 @@ def test_usr1_goes_to_trainings_not_to_dvc_torchrun_or_a_shell(argv, training):
 
 def test_dataloader_workers_of_a_training_are_not_signalled(tmp_path):
     """Forked workers keep the training's command line: only the topmost training of each chain is signalled, and
-    only this job's processes."""
+    only this job's processes — of this cluster, where $SLURM_CONF says which (test clusters number jobs alike)."""
     training = ["/v/bin/python", "/v/bin/med-idefics", "train", "stage1"]
     table = {
-        10: (["/bin/bash", "/var/spool/slurm/job"], 1, "7"),
-        11: (["/v/bin/python", "/v/bin/dvc", "repro", "--single-item", "stage1"], 10, "7"),
-        12: (training, 11, "7"),
-        13: (training, 12, "7"),  # a DataLoader worker
-        20: (training, 1, "8"),  # another job's training
+        10: (["/bin/bash", "/var/spool/slurm/job"], 1, "7", "/a"),
+        11: (["/v/bin/python", "/v/bin/dvc", "repro", "--single-item", "stage1"], 10, "7", "/a"),
+        12: (training, 11, "7", "/a"),
+        13: (training, 12, "7", "/a"),  # a DataLoader worker
+        20: (training, 1, "8", "/a"),  # another job's training
+        30: (training, 1, "7", "/b"),  # job 7 of another cluster on this machine
     }
-    for pid, (argv, parent, job) in table.items():
+    for pid, (argv, parent, job, conf) in table.items():
         folder = tmp_path / str(pid)
         folder.mkdir()
         (folder / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
-        (folder / "environ").write_bytes(f"PATH=/bin\0SLURM_JOB_ID={job}\0".encode())
+        (folder / "environ").write_bytes(f"PATH=/bin\0SLURM_JOB_ID={job}\0SLURM_CONF={conf}\0".encode())
         (folder / "stat").write_text(f"{pid} (python) S {parent} 1 1")
-    assert jobsignal.training_processes("7", tmp_path) == [12]
+    assert jobsignal.training_processes("7", tmp_path, conf="/a") == [12]
+    assert jobsignal.training_processes("7", tmp_path) == [12, 30]  # no $SLURM_CONF: a real cluster's one slurmd
 
 
 def test_the_training_relaunches_itself_under_the_launcher_once():
@@ -359,9 +364,35 @@ def test_a_cancelled_training_is_not_requeued(slurm, tmp_path, monkeypatch):
     _wait_for((repo / "t.ready").exists, 60, "the stand-in training to start")
     subprocess.run(["scancel", job_id], check=True)
     _wait_for((repo / "t.SIGTERM").exists, 30, "the training to get SIGTERM")
+    _wait_for(lambda: slurm_state(job_id) not in ("RUNNING", "COMPLETING"), 30, "the job to end")
     time.sleep(3)
-    assert slurm_state(job_id) == "CANCELLED"
+    assert slurm_state(job_id) == "CANCELLED" and job_field(job_id, "Restarts") == "0"
     assert "requeueing" not in (repo / "outputs" / "logs" / "t.log").read_text()
+
+
+def test_a_requeue_by_slurm_waits_for_the_checkpoint_and_is_not_doubled(slurm, tmp_path, monkeypatch):
+    """`scontrol requeue` (as a preemption does): Slurm's SIGTERM reaches every process of the job, DVC too, which
+    dies of it. The batch shell waits for the training's checkpoint (Slurm kills what is left of a job the moment its
+    shell exits: this one's would be cut short) and does not requeue on top of Slurm: the job runs again once."""
+    repo = _standin_repo(tmp_path, {"t": ("train", "slow-checkpoint", [])})
+    monkeypatch.chdir(repo)
+    (job_id,) = cluster.repro_slurm(cluster.cluster_params([]), echo=lambda _: None)
+    _wait_for((repo / "t.ready").exists, 60, "the stand-in training to start")
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    _wait_for(lambda: slurm_state(job_id) == "PENDING", 60, "the requeued job to wait for its next start")
+    assert (repo / "t.SIGTERM").exists() and (repo / "t.checkpoint").exists()  # saved, 2 s after the signal
+    log = (repo / "outputs" / "logs" / "t.log").read_text()
+    assert "SIGTERM: Slurm ends or requeues this job itself" in log and "the training processes on" in log
+    assert "requeueing" not in log and job_field(job_id, "Restarts") == "1"
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True)  # Slurm waits ~2 min
+    _wait_for(lambda: slurm_state(job_id) == "COMPLETED", 60, "the requeued job to finish")
+    assert (repo / "t.txt").is_file() and job_field(job_id, "Restarts") == "1"
+
+
+def job_field(job_id: str, key: str) -> str:
+    """A field of `scontrol show job` (no accounting on the test cluster for sacct)."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    return dict(word.partition("=")[::2] for word in shown.split())[key]
 
 
 def slurm_state(job_id: str) -> str:
@@ -383,11 +414,11 @@ def test_offline_a_hub_base_resolves_to_the_commit_the_login_node_fetched(tmp_pa
     (model / "refs" / "main").write_text(commit)
     (model / "snapshots" / commit).mkdir(parents=True)
     (model / "snapshots" / commit / "config.json").write_text("{}")
-    (model / "snapshots" / commit / "model.safetensors").write_bytes(b"weights")  # a complete snapshot: weights too
+    (model / "snapshots" / commit / "model.safetensors").write_bytes(b"")  # a snapshot is whole with its weights
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_hub_revision("owner/vlm", None) == commit
-    with pytest.raises(ConfigError, match="run `hf download owner/other"):  # names what to run where there is network
+    with pytest.raises(ConfigError, match=r"not in the HF cache .*run `hf download owner/other"):
         resolve_hub_revision("owner/other", None)
 
 

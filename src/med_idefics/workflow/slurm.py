@@ -148,20 +148,32 @@ def batch_script(job: Job, settings: SlurmConfig, repo: Path, prefix: Path = Pat
 
 def _run_and_requeue(job: Job) -> list[str]:
     """Run a training command in the background, forward USR1 to its training processes, requeue the job when it
-    checkpointed. ``wait`` returns early when a trapped signal arrives: wait again, for the command's own status."""
+    checkpointed. ``wait`` returns early when a trapped signal arrives: wait again, for the command's own status.
+
+    Slurm's own SIGTERM (``scancel``, ``scontrol requeue``, preemption, the time limit) reaches every process of the
+    job: the training saves a checkpoint; DVC dies of it. The shell outlives it, waits for the training (Slurm kills
+    what is left of a job the moment its batch shell exits: the checkpoint would be cut short) and never requeues:
+    Slurm has decided already — a second ``scontrol requeue`` is refused while a requeue is under way, but would
+    bring back a job that ``scancel`` is ending."""
     log = shlex.quote(str(job.log.resolve()))
     this_start = f'tail -c "+$((logstart + 1))" {log}'
     exited = f"exited with {CHECKPOINTED}"  # what DVC says of a stage command that stopped at a checkpoint
     forward = f"{shlex.quote(sys.executable)} -m med_idefics.workflow.jobsignal"
+    wait_trainings = f"{forward} --wait"  # the trainings on this node; the other nodes' end with their own steps
     if job.nodes > 1:  # the training processes of the other nodes are no descendants of this shell
         forward = f'srun --overlap --nodes="$SLURM_NNODES" --ntasks-per-node=1 {forward}'
     return [
-        "asked=0 interrupted=0 status=",
+        "asked=0 ended=0 interrupted=0 status=",
         "on_usr1() {",
         '  asked=1 interrupted=1; echo "[med-idefics] USR1 (time limit near, or preemption): checkpoint and requeue"',
         f"  {forward} USR1",
         "}",
+        "on_term() {",
+        '  ended=1 interrupted=1; echo "[med-idefics] SIGTERM: Slurm ends or requeues this job itself (scancel, a '
+        'requeue, preemption, the time limit): the training saves a checkpoint"',
+        "}",
         "trap on_usr1 USR1",
+        "trap on_term TERM",
         f"logstart=$(stat -c %s {log} 2>/dev/null || echo 0)  # this start's lines only, after a requeue",
         f"{job.command} &",
         "child=$!",
@@ -170,8 +182,11 @@ def _run_and_requeue(job: Job) -> list[str]:
         '  if [ "$got" -eq 127 ] && [ -n "$status" ]; then break; fi  # reaped already: keep its status',
         '  status=$got; [ "$interrupted" = 1 ] || break',
         "done",
-        f'if [ "$status" -ne 0 ] && {{ [ "$asked" = 1 ] || {this_start} | grep -q "{exited}"; }}; then',
+        'if [ "$ended" = 1 ]; then',
+        f"  {wait_trainings}",
+        f'elif [ "$status" -ne 0 ] && {{ [ "$asked" = 1 ] || {this_start} | grep -q "{exited}"; }}; then',
         f'  echo "[med-idefics] {job.name} stopped at a checkpoint (exit $status): requeueing job $SLURM_JOB_ID"',
+        "  trap '' TERM  # the requeue's own SIGTERM: nothing is left to stop",
         '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
         '  echo "[med-idefics] scontrol requeue refused: the job ends here (a cancelled job is not requeued)"',
         "fi",
