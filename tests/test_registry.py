@@ -355,7 +355,8 @@ def test_the_gate_never_promotes_a_version_that_answers_without_looking(project)
         "1",
     )
     assert ("not promoted by rule `answers-without-looking`" in description and "0.900 with its images and 0.900 "
-            "with blank ones (image reliance +0.000 [-0.10, +0.10], McNemar p=1" in description)  # fmt: skip
+            "with blank ones (image reliance +0.000 [-0.10, +0.10], one-sided McNemar p=1" in description)  # fmt: skip
+    assert "not shown to look at the image; a drop of at least 0.05 with p < 0.05 is needed" in description
     assert "never scored on validation with blank images" in client.get_model_version(NAME, unscored).description
     _assert_reads_at_a_glance(client.search_model_versions(f"name = '{NAME}'"))
 
@@ -366,6 +367,12 @@ def test_the_gate_never_promotes_a_version_that_answers_without_looking(project)
     assert "0.900 with its images and 0.900 with blank ones" in decision["reason"]
     assert "a drop of at least 0.05 with p < 0.05 is needed" in decision["reason"]
     assert client.get_model_version(NAME, blind).tags["promotion.status"] == "refused"
+    # An uncommitted version scoring higher still than the blind one: the rule is the one that scored best's
+    stray = _fake_version(client, "two-stage-n500", 0.95, provenance=COMMITTED | {"git_dirty": "true"})
+    decision = promote(params)
+    assert (decision["rule"], decision["chosen"], decision["champion_after"]) == ("uncommitted", stray, sighted)
+    assert [c["version"] for c in decision["left_out"]] == [stray]
+    client.delete_model_version(NAME, stray)
     # registered again with blank scores that drop: the same version passes, leaves "refused" and may challenge
     source = client.get_model_version(NAME, blind).run_id
     client.log_dict(source, blank_scores(0.90), f"{registry.EVALUATION_ARTIFACTS}/validation-blank.json")
@@ -384,7 +391,8 @@ def test_the_gate_needs_a_significant_drop_of_at_least_min_image_reliance(relian
     verdict = gate(scores, 0.05, "validation")
     assert verdict["looks"] is looks
     assert f"{0.8:.3f} with its images and {0.8 - reliance:.3f} with blank ones" in verdict["reason"]
-    assert f"p={p:.4g}" in verdict["reason"] and "n = 55 closed questions" in verdict["reason"]
+    assert f"one-sided McNemar p={p:.4g}" in verdict["reason"] and "n = 55 closed questions" in verdict["reason"]
+    assert ("it looks at the image" if looks else "not shown to look at the image") in verdict["reason"]
     with pytest.raises(ConfigError, match="min_image_reliance"):
         load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["registry.min_image_reliance=1.5"])
 

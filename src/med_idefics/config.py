@@ -221,8 +221,7 @@ class RegistryConfig:
     metric: str
     require_significance: bool  # the champion moves only when the paired test says the candidate is better
     allow_uncommitted: bool  # versions from uncommitted work (DVC experiments, dirty trees) may be promoted
-    # the gate: a candidate's closed accuracy on `suite` must drop without its images by at least this (and p < 0.05)
-    min_image_reliance: float
+    min_image_reliance: float  # the image gate: closed accuracy on `suite` must drop this much without images, p < 0.05
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_image_reliance <= 1:

@@ -82,7 +82,8 @@ def evaluate_command(variants, suite, name, predictions_dir, metrics_dir, output
         else:
             headline = f"exact match {metrics['exact_match']:.3f}, F1 {metrics['f1']:.3f}"
         if metrics.get("image_reliance") is not None:
-            headline += f", image reliance {metrics['image_reliance']:+.3f} (p={metrics['image_reliance_p']:.2g})"
+            p = metrics["image_reliance_p"]
+            headline += f", image reliance {metrics['image_reliance']:+.3f} (one-sided p={p:.2g})"
         if metrics.get("consistency") is not None:
             headline += f", consistency {metrics['consistency']:.3f} ({metrics['n_pairs']} pairs)"
         where = result.metrics_path

@@ -116,14 +116,15 @@ def _variants(evaluated: dict[str, dict], key: str) -> list[str]:
 
 
 def _reliance_tables(suite: str, evaluated: dict[str, dict]) -> list:
-    """A blank suite's image reliance: closed accuracy with the image and without, the difference, McNemar p."""
+    """A blank suite's image reliance: closed accuracy with the image and without, the difference, its one-sided
+    McNemar p."""
     from med_idefics.data.suites import BLANKED
 
     variants = _variants(evaluated, "image_reliance")
     if suite not in BLANKED or not variants:
         return []
     n = _span(evaluated[v].get("n_closed") for v in variants)
-    columns = ["With image", "Blank", "Reliance [95 % CI]", "McNemar p"]
+    columns = ["With image", "Blank", "Reliance [95 % CI]", "p, 1-sided"]
     table = _table(f"image reliance: {BLANKED[suite]} − {suite}, strict closed, n = {n}", columns)
     for variant in variants:
         summary = evaluated[variant]

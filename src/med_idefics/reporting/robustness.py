@@ -25,7 +25,7 @@ CONSISTENCY_LABELS = {
 
 def reliance_table(scores: dict, blank_suite: str) -> list[str]:
     """A row per variant scored on ``blank_suite``: n, strict closed accuracy with and without the image, image
-    reliance [95 % CI], McNemar p, and the yes-rates under blank images."""
+    reliance [95 % CI], its one-sided McNemar p, and the yes-rates under blank images."""
     rows = []
     for variant in ordered({v for v, s in scores if s == blank_suite}, VARIANTS):
         blank = scores.get((variant, blank_suite))
@@ -39,7 +39,7 @@ def reliance_table(scores: dict, blank_suite: str) -> list[str]:
                      yes, truth])  # fmt: skip
     if not rows:
         return [f"{MISSING} no variant scored on `{blank_suite}` with its sighted suite yet."]
-    header = ["Variant", "n closed", "With image", "Blank", "Image reliance [95% CI]", "McNemar p",
+    header = ["Variant", "n closed", "With image", "Blank", "Image reliance [95% CI]", "McNemar p (one-sided)",
               "Yes-rate, blank", "Truth yes"]  # fmt: skip
     return markdown_table(header, rows)
 
@@ -50,7 +50,8 @@ def reliance_section(params: Params, scores: dict, predictions_dir: str | Path) 
     lines += [
         f"Strict closed accuracy on `{sighted}` with each image, and on the same questions with the image replaced "
         f"by a black one of its size (`{BLANK}`); image reliance is the difference, with its 95 % paired-bootstrap "
-        "interval and the exact McNemar p. A variant that answers as well without the image is not reading it. "
+        "interval and the exact one-sided McNemar p (does the image help?). A variant that answers as well without "
+        "the image is not reading it. "
         "Yes-rate: over the closed questions whose answer is yes or no, how often it answers yes under blank images, "
         "beside how often the truth is yes.",
         "",
@@ -96,7 +97,7 @@ def consistency_section(scores: dict) -> list[str]:
     lines = ["", "## Consistency under rewording", ""]
     lines += [
         f"The `{VQA_RAD}` questions asked twice, an original and its rewording on the same image (VQA-RAD's "
-        "`qid_linked_id` and `phrase_type`; the demo asks one closed and one open question per test image again in "
+        "`qid_linked_id` and `phrase_type`; the demo asks one closed and one open question per image again in "
         "other words), over the pairs whose answers agree: the same answer to both (a yes/no verdict, else the "
         "normalised answer), right on the original, right on the rewording, right on both — each with its 95 % "
         "bootstrap interval over the n pairs.",

@@ -193,12 +193,13 @@ def decide(candidates: list[Candidate], champion: str | None, params: Params, pr
         reason = f"no version has {reg.metric} on {reg.suite} ({where}): register evaluated variants first"
         return outcome(NO_CANDIDATE, "no-evidence", None, reason)
     stays = f"{reg.alias} stays version {champion}" if champion else f"no version becomes {reg.alias}"
-    if better_refused and (best is None or best is incumbent):
-        top = max(better_refused, key=lambda c: (c.value, -_version_number(c)))
-        reason = f"{_label(top, reg.metric)} scores best, but {top.gate['reason']}; {stays}"
-        return outcome(KEPT, BLIND_RULE, top, reason)
-    if better_held_back and (best is None or best is incumbent):
-        top = max(better_held_back, key=lambda c: (c.value, -_version_number(c)))
+    better_left_out = better_refused + better_held_back
+    if better_left_out and (best is None or best is incumbent):  # the one that scored best says why nothing moves
+        top = max(better_left_out, key=lambda c: (c.value, -_version_number(c)))
+        if top in refused:
+            return outcome(
+                KEPT, BLIND_RULE, top, f"{_label(top, reg.metric)} scores best, but {top.gate['reason']}; {stays}"
+            )
         reason = (f"{_label(top, reg.metric)} scores best but was {top.uncommitted}; {stays}. Apply and commit the "
                   "work, register it again (`med-idefics register`), or promote with --allow-uncommitted")  # fmt: skip
         return outcome(KEPT, "uncommitted", top, reason)
