@@ -175,6 +175,7 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir, tmp_path_fact
     first = two.description.split("\n\n")[0]
     assert first == f"two-stage, seed {params.seed}: validation closed 0.750 [0.65, 0.85]", two.description
     assert "- **vqa-rad**: closed 0.750 [0.65, 0.85] · em 0.500" in two.description
+    assert "- **validation-blank**: image reliance 0.300 [0.20, 0.40] (one-sided p 1e-05)" in two.description
     assert "train-two-stage" in two.description and "captions (stage 1)" in two.description
 
     decision = promote(params)

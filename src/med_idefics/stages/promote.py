@@ -162,7 +162,8 @@ def check_selection_suite(params: Params) -> None:
 def decide(candidates: list[Candidate], champion: str | None, params: Params, predictions_dir: Path) -> dict:
     """The decision as a JSON-able dict: ``outcome`` (promoted, kept, no-candidate), ``rule`` (see the module
     docstring), ``chosen`` (the version that is or becomes champion, or the challenger that was refused),
-    ``reason``, ``challenger`` and ``champion`` (each side's evidence and provenance), ``p_value``, ``left_out``."""
+    ``reason``, ``challenger`` and ``champion`` (each side's evidence, provenance and image gate), ``p_value``,
+    ``left_out`` (uncommitted), ``refused`` (by the image gate, each with why)."""
     reg = params.registry
     incumbent = next((c for c in candidates if c.version == champion), None)
     refused = [c for c in candidates if not c.looks and c is not incumbent]
@@ -197,9 +198,8 @@ def decide(candidates: list[Candidate], champion: str | None, params: Params, pr
     if better_left_out and (best is None or best is incumbent):  # the one that scored best says why nothing moves
         top = max(better_left_out, key=lambda c: (c.value, -_version_number(c)))
         if top in refused:
-            return outcome(
-                KEPT, BLIND_RULE, top, f"{_label(top, reg.metric)} scores best, but {top.gate['reason']}; {stays}"
-            )
+            reason = f"{_label(top, reg.metric)} scores best, but {top.gate['reason']}; {stays}"
+            return outcome(KEPT, BLIND_RULE, top, reason)
         reason = (f"{_label(top, reg.metric)} scores best but was {top.uncommitted}; {stays}. Apply and commit the "
                   "work, register it again (`med-idefics register`), or promote with --allow-uncommitted")  # fmt: skip
         return outcome(KEPT, "uncommitted", top, reason)

@@ -283,7 +283,12 @@ def describe(variant: str, tags: dict[str, str], scores: dict[str, dict], params
     for suite in (s for s in order if s in scores):
         numbers = [f"{name} {results.fmt_metric(scores[suite], metric)}"
                    for name, metric in results.headline_metrics(suite).items() if metric in scores[suite]]  # fmt: skip
-        lines.append(f"- **{suite}**: " + " · ".join(numbers))
+        if _finite(scores[suite].get("image_reliance")) is not None:  # a blank suite: what the image was worth
+            p = _finite(scores[suite].get("image_reliance_p"))
+            reliance = results.fmt_metric(scores[suite], "image_reliance")
+            numbers.append(f"image reliance {reliance}" + ("" if p is None else f" (one-sided p {p:.2g})"))
+        if numbers:
+            lines.append(f"- **{suite}**: " + " · ".join(numbers))
     where = (
         f"Every score and interval: `{registry.EVALUATION_ARTIFACTS}/` in this version's source run "
         f"(`register-{variant}`) and each suite's evaluation run (the source model's `<suite>.eval_run_id`)."
