@@ -97,8 +97,8 @@ def consistency_section(scores: dict) -> list[str]:
     lines = ["", "## Consistency under rewording", ""]
     lines += [
         f"The `{VQA_RAD}` questions asked twice, an original and its rewording on the same image (VQA-RAD's "
-        "`qid_linked_id` and `phrase_type`; the demo asks one closed and one open question per image again in "
-        "other words), over the pairs whose answers agree: the same answer to both (a yes/no verdict, else the "
+        "`qid_linked_id` and `phrase_type`; the demo asks two open questions per test image again in other "
+        "words), over the pairs whose answers agree: the same answer to both (a yes/no verdict, else the "
         "normalised answer), right on the original, right on the rewording, right on both — each with its 95 % "
         "bootstrap interval over the n pairs.",
         "",
