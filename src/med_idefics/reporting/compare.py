@@ -129,7 +129,7 @@ def _reliance_tables(suite: str, evaluated: dict[str, dict]) -> list:
     for variant in variants:
         summary = evaluated[variant]
         p = summary.get("image_reliance_p")
-        table.add_row(variant, fmt(summary.get("closed_with_image")), fmt_metric(summary, "closed_accuracy_strict"),
+        table.add_row(variant, fmt(summary.get("closed_with_image")), fmt(summary.get("closed_accuracy_strict")),
                       fmt_metric(summary, "image_reliance"), MISSING if p is None else f"{p:.2g}")  # fmt: skip
     return [table]
 
