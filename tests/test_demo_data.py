@@ -132,8 +132,13 @@ def test_captions_describe_what_the_image_shows(medium):
     assert all(seen[word] >= 10 for word in ("ct", "mri", "x-ray", "brain", "chest", "abdomen")), seen
 
 
+def _originals(records: list[dict]) -> list[dict]:
+    """The records that are not a rewording of another (phrase_type para in train, test_para in test)."""
+    return [r for r in records if r.get("phrase_type") not in ("para", "test_para")]
+
+
 def test_vqa_has_about_seven_questions_per_test_image_and_asks_each_training_check_both_ways(medium):
-    per_image = [len(qa) for qa in _by_image(medium["test"]).values()]
+    per_image = [len(qa) for qa in _by_image(_originals(medium["test"])).values()]
     assert min(per_image) >= 5 and 6.5 <= np.mean(per_image) <= 8.5
     checks = re.compile(r"(is this an? \S+ image|does this image show the \S+|is the lesion on the \S+)\?$")
     for qa in _by_image(medium["train"]).values():
@@ -155,7 +160,7 @@ def test_nonsense_is_text_only_and_answered_by_abstaining(medium):
 @pytest.mark.parametrize("split", ["train", "test", "pathology"])
 def test_closed_answers_are_balanced_per_template(medium, split):
     answers = defaultdict(list)
-    for record in medium[split]:
+    for record in _originals(medium[split]):  # the rewordings: test_each_test_image_asks_two_questions_again
         if record["answer_type"] == "closed":
             answers[_bare(record["question"])].append(record["answer"] == "yes")
     assert len(answers) == (4 if split == "pathology" else 10)  # lesion, 2 sides, multiplicity (+3 modality, 3 organ)
@@ -166,7 +171,7 @@ def test_closed_answers_are_balanced_per_template(medium, split):
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_no_template_can_be_answered_from_the_question_alone(medium, split):
     answers = defaultdict(Counter)
-    for record in medium[split]:
+    for record in _originals(medium[split]):
         answers[_bare(record["question"])][record["answer"]] += 1
     for question, counts in answers.items():
         assert counts.most_common(1)[0][1] / counts.total() <= 0.6, (question, counts)
@@ -284,6 +289,17 @@ QUESTION_TYPES = {  # the template's words → its question_type (VQA-RAD's code
     "does this image show the": "ORGAN",
     "which organ is shown?": "ORGAN",
     "what stain is used?": "ATTRIB",
+    # the test split's rewordings (demo.rewordings)
+    "does this image show a lesion?": "PRES",
+    "on which side is the lesion?": "POS",
+    "does this image show more than one lesion?": "COUNT",
+    "how many lesions does this image show?": "COUNT",
+    "is the modality": "MODALITY",
+    "which modality is shown?": "MODALITY",
+    "is the brain shown?": "ORGAN",
+    "is the chest shown?": "ORGAN",
+    "is the abdomen shown?": "ORGAN",
+    "what organ does this image show?": "ORGAN",
 }
 
 
@@ -303,3 +319,54 @@ def test_every_vqa_question_carries_its_templates_type(medium, split, tmp_path):
     test = build_demo_splits(SMALL, PROMPT)["test"]
     assert {record["id"]: record["question_type"] for record in test}.items() <= stored.items()
     assert not any(key.startswith("demo-general") for key in stored)
+
+
+@pytest.mark.parametrize(
+    ("split", "phrases", "kinds"),
+    [("train", ("freeform", "para"), {"closed": 1, "open": 1}), ("test", ("test_freeform", "test_para"), {"open": 2})],
+)
+def test_each_image_asks_two_questions_again_in_other_words(medium, split, phrases, kinds, tmp_path):
+    """The rewordings (consistency under rewording; VQA-RAD's train holds 591, its test 143): per training image one
+    closed and one open question asked again, per test image two open ones (closed accuracy stays that of the
+    originals), after all the originals, in words the base knows, linked as VQA-RAD links them (qid_linked_id,
+    phrase_type); each with its original's answer, type and image."""
+    from med_idefics.data.demo import lexicon, rewordings
+    from med_idefics.data.rewordings import links, rewording_pairs
+
+    records = medium[split]
+    by_id = {r["id"]: r for r in records}
+    originals = _originals(records)
+    again = [r for r in records if r["phrase_type"] == phrases[1]]
+    assert records == originals + again  # the originals first: the records they were before rewordings existed
+    assert all(r["phrase_type"] == phrases[0] and r["qid_linked_id"] == r["id"] for r in originals)
+    n_images = MEDIUM.n_vqa_train_images if split == "train" else MEDIUM.n_vqa_test_images
+    assert len(again) == 2 * n_images
+    words = set(lexicon(PROMPT))
+    wordings = {rewording for templates in map(rewordings, _all_designs()) for rewording in templates.values()}
+    for r in again:
+        original = by_id[r["qid_linked_id"]]
+        assert original["phrase_type"] == phrases[0] and _bare(original["question"]) != _bare(r["question"])
+        assert _bare(r["question"]) in wordings
+        assert {k: original[k] for k in ("image", "answer", "answer_type", "question_type")} == {
+            k: r[k] for k in ("image", "answer", "answer_type", "question_type")
+        }
+        assert set(r["question"].rstrip("?").replace(",", "").replace(".", "").split()) <= words, r["question"]
+    per_image = defaultdict(Counter)
+    for r in again:
+        per_image[r["id"].rsplit("-q", 1)[0]][r["answer_type"]] += 1
+    assert len(per_image) == n_images and all(kinds == counts for counts in per_image.values())
+    assert len({r["qid_linked_id"] for r in again}) == len(again)  # never the same question twice
+    closed = [r["answer"] == "yes" for r in again if r["answer_type"] == "closed"]
+    assert not closed or 0.35 <= np.mean(closed) <= 0.65  # drawn, not balanced by design: near half
+    write_demo_dataset(tmp_path, SMALL, PROMPT)
+    small = build_demo_splits(SMALL, PROMPT)[split]
+    pairs = rewording_pairs([r["id"] for r in small], links(tmp_path, "demo"))  # read back from the parquet
+    assert pairs == [(r["qid_linked_id"], r["id"]) for r in small if r["phrase_type"] == phrases[1]]
+
+
+def _all_designs():
+    """One image per modality x organ x side asked about (every wording :func:`rewordings` can give)."""
+    from med_idefics.data.demo import DemoImage
+    from med_idefics.data.demo_images import MODALITIES, ORGANS, SIDES
+
+    return [DemoImage(m, o, 1, s, m, o, s) for m in MODALITIES for o in ORGANS for s in SIDES]

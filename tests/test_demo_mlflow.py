@@ -203,7 +203,7 @@ def test_the_demo_ends_with_the_champion_the_promotion_rules_choose(root, client
     assert champion == decision["champion_after"], decision["reason"]
     if decision["champion_before"] is None and decision["rule"] != "uncommitted":
         assert decision["rule"] == "no-champion" and champion is not None, decision["reason"]
-        best = max(c["value"] for c in decision["candidates"])
+        best = max(c["value"] for c in decision["candidates"] if c["gate"]["looks"])  # the image gate's refusals aside
         assert decision["challenger"]["value"] == best and decision["chosen"] == champion
     if decision["rule"] == "uncommitted":  # e.g. `make demo` on a tree with uncommitted changes: it says how to go on
         assert "--allow-uncommitted" in decision["reason"] and decision["left_out"], decision["reason"]
@@ -242,6 +242,15 @@ def test_each_registered_version_reads_at_a_glance(root, client, params):
         assert {m.run_id for m in model.metrics} == {version.run_id}, variant  # the compare view's source runs
         score = round(read_json(root / "metrics" / variant / f"{reg.suite}.json")[reg.metric], 3)
         assert version.description.startswith(f"{variant}, seed {params.seed}: {reg.suite} {HEADLINE} {score:.3f} [")
+    refused = {c["version"]: c for c in read_json(root / "outputs" / "registry" / "promotion.json")["refused"]}
+    for number, c in refused.items():  # the image gate's refusals say so on the version's page, with both accuracies
+        version = client.get_model_version(reg.model_name, number)
+        tags = {k: version.tags.get(k) for k in ("promotion.status", "promotion.rule", "promotion.outcome")}
+        assert tags == {"promotion.status": "refused", "promotion.rule": "answers-without-looking",
+                        "promotion.outcome": "refused"}, (number, tags)  # fmt: skip
+        gate = c["gate"]
+        numbers = f"{gate['with_image']:.3f} with its images and {gate['without_image']:.3f} with blank ones"
+        assert numbers in promotion_paragraph(version.description), version.description
     try:
         champion = client.get_model_version_by_alias(reg.model_name, reg.alias)
     except MlflowException:

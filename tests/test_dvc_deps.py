@@ -140,13 +140,27 @@ def test_each_sweep_point_is_a_stage1_a_stage2_and_an_evaluation_stage(repo_root
             f"med-idefics train stage1 --train-size {n} --out outputs/stage1-n{n}",
             f"med-idefics train stage2 --init-adapter outputs/stage1-n{n}/adapter --out outputs/two-stage-n{n} "
             f"--variant two-stage-n{n}",
-            f"med-idefics evaluate --variant two-stage-n{n} --suite vqa-rad,validation --predictions-dir "
-            "outputs/predictions --metrics-dir metrics",
+            f"med-idefics evaluate --variant two-stage-n{n} --suite vqa-rad,blank,validation,validation-blank "
+            "--predictions-dir outputs/predictions --metrics-dir metrics",
         ]), commands  # fmt: skip
     for name, stage in stages.items():
         if any(key.split(".")[0] in ("stage2", "eval") for key in _params_keys(stage)):
             outs = [str(out.def_path) for out in stage.outs]
             assert not [out for out in outs if out.startswith("outputs/stage1")], (name, outs)
+
+
+def test_the_blind_control_is_in_the_demo_only(repo_root, tmp_path):
+    """The demo trains and evaluates the control that cannot see (params controls), for promotion's image gate to
+    refuse; the paper profile spends no GPU hours on it."""
+    (tmp_path / "demo").mkdir(), (tmp_path / "paper").mkdir()
+    demo = {
+        name.rsplit(":", 1)[-1]: stage
+        for name, stage in resolved_stages(repo_root, tmp_path / "demo", "demo")[0].items()
+    }
+    assert demo["control_train@blind"].cmd == "med-idefics train blind --out outputs/blind"
+    assert "--suite vqa-rad,blank,validation,validation-blank" in demo["control_evaluate@blind"].cmd
+    paper, _ = resolved_stages(repo_root, tmp_path / "paper", "paper")
+    assert not [name for name in paper if name.rsplit(":", 1)[-1].startswith("control")]
 
 
 def test_an_empty_sweep_leaves_it_out_of_the_pipeline(repo_root, tmp_path):

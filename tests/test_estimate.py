@@ -37,19 +37,37 @@ def test_the_paper_profile_counts(repo_root, tmp_path):
     assert not stages["stage1"]["vision_cache"] and stages["stage2"]["vision_cache"]  # ROCO does not fit, VQA-RAD does
     # VQA-RAD: 1,797 train questions less a 10 % validation carve-out; 2 epochs
     assert stages["stage2"]["train_samples"] == math.ceil(math.ceil(1_617 / 2) / 8) * 2 * 16
-    per_variant = 451 * 3 + 6_761 + 1_858 + 180  # vqa-rad, swap, expert-prompt; path-vqa; med-halt; validation
+    # vqa-rad, swap, blank, expert-prompt; path-vqa; med-halt; validation and validation-blank
+    per_variant = 451 * 4 + 6_761 + 1_858 + 180 * 2
     assert stages["evaluate@two-stage"]["answers"] == per_variant and stages["evaluate@two-stage"]["loads"] == 1
     sweep = [f"sweep_{stage}@{n}" for n in (7_000, 20_000, 35_000) for stage in ("stage1", "stage2", "evaluate")]
     assert [n for n in stages if n.startswith("sweep")] == sweep  # each point three stages; none at 55,000
     assert not [n for n, s in stages.items() if s["duplicate_of"]]
     assert stages["sweep_stage1@7000"]["train_samples"] == math.ceil(math.ceil(7_000 / 2) / 8) * 3 * 16
-    assert stages["sweep_evaluate@7000"]["answers"] == 451 + 180 and stages["sweep_evaluate@7000"]["loads"] == 1
+    # vqa-rad and validation, each also with blank images
+    assert stages["sweep_evaluate@7000"]["answers"] == 2 * (451 + 180) and stages["sweep_evaluate@7000"]["loads"] == 1
+    assert not [n for n in stages if n.startswith("control")]  # paper: controls [] (no GPU hours on the blind one)
     assert stages["register"]["loads"] == 0  # the signature only: MLflow loads no model to check an input example
     trained = sum(s["train_samples"] for s in result["stages"])
     assert sum(s["eval_samples"] for s in result["stages"]) < 0.10 * trained  # in-training evaluation under 10 %
     assert result["total_hours"] == round(sum(s["hours"] for s in result["stages"]), 2)
     assert 15 < result["total_hours"] < 25  # issue 17 counted ~35-45 GPU-hours before the sweep and stage-1 fixes
     assert {"path-vqa/test", "roco/train", "vqa-rad/train"} <= set(result["assumed_sizes"])
+
+
+def test_the_demo_counts_its_blind_control(repo_root, tmp_path):
+    from dataclasses import replace
+
+    from med_idefics.data.demo import write_demo_dataset
+
+    params = profile_params(repo_root, "demo", tmp_path)
+    small = replace(params.data.demo, n_general_images=2, n_general_validation_images=1, n_caption_train=600,
+                    n_caption_validation=2, n_vqa_train_images=20, n_vqa_test_images=4,
+                    n_pathology_images=2)  # fmt: skip
+    write_demo_dataset(params.data.root, small, params.data.caption_prompt)
+    stages = {s["name"]: s for s in estimate(params, REFERENCE_RATES)["stages"]}
+    assert stages["control_train@blind"]["train_samples"] == stages["single_stage"]["train_samples"]
+    assert stages["control_evaluate@blind"]["answers"] == stages["sweep_evaluate@100"]["answers"] > 0
 
 
 def test_the_fast_overlay_costs_a_fraction(repo_root, tmp_path):

@@ -16,7 +16,7 @@ from med_idefics.config import ConfigError, DemoDataConfig, load_params
 from med_idefics.data.collator import build_generation_batch, record_image
 from med_idefics.data.demo import write_demo_dataset
 from med_idefics.data.schema import split_path
-from med_idefics.data.suites import SUITES, VALIDATION, load_suite, suite_splits
+from med_idefics.data.suites import BLANKED, SUITES, VALIDATION, VALIDATION_BLANK, load_suite, suite_splits
 from med_idefics.files import file_md5
 from med_idefics.reporting.results import headline_metrics, read_run_info, write_run_info
 from med_idefics.scoring.metrics import METRICS, summarize
@@ -130,12 +130,13 @@ def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params,
     assert result.exit_code == 0, result.output
 
     runs = {r.data.tags["suite"]: r for r in client.search_runs([experiment_id], "tags.variant = 'two-stage'")}
-    assert sorted(runs) == sorted([*SUITES, VALIDATION])  # `all` includes validation where the config carves it
+    every = (*SUITES, VALIDATION, VALIDATION_BLANK)  # `all` includes validation where the config carves it
+    assert sorted(runs) == sorted(every)
     info = read_run_info(workspace / "metrics" / "two-stage")
     assert info["training_run_id"] == training_run
     assert info["eval_runs"] == {suite: run.info.run_id for suite, run in runs.items()}
     trained = client.get_run(training_run).data.metrics  # the variant's row: every suite's headline numbers
-    for suite in (*SUITES, VALIDATION):
+    for suite in every:
         records = load_suite(params, suite).records
         lines = (workspace / "outputs" / "predictions" / "two-stage" / f"{suite}.jsonl").read_text().splitlines()
         rows = [json.loads(line) for line in lines]
@@ -156,6 +157,7 @@ def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params,
         if suite != "med-halt":  # the metrics are those of the predictions file
             rows = read_predictions(workspace / "outputs" / "predictions" / "two-stage" / f"{suite}.jsonl")
             assert summarize(rows, seed=0, resamples=1000) == {k: metrics[k] for k in summarize(rows, 0, 1000)}
+            _assert_reliance_and_consistency(workspace, params, suite, rows, metrics)
 
         assert run.info.status == "FINISHED" and run.info.run_name == f"eval-two-stage-{suite}"
         tags = run.data.tags
@@ -178,6 +180,26 @@ def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params,
         inputs = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
         expected = {(f"{d}/{s}", file_md5(split_path(params.data.root, d, s))) for d, s in suite_splits(params, suite)}
         assert inputs == expected
+
+
+def _assert_reliance_and_consistency(workspace, params, suite: str, rows, metrics) -> None:
+    """A blank suite scored against the suite it blanks (asked for in the same call); vqa-rad's rewording pairs (the
+    demo's test split has two per image) scored for consistency; no other suite has either."""
+    from med_idefics.scoring.consistency import consistency_scores
+    from med_idefics.scoring.reliance import reliance_scores
+
+    if suite in BLANKED:
+        sighted = read_predictions(workspace / "outputs" / "predictions" / "two-stage" / f"{BLANKED[suite]}.jsonl")
+        expected = reliance_scores(sighted, rows, seed=0, resamples=1000)
+        assert {k: metrics[k] for k in expected} == expected and expected["image_reliance_p"] is not None
+    else:
+        assert "image_reliance" not in metrics
+    pairs = load_suite(params, suite).pairs
+    assert bool(pairs) == (suite == "vqa-rad") and (metrics.get("n_pairs") or 0) == len(pairs)
+    if pairs:
+        assert len(pairs) == 2 * SMALL.n_vqa_test_images
+        expected = consistency_scores(rows, pairs, 0, 1000)
+        assert {k: metrics[k] for k in expected} == expected
 
 
 def test_the_adapter_changes_the_answers(params):

@@ -1,5 +1,6 @@
 """What `make paper-smoke` must leave in outputs/paper-smoke/: the paper profile's pipeline complete and up to date,
-every stage recorded, every run finished, a champion — and the pipeline built so that a GPU user loses no work to it.
+every stage recorded, every run finished, promotion decided by its rules — the image gate refusing what does not look
+at the image — and the pipeline built so that a GPU user loses no work to it.
 Marked `paper_smoke`: `.ci/paper_smoke.py` runs these checks inside the copy, after `dvc repro`; `make test`
 deselects them (a fresh clone has no smoke outputs). A missing output fails, naming what makes it."""
 
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from med_idefics.config import Params, apply_overrides, build, load_params
-from med_idefics.data.suites import SUITES, VALIDATION
+from med_idefics.data.suites import SUITES, VALIDATION, VALIDATION_BLANK
 from med_idefics.tracking.registry import evidence
 from med_idefics.tracking.runs import seeded_run_name
 
@@ -63,7 +65,7 @@ def test_the_base_folder_holds_no_run_record(params):
     assert not (base / "run_info.json").exists()
 
 
-def test_every_run_finished_and_a_champion_was_chosen(client, params):
+def test_every_run_finished_and_promotion_decided_by_its_rules(client, params):
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     assert experiment is not None, "no experiment: run `make paper-smoke`"
     runs = client.search_runs([experiment.experiment_id], max_results=5000)
@@ -73,11 +75,28 @@ def test_every_run_finished_and_a_champion_was_chosen(client, params):
     sweep = [f"two-stage-n{n}" for n in sweep_sizes(params)]
     trained = ["base", "stage1", "two-stage", "single-stage", *(f"stage1-n{n}" for n in sweep_sizes(params)), *sweep]
     expected = {seeded_run_name(name, params.seed) for name in trained} | {"report", "promote"}
-    expected |= {f"eval-{v}-{s}" for v in ("base", "single-stage", "two-stage") for s in (*SUITES, VALIDATION)}
-    expected |= {f"eval-{v}-{s}" for v in sweep for s in ("vqa-rad", VALIDATION)}
+    all_suites = (*SUITES, VALIDATION, VALIDATION_BLANK)
+    expected |= {f"eval-{v}-{s}" for v in ("base", "single-stage", "two-stage") for s in all_suites}
+    expected |= {f"eval-{v}-{s}" for v in sweep for s in ("vqa-rad", "blank", VALIDATION, VALIDATION_BLANK)}
     expected |= {f"register-{v}" for v in ("single-stage", "two-stage", *sweep)}
     assert not expected - finished, sorted(expected - finished)
-    champion = client.get_model_version_by_alias(params.registry.model_name, params.registry.alias)
+    # Random tiny layers hardly look at the image: the image gate decides. Every version was scored with blank images;
+    # one that looks may become champion, and when none does, every one is refused and no alias is set.
+    decision = json.loads((ROOT / "outputs" / "registry" / "promotion.json").read_text())
+    candidates = decision["candidates"]
+    assert len(candidates) == 2 + len(sweep) and all(c["gate"]["p_value"] is not None for c in candidates)
+    looking = {c["version"] for c in candidates if c["gate"]["looks"]}
+    assert {c["version"] for c in decision["refused"]} == {c["version"] for c in candidates} - looking
+    name, alias = params.registry.model_name, params.registry.alias
+    for version in {c["version"] for c in decision["refused"]}:
+        assert client.get_model_version(name, version).tags["promotion.rule"] == "answers-without-looking"
+    if not looking:
+        assert decision["rule"] == "answers-without-looking" and decision["champion_after"] is None, decision
+        with pytest.raises(MlflowException):
+            client.get_model_version_by_alias(name, alias)
+        return
+    champion = client.get_model_version_by_alias(name, alias)
+    assert str(champion.version) in looking
     assert evidence(client, champion).value(params.registry.suite, params.registry.metric) is not None
     assert len(champion.tags) <= 15, sorted(champion.tags)  # its scores are on its logged model, not in tags
 

@@ -96,10 +96,38 @@ def test_vqa_rad_official_release(vqa_rad_root):
     by_id = {r["id"]: r for r in train + test}
     assert by_id["0"]["question"] == "Are regions of the brain infarcted?"  # the one string qid, among int qids
     assert {"4", "12"} <= {r["answer"] for r in train + test}  # int answers stored as text
-    assert list(test[0])[6:] == ["question_type", "image_organ", "phrase_type", "image_name"]  # extra columns
+    assert list(test[0])[6:] == ["question_type", "image_organ", "phrase_type", "qid_linked_id", "image_name"]
     assert {r["phrase_type"] for r in test} == {"test_freeform", "test_para"}
     assert {r["phrase_type"] for r in train} == {"freeform", "para"}
     assert len({r["image_name"] for r in train + test}) == 314
+
+
+def test_vqa_rad_import_keeps_each_rewording_linked_to_its_original(vqa_rad_root, repo_root):
+    """qid_linked_id and phrase_type survive the import. Test: 301 of the 451 questions fall in 148 linked groups of
+    more than one, 137 of them an original and its one rewording; the pairs (each rewording of a group with one
+    original) are those 137, and the 2 of a group of one original and two rewordings: 139, 121 of them with the same
+    answer (the rest reword into another question: "is the diaphragm obscured?" for "is it clearly visualized?").
+    Train: 591 rewordings, 583 of them in pairs. The vqa-rad suite carries the test's pairs."""
+    from med_idefics.data.rewordings import links, rewording_pairs
+    from med_idefics.data.suites import load_suite
+    from med_idefics.scoring.metrics import normalize
+
+    found = links(vqa_rad_root, "vqa-rad")
+    test, train = (text_columns(vqa_rad_root, "vqa-rad", split) for split in ("test", "train"))
+    assert len(found) == 1797 + 451
+    groups = Counter(found[r["id"]].group for r in test)
+    linked = {group: n for group, n in groups.items() if n > 1}
+    assert (len(linked), sum(linked.values())) == (148, 301)
+    phrases = Counter(tuple(sorted(r["phrase_type"] for r in test if found[r["id"]].group == g)) for g in linked)
+    assert phrases[("test_freeform", "test_para")] == 137
+    pairs = rewording_pairs([r["id"] for r in test], found)
+    by_id = {r["id"]: r for r in test}
+    assert len(pairs) == 139 and all(by_id[o]["image_name"] == by_id[r]["image_name"] for o, r in pairs)
+    assert sum(normalize(by_id[o]["answer"]) == normalize(by_id[r]["answer"]) for o, r in pairs) == 121
+    assert sum(r["phrase_type"] == "para" for r in train) == 591
+    assert len(rewording_pairs([r["id"] for r in train], found)) == 583
+    params = load_params(repo_root / "params.yaml", [f"data.root={vqa_rad_root}", "data.vqa.dataset=vqa-rad"])
+    assert load_suite(params, "vqa-rad").pairs == tuple(pairs)
 
 
 def test_vqa_rad_closed_with_a_trailing_space_is_closed(vqa_rad_root):

@@ -48,11 +48,25 @@ def make_adapter(folder: Path, base_dir: Path, target_modules: str, seed: int) -
     return folder
 
 
+def blank_scores(closed_accuracy: float, looks: bool = True) -> dict:
+    """``validation-blank.json`` as evaluate writes it beside ``validation.json``: what promotion's image gate reads.
+    ``looks``: 0.30 of closed accuracy lost without the images (McNemar p 1e-5), else none (p 1.0)."""
+    reliance, p = (0.30, 1e-5) if looks else (0.0, 1.0)
+    return {"n": 40, "n_closed": 40, "closed_accuracy_strict": closed_accuracy - reliance,
+            "closed_with_image": closed_accuracy, "image_reliance": reliance, "image_reliance_ci_low": reliance - 0.1,
+            "image_reliance_ci_high": reliance + 0.1, "image_reliance_p": p}  # fmt: skip
+
+
 def write_metrics(
-    root: Path, variant: str, closed_accuracy: float, eval_run_id: str | None = None, test: float | None = None
+    root: Path,
+    variant: str,
+    closed_accuracy: float,
+    eval_run_id: str | None = None,
+    test: float | None = None,
+    looks: bool = True,
 ) -> None:
-    """``validation.json`` (what promotion ranks on) with ``closed_accuracy``, and ``vqa-rad.json`` (the test split)
-    with ``test`` (default: the same)."""
+    """``validation.json`` (what promotion ranks on) with ``closed_accuracy``, ``validation-blank.json`` (its image
+    gate: :func:`blank_scores`), and ``vqa-rad.json`` (the test split) with ``test`` (default: the same)."""
     folder = root / "metrics" / variant
     folder.mkdir(parents=True, exist_ok=True)
     for suite, value in (("validation", closed_accuracy), ("vqa-rad", closed_accuracy if test is None else test)):
@@ -60,7 +74,9 @@ def write_metrics(
         for name in ("closed_accuracy_strict", "closed_accuracy"):  # promotion ranks on the strict one (params)
             metrics |= {name: value, f"{name}_ci_low": value - 0.1, f"{name}_ci_high": value + 0.1}
         (folder / f"{suite}.json").write_text(json.dumps(metrics))
-    write_run_info(folder, {"variant": variant, "eval_runs": {"validation": eval_run_id, "vqa-rad": eval_run_id}})
+    (folder / "validation-blank.json").write_text(json.dumps(blank_scores(closed_accuracy, looks)))
+    runs = {"validation": eval_run_id, "validation-blank": eval_run_id, "vqa-rad": eval_run_id}
+    write_run_info(folder, {"variant": variant, "eval_runs": runs})
 
 
 @pytest.fixture
@@ -159,6 +175,7 @@ def test_register_promote_load_and_predict(trained, tiny_base_dir, tmp_path_fact
     first = two.description.split("\n\n")[0]
     assert first == f"two-stage, seed {params.seed}: validation closed 0.750 [0.65, 0.85]", two.description
     assert "- **vqa-rad**: closed 0.750 [0.65, 0.85] · em 0.500" in two.description
+    assert "- **validation-blank**: image reliance 0.300 [0.20, 0.40] (one-sided p 1e-05)" in two.description
     assert "train-two-stage" in two.description and "captions (stage 1)" in two.description
 
     decision = promote(params)
@@ -244,11 +261,12 @@ def _fake_version(
     eval_run_id: str | None = None,
     paper=None,
     provenance: dict[str, str] = COMMITTED,
+    looks: bool | None = True,
 ):
     """A version with what `register` gives it (no model behind it: promotion reads only the registry): its tags, and
     on its logged model the metrics of its validation scores — ``closed_accuracy`` the strict one, ``paper`` the
     paper's (default: the same) — with their evaluation run; ``provenance`` where it came from (default: a committed
-    tree, no DVC experiment)."""
+    tree, no DVC experiment); its validation-blank scores (:func:`blank_scores`; ``looks`` None: none)."""
     params = load_params("params.yaml")
     experiment = setup_tracking(params)
     with mlflow.start_run(run_name=f"fake-{variant}", experiment_id=experiment) as run:
@@ -266,6 +284,9 @@ def _fake_version(
         registry.log_evidence(client, run.info.run_id, model.model_id, metrics, {SELECTION_SUITE: eval_run_id})
         artifact = f"{registry.EVALUATION_ARTIFACTS}/{SELECTION_SUITE}.json"
         MlflowClient().log_dict(run.info.run_id, scores, artifact)  # every number: the source run's artifacts
+        if looks is not None:
+            blank = f"{registry.EVALUATION_ARTIFACTS}/{SELECTION_SUITE}-blank.json"
+            MlflowClient().log_dict(run.info.run_id, blank_scores(closed_accuracy, looks), blank)
     return str(version.version)
 
 
@@ -313,6 +334,68 @@ def test_promotion_needs_evidence_beats_the_champion_and_is_idempotent(project):
     logged = mlflow.artifacts.load_dict(f"runs:/{decision['run_id']}/promotion.json")
     assert logged["chosen"] == better
     assert sorted(c["version"] for c in logged["candidates"]) == sorted({first, better, worse})  # not `unevaluated`
+
+
+def test_the_gate_never_promotes_a_version_that_answers_without_looking(project):
+    """A candidate whose validation closed accuracy does not drop with blank images (or was never scored so) is
+    registered but not promoted, whatever it scores; its page says why with both accuracies and p, on every
+    promotion; a version that looks is chosen among the rest."""
+    params, client = load_params("params.yaml"), MlflowClient()
+    blind = _fake_version(client, "blind", 0.90, looks=False)
+    unscored = _fake_version(client, "two-stage-n100", 0.85, looks=None)
+    sighted = _fake_version(client, "single-stage", 0.60)
+    decision = promote(params)
+    assert decision["outcome"] == PROMOTED and decision["rule"] == "no-champion" and decision["chosen"] == sighted
+    assert {c["version"] for c in decision["refused"]} == {blind, unscored}
+    status = _status(client)
+    assert status[blind] == status[unscored] == "refused" and status[sighted] == CHAMPION_STATUS
+    tags, description = client.get_model_version(NAME, blind).tags, client.get_model_version(NAME, blind).description
+    assert (tags["promotion.rule"], tags["promotion.outcome"], tags["promotion.p_value"]) == (
+        "answers-without-looking",
+        "refused",
+        "1",
+    )
+    assert ("not promoted by rule `answers-without-looking`" in description and "0.900 with its images and 0.900 "
+            "with blank ones (image reliance +0.000 [-0.10, +0.10], one-sided McNemar p=1" in description)  # fmt: skip
+    assert "not shown to look at the image; a drop of at least 0.05 with p < 0.05 is needed" in description
+    assert "never scored on validation with blank images" in client.get_model_version(NAME, unscored).description
+    _assert_reads_at_a_glance(client.search_model_versions(f"name = '{NAME}'"))
+
+    # Only a blind challenger beats the champion: it stays, by the gate's rule, and the decision says both accuracies
+    decision = promote(params)
+    assert decision["outcome"] == KEPT and decision["rule"] == "answers-without-looking"
+    assert decision["chosen"] == blind and decision["champion_after"] == sighted
+    assert "0.900 with its images and 0.900 with blank ones" in decision["reason"]
+    assert "a drop of at least 0.05 with p < 0.05 is needed" in decision["reason"]
+    assert client.get_model_version(NAME, blind).tags["promotion.status"] == "refused"
+    # An uncommitted version scoring higher still than the blind one: the rule is the one that scored best's
+    stray = _fake_version(client, "two-stage-n500", 0.95, provenance=COMMITTED | {"git_dirty": "true"})
+    decision = promote(params)
+    assert (decision["rule"], decision["chosen"], decision["champion_after"]) == ("uncommitted", stray, sighted)
+    assert [c["version"] for c in decision["left_out"]] == [stray]
+    client.delete_model_version(NAME, stray)
+    # registered again with blank scores that drop: the same version passes, leaves "refused" and may challenge
+    source = client.get_model_version(NAME, blind).run_id
+    client.log_dict(source, blank_scores(0.90), f"{registry.EVALUATION_ARTIFACTS}/validation-blank.json")
+    decision = promote(load_params("params.yaml", ["registry.require_significance=false"]))
+    assert decision["outcome"] == PROMOTED and decision["chosen"] == blind and _status(client)[blind] == "champion"
+    assert {c["version"] for c in decision["refused"]} == {unscored}
+
+
+@pytest.mark.parametrize(("reliance", "p", "looks"), [(0.30, 0.001, True), (0.04, 0.001, False), (0.30, 0.06, False),
+                                                      (-0.30, 0.001, False), (0.05, 0.049, True)])  # fmt: skip
+def test_the_gate_needs_a_significant_drop_of_at_least_min_image_reliance(reliance, p, looks):
+    from med_idefics.scoring.reliance import gate
+
+    scores = {"closed_with_image": 0.8, "closed_accuracy_strict": 0.8 - reliance, "image_reliance": reliance,
+              "image_reliance_p": p, "n_closed": 55}  # fmt: skip
+    verdict = gate(scores, 0.05, "validation")
+    assert verdict["looks"] is looks
+    assert f"{0.8:.3f} with its images and {0.8 - reliance:.3f} with blank ones" in verdict["reason"]
+    assert f"one-sided McNemar p={p:.4g}" in verdict["reason"] and "n = 55 closed questions" in verdict["reason"]
+    assert ("it looks at the image" if looks else "not shown to look at the image") in verdict["reason"]
+    with pytest.raises(ConfigError, match="min_image_reliance"):
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml", ["registry.min_image_reliance=1.5"])
 
 
 def test_promotion_chooses_on_the_validation_split_never_on_test(trained):
@@ -421,7 +504,8 @@ def test_register_records_where_a_version_came_from(trained, monkeypatch):
     make a tree dirty, an edited params.yaml does; DVC_EXP_NAME names the experiment."""
     project = trained
     write_metrics(project, "two-stage", 0.7)
-    outs = [f"metrics/two-stage/{name}" for name in ("validation.json", "vqa-rad.json", "run_info.json")]
+    names = ("validation.json", "validation-blank.json", "vqa-rad.json", "run_info.json")
+    outs = [f"metrics/two-stage/{name}" for name in names]
     lock = {"schema": "2.0", "stages": {"evaluate@two-stage": {"outs": [{"path": path} for path in outs]}}}
     (project / "dvc.lock").write_text(yaml.safe_dump(lock))
     _git(project, "add", "dvc.lock", "metrics")

@@ -91,6 +91,10 @@ def section(text: str, title: str) -> str:
     return text.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
 
 
+def chapter(text: str, title: str) -> str:
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
 def assert_png(path) -> None:
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC)
@@ -438,3 +442,64 @@ def test_a_wide_sweep_keeps_zero_on_a_symmetric_log_axis():
     assert ax.get_xscale() == "symlog" and ax.get_xlim()[0] < 0 < ax.get_xlim()[1]
     assert list(ax.get_lines()[0].get_xdata()) == [0, 100, 500, 55_000]
     assert [tick.get_text() for tick in ax.get_xticklabels()] == ["0", "100", "500", "55,000"]
+
+
+def blind(rows: list[dict], answer: str = "yes") -> list[dict]:
+    """What a variant answers without the image: ``answer`` to every closed question, nothing right on open ones."""
+    return [{**r, "prediction": answer if r["answer_type"] == "closed" else "nothing"} for r in rows]
+
+
+def write_robustness(root, variant: str, sighted: list[dict], blank: list[dict], suites=("vqa-rad", "blank")) -> None:
+    """The variant's sighted suite with its rewording pairs scored, and its blank twin with its image reliance, as
+    evaluate writes them."""
+    from med_idefics.scoring.consistency import consistency_scores
+    from med_idefics.scoring.reliance import reliance_scores
+
+    pairs = [(f"q{i}", f"q{i + 2}") for i in range(0, N // 2, 4)]  # closed pairs whose truths agree: 5 of them
+    extra = consistency_scores(sighted, pairs, 0, 1000) if suites[0] == "vqa-rad" else {}
+    write_variant(root, variant, suites[0], sighted, extra)
+    write_variant(root, variant, suites[1], blank, reliance_scores(sighted, blank, 0, 1000))
+
+
+def test_report_and_compare_show_image_reliance_and_consistency(evaluated, params, monkeypatch):
+    """results.md's Image reliance (with the paired test of the paper's variants and the gate's view on validation)
+    and Consistency under rewording sections, each with n and intervals; compare's tables and --json the same."""
+    from click.testing import CliRunner
+
+    from med_idefics.cli.app import main
+
+    write_robustness(evaluated, "two-stage", predicted(N // 2), blind(predicted(N // 2)))  # looks: 1.0 → 0.5
+    write_robustness(evaluated, "single-stage", predicted(4), blind(predicted(4)))
+    write_robustness(evaluated, "base", predicted(10), predicted(10))  # answers the same without the image
+    write_robustness(evaluated, "two-stage", predicted(15), blind(predicted(15)), ("validation", "validation-blank"))
+    build_report(params, out=evaluated / "reports" / "results.md")
+    text = (evaluated / "reports" / "results.md").read_text()
+    reliance = chapter(text, "Image reliance")
+    # 10 closed questions right with the image and wrong without, none the other way: one-sided McNemar p = 1 / 2**10
+    two = table_row(reliance, "two-stage", "20", "1.000")
+    assert re.search(r"\| 0\.500 \[0\.\d\d, 0\.\d\d\] \| \+0\.500 \[\+0\.\d\d, \+0\.\d\d\] \| 0\.00098 \|", two), two
+    assert two.endswith("| 1.000 [1.00, 1.00] (n = 20) | 0.500 |")  # yes to all under blank images; truth: half
+    assert "| +0.000 [+0.00, +0.00] | 1 |" in table_row(reliance, "base", "20", "0.500")
+    assert "**Yes** — does two-stage rely on the image more than base? Image reliance +0.500 vs +0.000" in reliance
+    assert "does two-stage rely on the image more than single-stage?" in reliance
+    gate = reliance.split("where promotion's gate looks")[1]
+    assert "≥ 0.05 with p < 0.05" in gate and table_row(gate, "two-stage", "20", "0.750")
+    consistency = chapter(text, "Consistency under rewording")
+    assert table_row(consistency, "two-stage", "5", "1.000 [1.00, 1.00]", "1.000 [1.00, 1.00]")
+    assert table_row(consistency, "base", "5")
+    headline = json.loads((evaluated / "reports" / "headline.json").read_text())
+    assert headline["two-stage"]["blank"] == {"closed": 0.5} and headline["two-stage"]["vqa-rad"]["consistent"] == 1.0
+    assert "validation-blank" not in headline["two-stage"]  # the gate's numbers stay in its metrics file
+
+    monkeypatch.setenv("COLUMNS", "80")
+    shown = CliRunner().invoke(main, ["compare", "--all-metrics"], catch_exceptions=False).output
+    assert max(map(len, shown.splitlines())) <= 80, shown
+    assert "image reliance: vqa-rad − blank, strict closed, n = 20" in shown and "0.00098" in shown
+    assert "image reliance: validation − validation-blank" in shown
+    assert "vqa-rad, rewording pairs (n = 5)" in shown and "Both right" in shown
+    as_json = json.loads(CliRunner().invoke(main, ["compare", "--json"], catch_exceptions=False).output)
+    two = as_json["image_reliance"]["blank"]["two-stage"]
+    assert (two["with_image"], two["without_image"], two["image_reliance"], two["n"]) == (1.0, 0.5, 0.5, 20)
+    assert two["p_value"] == 2**-10 and two["yes_rate"] == 1.0 and two["truth_yes_rate"] == 0.5
+    assert as_json["suites"]["vqa-rad"]["two-stage"]["consistency"] == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0,
+                                                                        "n": 5}  # fmt: skip

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from med_idefics.cli import main
 from med_idefics.config import ConfigError, load_params
 from med_idefics.data.leakage import check_stored
+from med_idefics.data.rewordings import Link
 from med_idefics.data.schema import DatasetError, write_splits
 from med_idefics.data.splits import carve_validation, image_disjoint, image_key, load_vqa_splits, split_name
 from med_idefics.data.suites import has_validation, load_suite, parse_suites
@@ -49,6 +50,32 @@ def test_validation_is_carved_from_train_by_image(make_vqa_records):
     assert validation and not images_of(rest) & images_of(validation)
     assert len(rest) + len(validation) == len(train) and {r["split"] for r in validation} == {"validation"}
     assert carve_validation(train, 0.0, seed=0) == (train, [])
+
+
+def test_a_question_and_its_rewordings_stay_together_across_images(make_vqa_records, tmp_path, repo_root):
+    """A linked group spanning two images (one VQA-RAD training group does) moves as one, in the image-disjoint
+    re-split and in the validation carve-out, for every seed; without links the splits are what they were."""
+    train, test = leaky(make_vqa_records, n_images=20, per_image=2)
+    pool = train + test
+    first, second = pool[0], next(r for r in pool if image_key(r) != image_key(pool[0]))
+    found = {first["id"]: Link("g", rewording=False), second["id"]: Link("g", rewording=True)}
+    together = {image_key(first), image_key(second)}
+    for seed in range(20):
+        resplits = (image_disjoint(train, test, seed, found), carve_validation(train, 0.3, seed, found))
+        for new_train, new_test in resplits:
+            sides = [{image_key(r) for r in side} & together for side in (new_train, new_test)]
+            assert together in sides and set() in sides, seed  # both images on one side, none on the other
+        assert image_disjoint(train, test, seed, {}) == image_disjoint(train, test, seed)
+    linked = [r | {"qid_linked_id": found[r["id"]].group if r["id"] in found else r["id"], "phrase_type":
+              "para" if r is second else "freeform"} for r in train]  # fmt: skip
+    write_splits(tmp_path / "data", "toy", {"train": linked, "test": test})
+    params = load_params(repo_root / "params.yaml", {"data.root": str(tmp_path / "data"), "data.vqa.dataset": "toy",
+                                                     "data.vqa.split": "image-disjoint"})  # fmt: skip
+    assert load_vqa_splits(params) == load_vqa_splits(params)  # the links read from the stored columns
+    splits = load_vqa_splits(params)
+    held = [r["id"] for part in (splits.train, splits.validation, splits.test) for r in part if r["id"] in found]
+    assert len(held) == 2 and any(set(held) <= {r["id"] for r in part} for part in (splits.train, splits.validation,
+                                                                                     splits.test))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -111,9 +138,9 @@ def test_the_validation_suite_asks_the_held_out_questions_and_is_in_all_only_whe
     assert suite.records == splits.validation and suite.prefix == params.data.prompt_prefix
     assert not images_of(suite.records) & images_of(splits.train)  # never trained on
     assert not images_of(suite.records) & images_of(load_suite(params, "vqa-rad").records) or split == "official"
-    assert parse_suites("all", has_validation(params))[-1] == "validation"
+    assert parse_suites("all", has_validation(params))[-2:] == ["validation", "validation-blank"]
     without = load_params(repo_root / "params.yaml", [*overrides, "data.vqa.validation_fraction=0"])
-    assert "validation" not in parse_suites("all", has_validation(without))
+    assert not {"validation", "validation-blank"} & set(parse_suites("all", has_validation(without)))
     with pytest.raises(ConfigError, match="validation_fraction is 0"):
         load_suite(without, "validation")
     too_small = load_params(repo_root / "params.yaml", [*overrides, "data.vqa.validation_fraction=0.01"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -112,9 +114,51 @@ def params(tmp_path, repo_root):
 
 def test_each_suite_reads_its_whole_split(params):
     sizes = {name: len(load_suite(params, name).records) for name in SUITES}
-    assert sizes == {"vqa-rad": 15, "path-vqa": 2, "swap": 15, "expert-prompt": 15, "med-halt": 4}
+    assert sizes == {"vqa-rad": 15, "path-vqa": 2, "swap": 15, "blank": 15, "expert-prompt": 15, "med-halt": 4}
     assert load_suite(params, "vqa-rad").prefix == "Answer briefly."
     assert {r["id"] for r in load_suite(params, "path-vqa").records} == {"path0", "path1"}
+
+
+def test_blank_asks_the_same_questions_with_a_black_image_of_each_images_size(params, tmp_path):
+    """The blank suite: vqa-rad's questions, prefix and order; each image a black RGB image of its own size."""
+    wide = to_png_bytes(Image.new("RGB", (24, 10), (200, 30, 90)))
+    write_splits(tmp_path / "data", "toy", {"test": [*_records_sharing_images(3), _record("wide", wide)]})
+    sighted, blank = load_suite(params, "vqa-rad"), load_suite(params, "blank")
+    assert (blank.blanks, sighted.blanks, blank.prefix) == ("vqa-rad", None, sighted.prefix)
+    for before, after in zip(sighted.records, blank.records, strict=True):
+        assert {k: v for k, v in after.items() if k != "image"} == {k: v for k, v in before.items() if k != "image"}
+        with Image.open(io.BytesIO(before["image"])) as shown, Image.open(io.BytesIO(after["image"])) as black:
+            assert black.size == shown.size and black.mode == "RGB"
+            assert np.asarray(black).max() == 0 and np.asarray(shown).max() > 0
+
+
+def test_validation_blank_blanks_the_validation_split(repo_root, tmp_path):
+    train = _records_sharing_images(10, per_image=2)
+    write_splits(tmp_path / "data", "toy", {"train": train, "test": _records_sharing_images(2)})
+    overrides = {"data.root": str(tmp_path / "data"), "data.vqa.dataset": "toy", "data.vqa.validation_fraction": 0.2}
+    params = load_params(repo_root / "params.yaml", overrides)
+    validation, blank = load_suite(params, "validation"), load_suite(params, "validation-blank")
+    assert len(validation.records) == 4 and blank.blanks == "validation"
+    assert [r["id"] for r in blank.records] == [r["id"] for r in validation.records]
+    assert {r["image"] for r in blank.records} == {to_png_bytes(Image.new("RGB", (8, 8)))}
+    assert parse_suites("all", validation=True)[-2:] == ["validation", "validation-blank"]
+
+
+def test_vqa_rad_carries_its_rewording_pairs_and_the_perturbed_suites_none(params, tmp_path):
+    """Pairs from qid_linked_id + phrase_type: each rewording with its group's one original; a group of two originals
+    (which one is reworded?) and a rewording whose original is not in the split give none."""
+
+    def linked(record_id: str, group: str, phrase: str, image: bytes) -> dict:
+        return _record(record_id, image) | {"qid_linked_id": group, "phrase_type": phrase}
+
+    png, other = _png(10), _png(20)
+    test = [linked("o1", "g1", "test_freeform", png), linked("r1", "g1", "test_para", png),
+            linked("o2", "g2", "test_freeform", png), linked("o3", "g2", "test_freeform", png),
+            linked("r2", "g2", "test_para", png), linked("r3", "g3", "test_para", other),
+            linked("r4", "g1", "test_para", png), linked("alone", "g4", "test_freeform", other)]  # fmt: skip
+    write_splits(tmp_path / "data", "toy", {"test": test})
+    assert load_suite(params, "vqa-rad").pairs == (("o1", "r1"), ("o1", "r4"))
+    assert all(load_suite(params, name).pairs == () for name in ("swap", "blank", "expert-prompt"))
 
 
 def test_med_halt_pairs_every_question_with_an_image_of_the_vqa_eval_split(params):

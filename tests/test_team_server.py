@@ -148,6 +148,10 @@ def team_project(project, team_server, monkeypatch) -> Path:
     return project
 
 
+# What a blank suite's scores say of a model that looks at the image: what promotion's image gate passes
+LOOKS = {"image_reliance": 0.3, "image_reliance_ci_low": 0.2, "image_reliance_ci_high": 0.4, "image_reliance_p": 1e-4}
+
+
 def _cli(*argv: str) -> str:
     result = CliRunner().invoke(main, list(argv))
     assert result.exit_code == 0, f"med-idefics {' '.join(argv)}: {result.output}\n{result.exception!r}"
@@ -165,7 +169,11 @@ def test_a_team_works_against_a_tracking_server(team_project, team_server, tmp_p
     env = os.environ | {"MLFLOW_TRACKING_URI": team_server, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
     _cli("train", "single-stage", "--out", "outputs/single-stage")
-    _cli("evaluate", "--variant", "single-stage", "--suite", "validation,vqa-rad")
+    _cli("evaluate", "--variant", "single-stage", "--suite", "validation,validation-blank,vqa-rad")
+    # A few training steps do not teach a tiny model to look at the image; this test is about the server, so the
+    # version carries the validation-blank scores of one that does (promotion's image gate: tests/test_registry.py)
+    blank = project / "metrics/single-stage/validation-blank.json"
+    blank.write_text(json.dumps(json.loads(blank.read_text()) | LOOKS))
     assert "single-stage → med-idefics-vqa version 1 (new)" in _cli("register", "--variant", "single-stage")
     promoted = _cli("promote")
     assert "promoted by rule no-champion:" in promoted, promoted
@@ -266,6 +274,8 @@ def _version_on(client: MlflowClient, name: str, right: int, provenance: dict[st
     version = client.create_model_version(name, source, run.info.run_id, tags, model_id=model_id)
     metrics = version_metrics({"validation": {"closed_accuracy_strict": right / 40}}, load_params("params.yaml"))
     registry.log_evidence(client, run.info.run_id, model.model_id, metrics, {"validation": run.info.run_id})
+    blank = {"closed_with_image": right / 40, "closed_accuracy_strict": right / 80, **LOOKS}
+    client.log_dict(run.info.run_id, blank, f"{registry.EVALUATION_ARTIFACTS}/validation-blank.json")
     return str(version.version)
 
 

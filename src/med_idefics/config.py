@@ -234,12 +234,21 @@ class RegistryConfig:
     metric: str
     require_significance: bool  # the champion moves only when the paired test says the candidate is better
     allow_uncommitted: bool  # versions from uncommitted work (DVC experiments, dirty trees) may be promoted
+    min_image_reliance: float  # the image gate: closed accuracy on `suite` must drop this much without images, p < 0.05
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_image_reliance <= 1:
+            raise ConfigError(f"registry.min_image_reliance must be in [0, 1], got {self.min_image_reliance}")
 
 
 @dataclass
 class MlflowConfig:
     tracking_uri: str | None  # None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db at the repo root
     experiment: str
+
+
+# Control variants: `blind` (single-stage's recipe on blank images) cannot see; promotion's image gate must refuse it
+CONTROLS = ("blind",)
 
 
 @dataclass
@@ -313,6 +322,7 @@ class Params:
     memory: MemoryConfig
     sweep: SweepConfig
     cluster: ClusterConfig
+    controls: list[str]  # variants made to fail a check (CONTROLS); [] = none
 
     def __post_init__(self) -> None:
         for name in ("stage1", "stage2", "single_stage"):
@@ -324,6 +334,9 @@ class Params:
                 f"sweep.sizes {repeats}: at or above data.captions.train_size ({full}) a sweep point is two-stage "
                 f"(stage1 -> stage2) again, and Figure 3 takes that point from two-stage; use sizes below {full}"
             )
+        unknown = [name for name in self.controls if name not in CONTROLS]
+        if unknown or len(set(self.controls)) != len(self.controls):
+            raise ConfigError(f"controls must be distinct names from {list(CONTROLS)}, got {self.controls}")
         if self.lora.r <= 0:
             raise ConfigError(f"lora.r must be > 0, got {self.lora.r}")
         if not 0 <= self.lora.dropout < 1:

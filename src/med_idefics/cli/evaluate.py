@@ -5,9 +5,9 @@ import click
 from med_idefics.cli.app import main, params_options
 
 # = med_idefics.data.suites.SUITES and ALL (kept import-free for a fast --help; tested)
-SUITE_NAMES = ("vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt")
+SUITE_NAMES = ("vqa-rad", "path-vqa", "swap", "blank", "expert-prompt", "med-halt")
 # = med_idefics.data.suites.KNOWN_SUITES: every suite a variant can be evaluated on (and so compared on)
-KNOWN_SUITE_NAMES = (*SUITE_NAMES, "validation", "slake")
+KNOWN_SUITE_NAMES = (*SUITE_NAMES, "validation", "validation-blank", "slake")
 
 
 @main.command("evaluate")
@@ -24,8 +24,9 @@ KNOWN_SUITE_NAMES = (*SUITE_NAMES, "validation", "slake")
     "--suite",
     "suite",
     default="all",
-    help=f"all, or one or more (comma-separated) of: {', '.join(SUITE_NAMES)}, validation (in all when "
-    "data.vqa.validation_fraction > 0); or slake (by name, once imported).",
+    help=f"all, or one or more (comma-separated) of: {', '.join(SUITE_NAMES)}, validation and validation-blank (in "
+    "all when data.vqa.validation_fraction > 0); or slake (by name, once imported). A blank suite asked for with the "
+    "suite it blanks (vqa-rad, validation) is scored against it: image reliance.",
 )
 @click.option(
     "--name",
@@ -80,5 +81,10 @@ def evaluate_command(variants, suite, name, predictions_dir, metrics_dir, output
             headline = f"abstention {metrics['abstention_rate']:.3f}"
         else:
             headline = f"exact match {metrics['exact_match']:.3f}, F1 {metrics['f1']:.3f}"
+        if metrics.get("image_reliance") is not None:
+            p = metrics["image_reliance_p"]
+            headline += f", image reliance {metrics['image_reliance']:+.3f} (one-sided p={p:.2g})"
+        if metrics.get("consistency") is not None:
+            headline += f", consistency {metrics['consistency']:.3f} ({metrics['n_pairs']} pairs)"
         where = result.metrics_path
         click.echo(f"{where.parent.name}/{suite_name}: n={metrics['n']}, {headline} → {where}")

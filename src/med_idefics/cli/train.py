@@ -6,7 +6,7 @@ from med_idefics.cli.app import main, params_options
 
 
 @main.command("train")
-@click.argument("stage", type=click.Choice(["stage1", "stage2", "single-stage"]))
+@click.argument("stage", type=click.Choice(["stage1", "stage2", "single-stage", "blind"]))
 @params_options
 @click.option(
     "--out",
@@ -27,10 +27,13 @@ from med_idefics.cli.app import main, params_options
     default=None,
     help="Train on the first N records (the sweep); default: params data.<source>.train_size.",
 )
-@click.option("--variant", default=None, help="MLflow run name; default: stage1 / two-stage / single-stage (-n<N>).")
+@click.option(
+    "--variant", default=None, help="MLflow run name; default: stage1 / two-stage / single-stage / blind (-n<N>)."
+)
 @click.option("--dvc-stage", default=None, help="The DVC stage running this command (a tag on the run).")
 def train_command(stage, params, out_dir, init_adapter, train_size, variant, dvc_stage) -> None:
-    """LoRA-train STAGE (stage1: captioning; stage2: VQA continuing stage 1; single-stage: VQA from the base)."""
+    """LoRA-train STAGE (stage1: captioning; stage2: VQA continuing stage 1; single-stage: VQA from the base; blind:
+    single-stage on blank images, a variant that cannot see)."""
     from med_idefics.stages.train import TrainRequest, train, variant_name
     from med_idefics.workflow.launch import relaunch_if_asked
 

@@ -12,7 +12,9 @@ A miniature of the paper's world, split by what each stage may have seen:
 - ``train`` / ``test``: a small medical VQA set (the VQA-RAD analogue, stage 2): ~7 questions per test image; on a
   training image every yes/no check is asked both ways (~10 questions), so the answer can never come from the picture
   alone; each question carries its template's ``question_type`` in VQA-RAD's codes (PRES, POS, COUNT, MODALITY,
-  ORGAN; ATTRIB for pathology's stain), for the report's accuracy by question type;
+  ORGAN; ATTRIB for pathology's stain), for the report's accuracy by question type. On each training image one closed
+  and one open question, on each test image two open ones, are asked again in other words (:func:`rewordings`),
+  linked as VQA-RAD's release links its rewordings (``qid_linked_id``, ``phrase_type``): consistency under rewording;
 - ``pathology``: out-of-distribution tissue crops; ``nonsense``: Med-HALT-style questions without an image.
 
 The answers need the image: every attribute is a large visual cue (see :mod:`med_idefics.data.demo_images`), and the
@@ -45,6 +47,7 @@ from med_idefics.data.demo_images import (
     render_radiology,
 )
 from med_idefics.data.images import to_png_bytes
+from med_idefics.data.rewordings import LINKED_ID, PHRASE_TYPE
 from med_idefics.data.schema import QUESTION_TYPE, DatasetError, infer_answer_type, write_splits
 
 DATASET = "demo"
@@ -92,6 +95,8 @@ _CLINICAL = (("doctor", "radiologist", "nurse"), ("case", "sample"), ("medical "
 _SHORT_PERSONAS = ("you are a helpful assistant, answer the question briefly.", "answer briefly.")
 _PERSONA_SHARE = 0.4
 TRAIN_SPLIT = "train"
+# VQA-RAD's phrase types of a question and of its rewording, per split (med_idefics.data.rewordings)
+PHRASE_TYPES = {TRAIN_SPLIT: ("freeform", "para"), "test": ("test_freeform", "test_para")}
 _TRAIN_PERSONA_SHARE = 0.5
 _REPEAT_PROMPT = "repeat these words:"
 # Everyday things no demo picture shows: "is there a cat?" gets "no", "is there a square?" "yes". Without them every
@@ -217,6 +222,26 @@ def radiology_questions(image: DemoImage) -> list[Question]:
     return closed + open_
 
 
+def rewordings(image: DemoImage) -> dict[str, str]:
+    """Each of :func:`radiology_questions`' questions about ``image`` → the same question in other words, the words
+    the base knows (:func:`lexicon`) in another order."""
+    found = {
+        "is there a lesion?": "does this image show a lesion?",
+        "how many lesions are there?": "how many lesions does this image show?",
+        f"is this {_ARTICLE[image.asked_look]} {image.asked_look} image?": f"is the modality {image.asked_look}?",
+        f"does this image show the {image.asked_organ}?": f"is the {image.asked_organ} shown?",
+        "what modality is this?": "which modality is shown?",
+        "which organ is shown?": "what organ does this image show?",
+    }
+    if image.count:
+        found |= {
+            f"is the lesion on the {image.asked_side}?": f"is the lesion on the {image.asked_side} side?",
+            "is there more than one lesion?": "does this image show more than one lesion?",
+            "which side is the lesion on?": "on which side is the lesion?",
+        }
+    return found
+
+
 def contrast(image: DemoImage, rng: np.random.Generator) -> DemoImage:
     """The image with every yes/no check asking the other way: a value it does not show where the check named the one
     it shows, and the one it shows where the check named another."""
@@ -273,7 +298,13 @@ def _yes_no(value: bool) -> str:
 
 
 def _record(
-    record_id: str, split: str, image: bytes | None, question: str, answer: str, question_type: str | None = None
+    record_id: str,
+    split: str,
+    image: bytes | None,
+    question: str,
+    answer: str,
+    question_type: str | None = None,
+    **extra: str,
 ) -> dict:
     record = {
         "id": record_id,
@@ -284,7 +315,7 @@ def _record(
         "dataset": DATASET,
         "split": split,
     }
-    return record if question_type is None else record | {QUESTION_TYPE: question_type}
+    return (record if question_type is None else record | {QUESTION_TYPE: question_type}) | extra
 
 
 def _render(
@@ -385,30 +416,63 @@ def general_records(split: str, n: int, size: int, seed: int, caption_prompt: st
 
 def vqa_records(split: str, n: int, size: int, seed: int) -> list[dict]:
     """~7 questions on each of ``n`` radiology images (~10 in ``train``, 7 in ``test``), or on tissue crops for
-    ``pathology``.
+    ``pathology``; in ``train`` and ``test`` two of them asked again in other words.
 
     Half of the *training* questions come behind one of the general domain's assistant personas (never the
     evaluation's expert radiologist), as instruction data does: fine-tuned on bare questions only, two-stage lost
     17 points of closed accuracy to any preamble, the expert prompt included; with a quarter, 9–10 points at seed 42.
     On a training image each yes/no check (modality, organ, side) is asked both ways, once naming what the image shows
     and once naming something else (:func:`contrast`): with one check per image, both fine-tuned variants answered the
-    organ and side checks near chance at some seeds. Test questions are always bare, one check of each kind."""
+    organ and side checks near chance at some seeds. Test questions are always bare, one check of each kind.
+
+    On each training image one closed and one open question, on each test image two open ones (drawn from a stream of
+    their own), are asked again in other words (:func:`rewordings`), after all the originals — so the originals are
+    the records they were before — and linked to them as VQA-RAD links its rewordings (``qid_linked_id``;
+    ``phrase_type`` freeform / para, test_freeform / test_para). With rewordings in test only, fine-tuned on one
+    wording, two-stage answered them right a third of the time (0.33 against 0.93 on their originals, seed 42; 2 of
+    the 60 open ones): as VQA-RAD's training split holds 591 rewordings, the demo's holds its own. Closed ones in test
+    cost two-stage 4-5 points of closed accuracy even so (rewordings right 0.60-0.73, seeds 7 and 42): 0.79 at seed 7,
+    below the demo's 0.80; the test rewords open questions, which leave closed accuracy as it was."""
     rng = np.random.default_rng([seed, _STREAMS[split]])
-    train = split == TRAIN_SPLIT
+    train, linked = split == TRAIN_SPLIT, split in PHRASE_TYPES
     personas = np.random.default_rng([seed, _STREAMS[split], 1])
     contrasts = np.random.default_rng([seed, _STREAMS[split], 2])
+    reworded = np.random.default_rng([seed, _STREAMS[split], 3])
+    reworded_personas = np.random.default_rng([seed, _STREAMS[split], 4])
+    original, rewording = PHRASE_TYPES.get(split, (None, None))
     pathology = split == "pathology"
     images = pathology_design(rng, n) if pathology else radiology_design(rng, n)
-    records = []
+    records, again = [], []
     for i, (image, png) in enumerate(zip(images, _render(rng, size, images, pathology), strict=True)):
         questions = pathology_questions(image) if pathology else radiology_questions(image)
+        asked = [image]
         if train:  # each check asked both ways: the answer cannot come from the picture alone
-            questions += [q for q in radiology_questions(contrast(image, contrasts)) if q not in questions]
-        for q, (question, answer, kind) in enumerate(questions):
+            asked.append(contrast(image, contrasts))
+            questions += [q for q in radiology_questions(asked[1]) if q not in questions]
+        ids = [f"{DATASET}-{split}-{i:05d}-q{q}" for q in range(len(questions))]
+        for record_id, (question, answer, kind) in zip(ids, questions, strict=True):
             if train and personas.random() < _TRAIN_PERSONA_SHARE:
                 question = f"{_persona(personas, clinical=False)} {question}"
-            records.append(_record(f"{DATASET}-{split}-{i:05d}-q{q}", split, png, question, answer, kind))
-    return records
+            links = {LINKED_ID: record_id, PHRASE_TYPE: original} if linked else {}
+            records.append(_record(record_id, split, png, question, answer, kind, **links))
+        for k, q in enumerate(_reworded(questions, reworded, split) if linked else []):
+            question, answer, kind = questions[q]
+            question = next(w[question] for w in map(rewordings, asked) if question in w)
+            if train and reworded_personas.random() < _TRAIN_PERSONA_SHARE:
+                question = f"{_persona(reworded_personas, clinical=False)} {question}"
+            links = {LINKED_ID: ids[q], PHRASE_TYPE: rewording}
+            again.append(_record(f"{DATASET}-{split}-{i:05d}-q{len(questions) + k}", split, png, question, answer,
+                                 kind, **links))  # fmt: skip
+    return records + again
+
+
+def _reworded(questions: Sequence[Question], rng: np.random.Generator, split: str) -> list[int]:
+    """The indices of the questions asked again: one closed and one open in train, two open ones in test (drawn)."""
+    closed = [q for q, (_, answer, _) in enumerate(questions) if infer_answer_type(answer) == "closed"]
+    open_ = [q for q in range(len(questions)) if q not in closed]
+    if split == TRAIN_SPLIT:
+        return [int(group[rng.integers(len(group))]) for group in (closed, open_)]
+    return sorted(int(open_[i]) for i in rng.choice(len(open_), size=2, replace=False))
 
 
 def nonsense_records(n: int, seed: int) -> list[dict]:

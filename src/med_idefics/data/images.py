@@ -19,6 +19,7 @@ file path, a DICOM file) into a plain RGB image, or raises :class:`ImageRejected
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import warnings
@@ -60,6 +61,18 @@ def to_png_bytes(image: Image.Image, compress_level: int = 6) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=compress_level)
     return buffer.getvalue()
+
+
+def blank_like(data: bytes) -> bytes:
+    """A black RGB PNG of the size of the stored image ``data`` (read from its header): what the blank suites show
+    instead of it (:mod:`med_idefics.data.suites` says why black)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return _black_png(image.size)
+
+
+@functools.lru_cache(maxsize=64)
+def _black_png(size: tuple[int, int]) -> bytes:
+    return to_png_bytes(Image.new("RGB", size, (0, 0, 0)))
 
 
 def stored_bytes(obj: object, base_dir: str | Path | None = None, compress_level: int = 6) -> bytes:

@@ -1,8 +1,10 @@
 """The datasets in the formats their authors released, recognised by what ``--source`` points at.
 
 - VQA-RAD official (OSF): ``VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``. train = phrase_type
-  freeform + para, test = test_freeform + test_para; answer_type from the file.
-- VQA-RAD, MEVF layout (the split most Med-VQA papers train on): ``trainset.json`` / ``testset.json`` (image_name);
+  freeform + para, test = test_freeform + test_para; answer_type from the file; ``qid_linked_id`` and ``phrase_type``
+  kept, which link each rewording to its original (:mod:`med_idefics.data.rewordings`).
+- VQA-RAD, MEVF layout (the split most Med-VQA papers train on): ``trainset.json`` / ``testset.json`` (image_name;
+  phrase_type, but no qid_linked_id: no rewording is linked to its original);
   the images in ``--images``, else an ``images/`` or ``VQA_RAD Image Folder/`` beside the files or one level up.
 - SLAKE 1.0: ``train.json`` / ``validate.json`` / ``test.json`` + ``imgs/`` (img_name ``xmlabN/source.jpg``); one
   language (``q_lang``, English by default); modality, location and content_type kept as extra columns, and
@@ -31,7 +33,8 @@ from med_idefics.data.sources import SourceSplit
 VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
 VQA_RAD_IMAGES = "VQA_RAD Image Folder"
 VQA_RAD_PHRASES = {"train": ("freeform", "para"), "test": ("test_freeform", "test_para")}
-VQA_RAD_EXTRAS = ("question_type", "image_organ", "phrase_type", "image_name")
+# qid_linked_id and phrase_type: which questions are rewordings of which (med_idefics.data.rewordings)
+VQA_RAD_EXTRAS = ("question_type", "image_organ", "phrase_type", "qid_linked_id", "image_name")
 MEVF_FILES = {"train": "trainset.json", "test": "testset.json"}
 SLAKE_FILES = {"train": ("train.json",), "validation": ("validate.json", "validation.json"), "test": ("test.json",)}
 SLAKE_EXTRAS = (

@@ -8,15 +8,25 @@ Every suite uses a *whole* split named in params (never a sample):
   (compared by their bytes; several questions share one image) are permuted by a seeded derangement — a permutation
   without fixed points — and each question gets the image its own image is mapped to. So no question keeps an
   identical image, questions about one image stay together on another one, and the same seed gives the same pairs;
+- ``blank``: the VQA eval split, every image replaced by a black image of the same size
+  (:func:`med_idefics.data.images.blank_like`): what a variant answers without looking. Black, because it is an empty
+  field of view — radiographs, CT and MR are read on black, the importer composites transparent margins on black —
+  and what a pipeline that loses its images (a field-name mismatch, a zeroed tensor) shows a model; any constant image
+  carries no information about the question, whatever its value. Image reliance is accuracy with the image minus
+  accuracy on ``blank`` (:mod:`med_idefics.scoring.reliance`);
 - ``expert-prompt``: the VQA eval split with ``eval.expert_prompt`` in front of the usual prefix: the user turn reads
   ``<expert prompt> <data.prompt_prefix> <question>`` (the paper prepended its radiologist persona to the question);
 - ``slake`` (only when asked for by name, once SLAKE is imported: ``med-idefics data slake``): SLAKE's test split,
   ``<data.root>/slake/test.parquet``, as it is; ``all`` leaves it out, so profiles without SLAKE data still run;
 - ``validation`` (in ``all`` when ``data.vqa.validation_fraction`` > 0): the validation split carved from train by
   image (:mod:`med_idefics.data.splits`): what the registry promotes on (``registry.suite``), so a model is never chosen
-  on test;
+  on test; ``validation-blank`` (in ``all`` with it): the same with blank images, on which promotion's gate checks that
+  a candidate looks at the image (``registry.min_image_reliance``);
 - ``med-halt``: the nonsense questions (``data.nonsense``; they have no image), each shown with an image drawn (seeded,
   with replacement) from the distinct images of the VQA eval split. Scored by abstention, not by answer overlap.
+
+On ``vqa-rad`` and ``slake`` a suite also carries its rewording pairs (:mod:`med_idefics.data.rewordings`): the
+questions asked twice in other words, on which consistency is scored.
 
 Randomness comes from ``np.random.default_rng([eval.seed, <suite stream>])``: one stream per suite, so changing one
 suite never reshuffles another.
@@ -30,15 +40,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from med_idefics.config import ConfigError, Params
+from med_idefics.data.images import blank_like
+from med_idefics.data.rewordings import links, rewording_pairs
 from med_idefics.data.schema import DatasetError, read_records
 from med_idefics.data.splits import IMAGE_DISJOINT, load_vqa_splits, vqa_test
 
 VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT = "vqa-rad", "path-vqa", "swap", "expert-prompt", "med-halt"
-SUITES = (VQA_RAD, PATH_VQA, SWAP, EXPERT_PROMPT, MED_HALT)  # `all`
-VALIDATION = "validation"  # in `all` only when the config carves a validation split
+BLANK = "blank"
+SUITES = (VQA_RAD, PATH_VQA, SWAP, BLANK, EXPERT_PROMPT, MED_HALT)  # `all`
+VALIDATION, VALIDATION_BLANK = "validation", "validation-blank"  # in `all` only when the config carves validation
+VALIDATION_SUITES = (VALIDATION, VALIDATION_BLANK)
 SLAKE = "slake"
 OPTIONAL_SUITES = (SLAKE,)  # by name only: they need data no profile imports by default
-KNOWN_SUITES = (*SUITES, VALIDATION, *OPTIONAL_SUITES)  # every name parse_suites and load_suite accept
+KNOWN_SUITES = (*SUITES, *VALIDATION_SUITES, *OPTIONAL_SUITES)  # every name parse_suites and load_suite accept
+BLANKED = {BLANK: VQA_RAD, VALIDATION_BLANK: VALIDATION}  # a blank suite → the suite whose images it blanks
+CONSISTENCY_SUITES = (VQA_RAD, SLAKE)  # the questions as they are: their rewording pairs are scored
 SLAKE_DATASET, SLAKE_SPLIT = "slake", "test"  # where `med-idefics data slake` stores SLAKE's test questions
 ALL = "all"
 _STREAMS = {SWAP: 0, MED_HALT: 1}
@@ -50,13 +66,15 @@ class Suite:
     name: str
     records: list[dict]  # schema records, each with image bytes
     prefix: str  # the prompt prefix before every question (prompts.user_text)
+    pairs: tuple[tuple[str, str], ...] = ()  # (original id, rewording id): questions asked twice in other words
+    blanks: str | None = None  # a blank suite: the suite whose questions it asks with blank images
 
 
 def parse_suites(spec: str, validation: bool = False) -> list[str]:
     """``all`` → every suite (and ``validation`` when ``validation``: the config has a validation split); otherwise a
     comma-separated list of suite names."""
     if spec == ALL:
-        return [*SUITES, *((VALIDATION,) if validation else ())]
+        return [*SUITES, *(VALIDATION_SUITES if validation else ())]
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in KNOWN_SUITES]
     if unknown or not names:
@@ -97,6 +115,11 @@ def swap_images(records: Sequence[Mapping], rng: np.random.Generator, where: str
     return [{**record, "image": target[record["image"]]} for record in records]
 
 
+def blank_images(records: Sequence[Mapping]) -> list[dict]:
+    """Each record with a black image of its own image's size (:func:`~med_idefics.data.images.blank_like`)."""
+    return [{**record, "image": blank_like(record["image"])} for record in records]
+
+
 def attach_images(records: Sequence[Mapping], images: Sequence[bytes], rng: np.random.Generator) -> list[dict]:
     """Each (image-less) record with an image drawn from ``images``, seeded, with replacement."""
     if not images:
@@ -120,11 +143,13 @@ def suite_splits(params: Params, name: str) -> list[tuple[str, str]]:
         VQA_RAD: [vqa_eval],
         PATH_VQA: [(data.ood.dataset, data.ood.split)],
         SWAP: [vqa_eval],
+        BLANK: [vqa_eval],
         EXPERT_PROMPT: [vqa_eval],
         MED_HALT: [(data.nonsense.dataset, data.nonsense.split), vqa_eval],
     }
+    splits[VALIDATION_BLANK] = splits[VALIDATION]
     if name not in splits:
-        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join((*SUITES, VALIDATION))}")
+        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join((*SUITES, *VALIDATION_SUITES))}")
     return splits[name]
 
 
@@ -132,6 +157,9 @@ def load_suite(params: Params, name: str) -> Suite:
     """The records and prefix of suite ``name`` from the splits params names (see the module docstring)."""
     data = params.data
     prefix = data.prompt_prefix
+    if name in BLANKED:
+        sighted = load_suite(params, BLANKED[name])
+        return Suite(name, blank_images(sighted.records), sighted.prefix, blanks=sighted.name)
 
     def rng() -> np.random.Generator:
         return np.random.default_rng([params.eval.seed, _STREAMS[name]])
@@ -172,4 +200,8 @@ def load_suite(params: Params, name: str) -> Suite:
     without_image = [r["id"] for r in records if r.get("image") is None]
     if without_image:
         raise DatasetError(f"suite {name}: record(s) {without_image[:5]} have no image; re-import the dataset")
-    return Suite(name, records, prefix)
+    pairs = ()
+    if name in CONSISTENCY_SUITES:
+        dataset = SLAKE_DATASET if name == SLAKE else data.vqa.dataset
+        pairs = tuple(rewording_pairs((r["id"] for r in records), links(data.root, dataset)))
+    return Suite(name, records, prefix, pairs)

@@ -49,6 +49,10 @@ MED_HALT_LABELS = {"abstention_rate": "Abstention rate", "hallucination_rate": "
 # Short because MLflow's runs table shows the first ~15 characters of a column's name ("vqa-rad/closed").
 HEADLINE = {"closed": "closed_accuracy_strict", "em": "exact_match", "open": "open_recall"}
 MED_HALT_HEADLINE = {"abstain": "abstention_rate"}
+# A blank suite's one column: image reliance reads as <suite>/closed − blank/closed beside it (its interval and p are
+# in the blank suite's scores). validation-blank has none: promotion's gate reads it from the full scores.
+BLANK_HEADLINE = {"closed": "closed_accuracy_strict"}
+CONSISTENCY_HEADLINE = {"consistent": "consistency"}  # on the suites scored for it, where they have rewording pairs
 HEADLINE_DIGITS = 3  # 1/450 questions = 0.0022: a fourth digit would be noise on the demo's suites
 MISSING = "—"
 
@@ -146,10 +150,15 @@ def suite_metric_names(suite: str) -> tuple[str, ...]:
 
 
 def headline_metrics(suite: str) -> dict[str, str]:
-    """The suite's headline metrics: short name → metric (:data:`HEADLINE`, or :data:`MED_HALT_HEADLINE`)."""
-    from med_idefics.data.suites import MED_HALT
+    """The suite's headline metrics: short name → metric (:data:`HEADLINE`; :data:`MED_HALT_HEADLINE`,
+    :data:`BLANK_HEADLINE`, none for ``validation-blank``; :data:`CONSISTENCY_HEADLINE` besides on the suites whose
+    rewording pairs are scored)."""
+    from med_idefics.data.suites import BLANK, CONSISTENCY_SUITES, MED_HALT, VALIDATION_BLANK
 
-    return dict(MED_HALT_HEADLINE if suite == MED_HALT else HEADLINE)
+    special = {MED_HALT: MED_HALT_HEADLINE, BLANK: BLANK_HEADLINE, VALIDATION_BLANK: {}}
+    if suite in special:
+        return dict(special[suite])
+    return HEADLINE | (CONSISTENCY_HEADLINE if suite in CONSISTENCY_SUITES else {})
 
 
 def _number(value: Any) -> float | None:

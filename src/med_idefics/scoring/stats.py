@@ -57,8 +57,9 @@ def paired_bootstrap_ci(
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def mcnemar_p(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float | None:
-    """Exact two-sided McNemar p-value from the discordant pairs: 1.0 when there are none, None for no pairs."""
+def mcnemar_p(correct_a: Sequence[bool], correct_b: Sequence[bool], alternative: str = "two-sided") -> float | None:
+    """Exact McNemar p-value from the discordant pairs: 1.0 when there are none, None for no pairs. ``alternative``
+    ``greater``: one-sided, b right more often than a (scipy's binomial test on b's share of the discordant pairs)."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"paired samples differ in length: {a.size} vs {b.size}")
@@ -67,7 +68,7 @@ def mcnemar_p(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> float | N
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     if only_a + only_b == 0:
         return 1.0
-    return float(stats.binomtest(only_a, only_a + only_b, p=0.5, alternative="two-sided").pvalue)
+    return float(stats.binomtest(only_b, only_a + only_b, p=0.5, alternative=alternative).pvalue)
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:

@@ -39,13 +39,15 @@ from typing import Any
 
 from med_idefics.config import ConfigError, Params, precision_label
 from med_idefics.data.splits import split_name
-from med_idefics.data.suites import MED_HALT, Suite, load_suite, suite_splits
+from med_idefics.data.suites import BLANKED, MED_HALT, Suite, load_suite, suite_splits
 from med_idefics.files import write_json
 from med_idefics.modeling.adapters import AdapterError, is_remote, resolve_adapter
 from med_idefics.modeling.generation import generate_answers
 from med_idefics.prompts import extract_answer
 from med_idefics.reporting import results
+from med_idefics.scoring.consistency import consistency_scores
 from med_idefics.scoring.metrics import PAPER, contains_answer, is_abstention, summarize, summarize_abstention
+from med_idefics.scoring.reliance import reliance_scores
 
 logger = logging.getLogger(__name__)
 BASE = "base"
@@ -89,6 +91,7 @@ class SuiteResult:
     metrics: dict[str, Any]
     predictions_path: Path
     metrics_path: Path
+    rows: list[dict]
 
 
 def is_reference(variant: str) -> bool:
@@ -160,11 +163,23 @@ def prediction_rows(suite: Suite, raws: Sequence[str]) -> list[dict]:
     ]
 
 
-def suite_metrics(suite_name: str, rows: Sequence[Mapping], params: Params) -> dict[str, Any]:
+def suite_metrics(suite: Suite, rows: Sequence[Mapping], params: Params, sighted: Sequence[Mapping] | None = None):
+    """The suite's scores; with its rewording pairs, their consistency; a blank suite's, with the predictions of the
+    suite it blanks (``sighted``), its image reliance."""
     seed, resamples = params.eval.seed, params.eval.bootstrap_resamples
-    if suite_name == MED_HALT:
+    if suite.name == MED_HALT:
         return summarize_abstention(rows, seed=seed, resamples=resamples)
-    return summarize(rows, seed=seed, resamples=resamples, mode=PAPER)
+    metrics = summarize(rows, seed=seed, resamples=resamples, mode=PAPER)
+    if suite.pairs:
+        metrics |= consistency_scores(rows, suite.pairs, seed, resamples)
+    if suite.blanks is not None and sighted is not None:
+        metrics |= reliance_scores(sighted, rows, seed, resamples)
+    return metrics
+
+
+def blanks_last(suites: Sequence[Suite]) -> list[Suite]:
+    """The suites in their order, each blank suite after the one it blanks (its image reliance needs those answers)."""
+    return [s for s in suites if s.name not in BLANKED] + [s for s in suites if s.name in BLANKED]
 
 
 def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
@@ -175,14 +190,15 @@ def evaluate(params: Params, request: EvalRequest) -> dict[str, SuiteResult]:
 def evaluate_variants(params: Params, requests: Sequence[EvalRequest]) -> list[dict[str, SuiteResult]]:
     """Evaluate several variants in one process: the base is loaded once and each variant's adapter swapped onto it
     (:class:`~med_idefics.modeling.generation.AdapterSwitch`); every suite and adapter is checked before loading.
-    With ``vision_cache.enabled``, each suite's images are encoded once for all variants."""
+    With ``vision_cache.enabled``, each suite's images are encoded once for all variants. A blank suite is scored
+    against the suite it blanks when both are asked for (``all`` asks for both): its image reliance."""
     from med_idefics.modeling.generation import AdapterSwitch
     from med_idefics.modeling.loading import load_processor, require_cuda_for_a_large_base
     from med_idefics.modeling.vision_cache import open_store
     from med_idefics.tracking.runs import setup_tracking
 
     require_cuda_for_a_large_base(params.model.base_dir)  # before the suites' images are read
-    suites = [[load_suite(params, name) for name in request.suites] for request in requests]
+    suites = [blanks_last([load_suite(params, name) for name in request.suites]) for request in requests]
     experiment_id = setup_tracking(params)  # also points MLflow at the store that runs:/ and models:/ refer to
     targets = []
     for request in requests:
@@ -200,23 +216,22 @@ def evaluate_variants(params: Params, requests: Sequence[EvalRequest]) -> list[d
     for request, target, variant_suites in zip(requests, targets, suites, strict=True):
         model = switch.use(target.adapter_dir)
         parent = _parent_run(target.training_run_id, experiment_id)
-        answered.append(
-            {
-                suite.name: evaluate_suite(params, request, target, suite, model, processor, parent, store)
-                for suite in variant_suites
-            }
-        )
+        done: dict[str, SuiteResult] = {}
+        for suite in variant_suites:
+            sighted = done[suite.blanks].rows if suite.blanks in done else None
+            done[suite.name] = evaluate_suite(params, request, target, suite, model, processor, parent, store, sighted)
+        answered.append({name: done[name] for name in request.suites})
     return answered
 
 
 def evaluate_suite(
-    params, request, target: Target, suite: Suite, model, processor, parent: str | None, store=None
+    params, request, target: Target, suite: Suite, model, processor, parent: str | None, store=None, sighted=None
 ) -> SuiteResult:
     """One suite: generate and score; then, unless that reproduces the evaluation already recorded (see
     :func:`_reproduces_recorded`), write the two files and log them as one tracked run. ``store``: the vision-feature
-    cache, used for the suite when its images fit. The predictions are kept aside until their run has them
-    (:mod:`med_idefics.tracking.pending`): when the tracking store does not take them, the stage fails saying so, and
-    its rerun logs them without generating again."""
+    cache, used for the suite when its images fit; ``sighted``: for a blank suite, the answers with the images. The
+    predictions are kept aside until their run has them (:mod:`med_idefics.tracking.pending`): when the tracking store
+    does not take them, the stage fails saying so, and its rerun logs them without generating again."""
     from mlflow.exceptions import MlflowException
 
     from med_idefics.scoring.predictions import read_predictions, write_predictions
@@ -239,13 +254,13 @@ def evaluate_suite(
         )
     else:
         rows = prediction_rows(suite, _answers(params, target, suite, model, processor, store))
-    metrics = suite_metrics(suite.name, rows, params)
+    metrics = suite_metrics(suite, rows, params, sighted)
     where = (target.name, suite.name)
     predictions_path = results.predictions_path(request.predictions_dir, *where)
     metrics_path = results.metrics_path(request.metrics_dir, *where)
     if _reproduces_recorded(request.metrics_dir / target.name, tags, rows, metrics, predictions_path, metrics_path):
         pending.clear()
-        return SuiteResult(metrics, predictions_path, metrics_path)
+        return SuiteResult(metrics, predictions_path, metrics_path, rows)
     write_predictions(predictions_path, rows)
     state = {"fingerprint": fingerprint, "eval_run": (kept or {}).get("eval_run")}
     pending.keep(state, {KEPT_PREDICTIONS: predictions_path})
@@ -283,7 +298,7 @@ def evaluate_suite(
             "again, run the same command — it logs them without generating again"
         ) from err
     pending.clear()
-    return SuiteResult(metrics, predictions_path, metrics_path)
+    return SuiteResult(metrics, predictions_path, metrics_path, rows)
 
 
 def _answers(params, target: Target, suite: Suite, model, processor, store) -> list[str]:

@@ -6,6 +6,12 @@ version without evaluation metrics never is one. :func:`decide` applies these ru
 names the one that decided (``rule``):
 
 - ``no-evidence``: no version has the metric; nothing moves.
+- ``answers-without-looking``: the gate (:func:`med_idefics.scoring.reliance.gate`). A candidate whose strict closed
+  accuracy on ``registry.suite`` does not drop on the same questions with blank images (its blank twin, e.g.
+  ``validation-blank``) by at least ``registry.min_image_reliance`` with McNemar p < 0.05 — or was never scored so —
+  is registered but never promoted; the rule decides when one of them scored best. Every refused version is told so
+  (its ``promotion.*`` tags and description, stating both accuracies and p) on every promotion. The champion itself is
+  not gated (it is kept, not promoted): its numbers are in the decision too.
 - ``uncommitted``: versions made from uncommitted work (:func:`med_idefics.tracking.provenance.uncommitted`: in a DVC
   experiment not yet applied and committed, from a dirty tree, outside git) are registered but left out, unless
   ``registry.allow_uncommitted`` (``promote --allow-uncommitted``); the rule decides when one of them scored best.
@@ -28,7 +34,7 @@ tags from where the alias points.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,8 @@ from med_idefics.tracking import registry
 from med_idefics.tracking.provenance import NONE, SOURCE_TAGS, uncommitted
 from med_idefics.tracking.registry import PROMOTION_MARK, retry_write, set_version_tag, versions
 
+BLIND_RULE = "answers-without-looking"
+REFUSED = "refused"  # promotion.outcome and .status of a version the gate refused
 PREDICTIONS_DIR = Path(_PREDICTIONS)
 
 PROMOTED, KEPT, NO_CANDIDATE = "promoted", "kept", "no-candidate"
@@ -57,16 +65,37 @@ class Candidate:
     git_commit: str
     git_dirty: str
     dvc_exp_name: str
+    gate: dict = field(default_factory=dict)  # scoring.reliance.gate: with/without image, reliance, p, looks, reason
 
     @property
     def uncommitted(self) -> str | None:
         return uncommitted(asdict(self))
 
+    @property
+    def looks(self) -> bool:
+        return bool(self.gate.get("looks"))
 
-def candidate(client, model_version, suite: str, metric: str) -> Candidate | None:
-    """The version's evidence on ``suite``/``metric`` and where it was made, or None when it has no evidence: its
-    logged model's metric, else (a metric register does not log there, ``--set registry.metric=closed_accuracy``) the
-    full scores in its source run."""
+
+def blank_twin(params: Params) -> str:
+    """The blank suite of ``registry.suite``, on which the gate checks that a candidate looks at the image."""
+    from med_idefics.data.suites import BLANKED
+
+    twins = {sighted: blank for blank, sighted in BLANKED.items()}
+    if params.registry.suite not in twins:
+        raise ConfigError(
+            f"registry.suite is {params.registry.suite}, which has no blank suite for promotion's image gate; promote "
+            f"on {' or '.join(twins)}"
+        )
+    return twins[params.registry.suite]
+
+
+def candidate(client, model_version, params: Params) -> Candidate | None:
+    """The version's evidence on ``registry.suite``/``registry.metric``, its gate (its blank twin's scores) and where
+    it was made, or None when it has no evidence: its logged model's metric, else (a metric register does not log
+    there, ``--set registry.metric=closed_accuracy``) the full scores in its source run."""
+    from med_idefics.scoring.reliance import gate
+
+    suite, metric = params.registry.suite, params.registry.metric
     evidence = registry.evidence(client, model_version)
     value, low, high = (evidence.value(suite, metric, suffix) for suffix in ("", *CI_SUFFIXES))
     if value is None:
@@ -75,8 +104,10 @@ def candidate(client, model_version, suite: str, metric: str) -> Candidate | Non
     if value is None:
         return None
     tags = model_version.tags
+    blank = registry.full_scores(model_version, blank_twin(params))
     return Candidate(str(model_version.version), tags.get("variant", "?"), value, low, high,
-                     evidence.eval_runs.get(suite), *(tags.get(k, NONE) for k in SOURCE_TAGS))  # fmt: skip
+                     evidence.eval_runs.get(suite), *(tags.get(k, NONE) for k in SOURCE_TAGS),
+                     gate(blank, params.registry.min_image_reliance, suite))  # fmt: skip
 
 
 def promote(
@@ -91,10 +122,11 @@ def promote(
     from med_idefics.tracking.runs import setup_tracking, tracked_run
 
     check_selection_suite(params)
+    blank_twin(params)
     setup_tracking(params)
     client, reg = MlflowClient(), params.registry
     registered = versions(client, reg.model_name)
-    found = (candidate(client, v, reg.suite, reg.metric) for v in registered)
+    found = (candidate(client, v, params) for v in registered)
     candidates = sorted(filter(None, found), key=_version_number)
     decision = decide(candidates, _alias_target(client, reg.model_name, reg.alias), params, Path(predictions_dir))
     if dry_run:
@@ -130,12 +162,16 @@ def check_selection_suite(params: Params) -> None:
 def decide(candidates: list[Candidate], champion: str | None, params: Params, predictions_dir: Path) -> dict:
     """The decision as a JSON-able dict: ``outcome`` (promoted, kept, no-candidate), ``rule`` (see the module
     docstring), ``chosen`` (the version that is or becomes champion, or the challenger that was refused),
-    ``reason``, ``challenger`` and ``champion`` (each side's evidence and provenance), ``p_value``, ``left_out``."""
+    ``reason``, ``challenger`` and ``champion`` (each side's evidence, provenance and image gate), ``p_value``,
+    ``left_out`` (uncommitted), ``refused`` (by the image gate, each with why)."""
     reg = params.registry
     incumbent = next((c for c in candidates if c.version == champion), None)
-    held_back = [c for c in candidates if c.uncommitted and c is not incumbent and not reg.allow_uncommitted]
-    pool = [c for c in candidates if c not in held_back]
+    refused = [c for c in candidates if not c.looks and c is not incumbent]
+    held_back = [c for c in candidates if c.uncommitted and c is not incumbent and not reg.allow_uncommitted
+                 and c not in refused]  # fmt: skip
+    pool = [c for c in candidates if c not in held_back and c not in refused]
     best = max(pool, key=lambda c: (c.value, c is incumbent, -_version_number(c))) if pool else None
+    better_refused = [c for c in refused if best is None or c.value > best.value]
     better_held_back = [c for c in held_back if best is None or c.value > best.value]
     decision: dict[str, Any] = {
         "model_name": reg.model_name, "alias": reg.alias, "suite": reg.suite, "metric": reg.metric,
@@ -143,6 +179,8 @@ def decide(candidates: list[Candidate], champion: str | None, params: Params, pr
         "champion_before": champion, "candidates": [asdict(c) for c in candidates], "test": None, "p_value": None,
         "champion": asdict(incumbent) if incumbent else None, "challenger": None,
         "left_out": [asdict(c) | {"why": c.uncommitted} for c in held_back],
+        "refused": [asdict(c) | {"why": c.gate.get("reason")} for c in refused],
+        "min_image_reliance": reg.min_image_reliance,
     }  # fmt: skip
 
     def outcome(result: str, rule: str, chosen: Candidate | None, reason: str) -> dict:
@@ -155,9 +193,13 @@ def decide(candidates: list[Candidate], champion: str | None, params: Params, pr
         where = metric_key(reg.suite, reg.metric)
         reason = f"no version has {reg.metric} on {reg.suite} ({where}): register evaluated variants first"
         return outcome(NO_CANDIDATE, "no-evidence", None, reason)
-    if better_held_back and (best is None or best is incumbent):
-        top = max(better_held_back, key=lambda c: (c.value, -_version_number(c)))
-        stays = f"{reg.alias} stays version {champion}" if champion else f"no version becomes {reg.alias}"
+    stays = f"{reg.alias} stays version {champion}" if champion else f"no version becomes {reg.alias}"
+    better_left_out = better_refused + better_held_back
+    if better_left_out and (best is None or best is incumbent):  # the one that scored best says why nothing moves
+        top = max(better_left_out, key=lambda c: (c.value, -_version_number(c)))
+        if top in refused:
+            reason = f"{_label(top, reg.metric)} scores best, but {top.gate['reason']}; {stays}"
+            return outcome(KEPT, BLIND_RULE, top, reason)
         reason = (f"{_label(top, reg.metric)} scores best but was {top.uncommitted}; {stays}. Apply and commit the "
                   "work, register it again (`med-idefics register`), or promote with --allow-uncommitted")  # fmt: skip
         return outcome(KEPT, "uncommitted", top, reason)
@@ -239,6 +281,7 @@ def _record(client, name: str, registered: list, decision: dict) -> None:
         _write_paragraph(client, name, chosen, decision_in_words(decision))
         if chosen != champion:
             set_version_tag(client, name, chosen, "promotion.status", "challenger")
+    _record_refusals(client, name, registered, decision)
     if champion is not None:
         set_version_tag(client, name, champion, "promotion.status", CHAMPION_STATUS)
     for v in registered:
@@ -247,6 +290,31 @@ def _record(client, name: str, registered: list, decision: dict) -> None:
             replaced = (f"{PROMOTION_MARK}: was {decision['alias']} until promote run `{decision['run_id']}` "
                         f"({_today()}) made version {champion} {decision['alias']}.")  # fmt: skip
             _write_paragraph(client, name, str(v.version), replaced)
+
+
+def _record_refusals(client, name: str, registered: list, decision: dict) -> None:
+    """Each version the gate refused is told so on every promotion: ``promotion.status`` and ``.outcome`` refused,
+    its rule, its image-reliance p and the run, and why in words (the chosen one's paragraph is the decision's); a
+    version refused before that passes now loses its refused status."""
+    refused = {c["version"]: c for c in decision["refused"]}
+    for version, c in refused.items():
+        if version != decision["chosen"]:
+            tags = {
+                "promotion.outcome": REFUSED,
+                "promotion.rule": BLIND_RULE,
+                "promotion.p_value": _fmt(c["gate"].get("p_value")),
+                "promotion.run_id": decision["run_id"] or NONE,
+            }
+            for key, value in tags.items():
+                set_version_tag(client, name, version, key, value)
+            why = (f"{PROMOTION_MARK}: not promoted by rule `{BLIND_RULE}` (promote run `{decision['run_id']}`, "
+                   f"{_today()}): {c['why']}.")  # fmt: skip
+            _write_paragraph(client, name, version, why)
+        set_version_tag(client, name, version, "promotion.status", REFUSED)
+    current = {*refused, decision["chosen"], decision["champion_after"]}  # their status is set here or by _record
+    for v in registered:
+        if v.tags.get("promotion.status") == REFUSED and str(v.version) not in current:
+            registry.delete_version_tags(client, name, v.version, ["promotion.status"])
 
 
 def decision_in_words(decision: dict, shown: int = 5) -> str:
@@ -290,6 +358,8 @@ def describe(decision: dict) -> list[str]:
         lines.append(f"  paired test: {decision['test'].get('test', 'none')} p={_fmt(decision['p_value'])}")
     lines += [f"  left out: version {c['version']} ({c['variant']}) {c['value']:.4f}, {c['why']}" for c in
               decision["left_out"]]  # fmt: skip
+    lines += [f"  refused ({BLIND_RULE}): version {c['version']} ({c['variant']}): {c['why']}" for c in
+              decision["refused"]]  # fmt: skip
     return lines
 
 

@@ -41,7 +41,8 @@ from med_idefics.tracking.provenance import NONE, SOURCE_TAGS, source_state, unc
 OUTPUTS_DIR = Path("outputs")
 METRICS_DIR, PREDICTIONS_DIR = Path(results.METRICS_DIR), Path(results.PREDICTIONS_DIR)
 MODEL_ARTIFACT = "model"
-VQA_VARIANT = re.compile(r"^(single-stage|two-stage|two-stage-n(\d+))$")
+# The trained VQA variants; `blind` (params controls) too, so that promotion's image gate is seen refusing it
+VQA_VARIANT = re.compile(r"^(single-stage|two-stage|two-stage-n(\d+)|blind)$")
 # Every tag register gives a version; promote adds at most five (promotion.status/outcome/rule/p_value/run_id)
 VERSION_TAGS = ("variant", "seed", "training_run_id", "package_sha256", "base", *SOURCE_TAGS)
 # A version's metrics keep 4 decimals: two scores on the same n < 10,000 questions differ by 1/n > 1e-4, so promotion
@@ -72,7 +73,7 @@ class Evaluation:
 
 
 def vqa_variants(outputs_dir: Path = OUTPUTS_DIR) -> list[str]:
-    """The trained VQA variants in ``outputs_dir``: single-stage, two-stage and the sweep's two-stage-n<N>."""
+    """The trained VQA variants in ``outputs_dir``: single-stage, two-stage, the sweep's two-stage-n<N>, blind."""
     found = [p.parent.name for p in Path(outputs_dir).glob("*/adapter") if VQA_VARIANT.match(p.parent.name)]
     return sorted(found)
 
@@ -92,7 +93,7 @@ def register(
         raise ConfigError(f"no trained VQA variant in {outputs_dir}/: train one first (`dvc repro stage2`)")
     wrong = [name for name in names if not VQA_VARIANT.match(name)]
     if wrong:
-        raise ConfigError(f"{wrong}: only VQA variants are registered (single-stage, two-stage, two-stage-n<N>)")
+        raise ConfigError(f"{wrong}: only VQA variants are registered (single-stage, two-stage, two-stage-n<N>, blind)")
     setup_tracking(params)
     return [register_variant(params, name, Path(outputs_dir), Path(metrics_dir), dvc_stage) for name in names]
 
@@ -258,6 +259,7 @@ def _known_suites() -> tuple[str, ...]:
 KINDS = {
     "single-stage": "LoRA trained on VQA from the bare base (the paper's baseline)",
     "two-stage": "LoRA trained on captions (stage 1), then on VQA (stage 2)",
+    "blind": "single-stage's recipe on blank images: a control that cannot see, which promotion must refuse",
 }
 
 
@@ -281,7 +283,12 @@ def describe(variant: str, tags: dict[str, str], scores: dict[str, dict], params
     for suite in (s for s in order if s in scores):
         numbers = [f"{name} {results.fmt_metric(scores[suite], metric)}"
                    for name, metric in results.headline_metrics(suite).items() if metric in scores[suite]]  # fmt: skip
-        lines.append(f"- **{suite}**: " + " · ".join(numbers))
+        if _finite(scores[suite].get("image_reliance")) is not None:  # a blank suite: what the image was worth
+            p = _finite(scores[suite].get("image_reliance_p"))
+            reliance = results.fmt_metric(scores[suite], "image_reliance")
+            numbers.append(f"image reliance {reliance}" + ("" if p is None else f" (one-sided p {p:.2g})"))
+        if numbers:
+            lines.append(f"- **{suite}**: " + " · ".join(numbers))
     where = (
         f"Every score and interval: `{registry.EVALUATION_ARTIFACTS}/` in this version's source run "
         f"(`register-{variant}`) and each suite's evaluation run (the source model's `<suite>.eval_run_id`)."

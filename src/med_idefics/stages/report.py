@@ -1,5 +1,6 @@
 """Stage: the results report — where the results came from, the paper's Figure-2 table with 95 % intervals and n, the
-accuracy by question type and the yes-rate of closed answers, the paired tests behind the paper's claims (McNemar p
+accuracy by question type and the yes-rate of closed answers, image reliance and consistency under rewording
+(:mod:`med_idefics.reporting.robustness`), the paired tests behind the paper's claims (McNemar p
 with Holm's correction), the claims over training seeds when the tracking store holds several, the Figure-3
 stage-1-size sweep, and human grades — written to ``reports/`` and logged as the MLflow run ``report``.
 
@@ -50,6 +51,7 @@ from med_idefics.reporting.results import (
     ordered,
     read_run_info,
 )
+from med_idefics.reporting.robustness import consistency_section, reliance_section
 
 REPORT_FILE = "reports/results.md"
 FIGURE2_FILE, FIGURE3_FILE, FIGURE3_DATA = "figure2.png", "figure3.png", "figure3.csv"  # beside the report
@@ -243,6 +245,8 @@ def render_markdown(params: Params, scores: dict, human: dict, tests: Tested, se
         "",
         f"![Figure 2]({FIGURE2_FILE})",
         *sections["breakdown"],
+        *sections["reliance"],
+        *sections["consistency"],
         "",
         "## Paired tests of the paper's claims",
         "",
@@ -289,6 +293,8 @@ def build_report(
     sections = {
         "provenance": provenance(params, scores, metrics_dir),
         "breakdown": breakdown_sections(params, predictions_dir, scores, variants),
+        "reliance": reliance_section(params, scores, predictions_dir),
+        "consistency": consistency_section(scores),
         "seeds": over_seeds(params, scores, tests),
     }
     written = {

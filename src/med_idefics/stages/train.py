@@ -1,5 +1,6 @@
 """Stage: LoRA fine-tuning as a tracked run — stage 1 (captioning), stage 2 (VQA, continuing the stage-1 adapter's
-weights) and single-stage (VQA from the bare base, the paper's baseline).
+weights), single-stage (VQA from the bare base, the paper's baseline) and blind (single-stage's recipe on blank
+images: a variant that cannot see, the control that promotion's image gate must refuse; params ``controls``).
 
 One run = one MLflow run named by its variant and seed, ``two-stage (seed 42)`` (its train and eval splits logged as
 dataset inputs; ``variant`` and ``seed`` among its params), HF ``Trainer`` driven entirely by params, the adapter
@@ -54,12 +55,14 @@ class StageSpec:
     task: str  # "captions" or "vqa": which params.data source it trains on
     variant: str  # the default MLflow run / output name
     continues_adapter: bool
+    blank_images: bool = False  # every image replaced by a black one of its size (data.suites.blank_images)
 
 
 STAGES = {
     "stage1": StageSpec("stage1", "captions", "stage1", continues_adapter=False),
     "stage2": StageSpec("stage2", "vqa", "two-stage", continues_adapter=True),
     "single-stage": StageSpec("single_stage", "vqa", "single-stage", continues_adapter=False),
+    "blind": StageSpec("single_stage", "vqa", "blind", continues_adapter=False, blank_images=True),
 }
 
 
@@ -113,6 +116,10 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
 
     require_cuda_for_a_large_base(base_dir)  # before the data is read and the texts encoded
     train_records, eval_records = _records(params, spec.task, train_size)
+    if spec.blank_images:
+        from med_idefics.data.suites import blank_images
+
+        train_records, eval_records = blank_images(train_records), blank_images(eval_records)
     if not train_records:
         raise ConfigError(f"{source.dataset}/{source.train_split} has no records")
     init_dir = None

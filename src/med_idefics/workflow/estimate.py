@@ -183,10 +183,12 @@ def estimate(params: Params, rates: dict | None = None, card_gib: float | None =
     vqa_images = sizes.images(vqa.dataset, vqa.train_split)
     n_test = sizes.records(vqa.dataset, vqa.eval_split)
     suites = {"vqa-rad": n_test, "path-vqa": sizes.records(params.data.ood.dataset, params.data.ood.split),
-              "swap": n_test, "expert-prompt": n_test,
+              "swap": n_test, "blank": n_test, "expert-prompt": n_test,
               "med-halt": sizes.records(params.data.nonsense.dataset, params.data.nonsense.split)}  # fmt: skip
     if n_validation:
-        suites["validation"] = n_validation
+        suites |= {"validation": n_validation, "validation-blank": n_validation}
+    # what the sweep points and the controls answer: vqa-rad and validation, each also with blank images
+    sighted_and_blank = 2 * (n_test + n_validation)
     answer_images = sizes.images(vqa.dataset, vqa.eval_split) + sizes.images(params.data.ood.dataset,
                                                                              params.data.ood.split)  # fmt: skip
     quantization, cached = quantization_label(params.quantization), _fits(params, answer_images)
@@ -215,7 +217,12 @@ def estimate(params: Params, rates: dict | None = None, card_gib: float | None =
         second = training(ctx, f"sweep_stage2@{size}", params.stage2, int(n_vqa), int(n_monitor), vqa_images, vqa_split)
         if n == n_stage1:  # the full stage-1 size: two-stage again (same params, data and seed)
             first.duplicate_of, second.duplicate_of = "stage1", "stage2"
-        stages += [first, second, answering(StageCost(f"sweep_evaluate@{size}"), n_test + (n_validation or 0), 1)]
+        stages += [first, second, answering(StageCost(f"sweep_evaluate@{size}"), sighted_and_blank, 1)]
+    for control in params.controls:  # blind: single-stage's recipe on blank images
+        recipe = params.single_stage  # its blank images: one per size, at most as many as the images
+        stages.append(training(ctx, f"control_train@{control}", recipe, int(n_vqa), int(n_monitor), vqa_images,
+                               vqa_split))  # fmt: skip
+        stages.append(answering(StageCost(f"control_evaluate@{control}"), sighted_and_blank, 1))
     for variant in ("base", "single-stage", "two-stage"):
         stages.append(answering(StageCost(f"evaluate@{variant}"), sum(suites.values()), 1))
     stages.append(StageCost("register"))  # the signature only, no input example: MLflow loads no model
