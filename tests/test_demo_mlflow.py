@@ -21,13 +21,8 @@ from med_idefics.data.schema import split_path
 from med_idefics.data.suites import suite_splits
 from med_idefics.files import file_md5
 from med_idefics.reporting.results import CI_SUFFIXES, base_run_folder, headline_metrics, read_json, read_run_info
-from med_idefics.tracking.runs import (
-    EXPERIMENT_KIND,
-    EXPERIMENT_KIND_TAG,
-    resolve_tracking_uri,
-    seeded_run_name,
-    sqlite_file,
-)
+from med_idefics.tracking.runs import seeded_run_name
+from med_idefics.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, resolve_tracking_uri, sqlite_file
 
 pytestmark = pytest.mark.demo
 HEADLINE = "closed"  # results.HEADLINE: strict closed accuracy

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from med_idefics.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from med_idefics.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
 CHECK = "test_the_experiment_opens_as_model_training"
 

@@ -114,7 +114,7 @@ def test_left_padding_gives_the_same_greedy_answer_alone_and_in_a_batch(params):
 
 
 def test_evaluate_all_suites_writes_predictions_metrics_and_tracked_runs(params, workspace, repo_root):
-    from med_idefics.tracking.runs import setup_tracking
+    from med_idefics.tracking.store import setup_tracking
 
     experiment_id = setup_tracking(params)
     client = MlflowClient()
@@ -261,7 +261,7 @@ def test_the_base_is_a_tracked_run_that_its_evaluations_attach_to(workspace, rep
     from med_idefics.files import folder_sha256
     from med_idefics.stages.base import build_tracked_base
     from med_idefics.stages.evaluate import EvalRequest, evaluate
-    from med_idefics.tracking.runs import setup_tracking
+    from med_idefics.tracking.store import setup_tracking
 
     monkeypatch.chdir(tmp_path)
     overrides = {"model.base": str(workspace / "base"), "model.base_dir": str(tmp_path / "base")}
@@ -289,7 +289,7 @@ def test_evaluating_again_what_was_evaluated_changes_nothing(params, tmp_path, m
     it keeps the recorded evaluation run — no second run, run_info.json byte-identical, nothing for DVC to redo. An
     evaluation whose recorded run is not in this store (another server), or that answers otherwise, is a new run."""
     from med_idefics.stages.evaluate import EvalRequest, evaluate
-    from med_idefics.tracking.runs import setup_tracking
+    from med_idefics.tracking.store import setup_tracking
 
     request = EvalRequest("two-stage", ["vqa-rad"], predictions_dir=tmp_path / "pred", metrics_dir=tmp_path / "m")
     evaluate(params, request)

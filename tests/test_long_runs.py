@@ -218,7 +218,8 @@ def test_what_the_server_never_took_is_kept_and_sent_by_the_next_invocation(run_
 
 
 def test_a_run_can_be_reopened_to_finish_it_and_a_missing_one_becomes_a_new_run(project, caplog):
-    from med_idefics.tracking.runs import setup_tracking, tracked_run
+    from med_idefics.tracking.runs import tracked_run
+    from med_idefics.tracking.store import setup_tracking
 
     params = load_params("params.yaml")
     with pytest.raises(RuntimeError), tracked_run(params, "x (seed 1)"):

@@ -26,7 +26,7 @@ from med_idefics.scoring.predictions import write_predictions
 from med_idefics.stages.promote import CHAMPION_STATUS, KEPT, NO_CANDIDATE, PROMOTED, promote
 from med_idefics.stages.register import VERSION_TAGS, register, version_metrics
 from med_idefics.tracking import registry
-from med_idefics.tracking.runs import setup_tracking
+from med_idefics.tracking.store import setup_tracking
 
 NAME = "med-idefics-vqa"
 SELECTION_SUITE = "validation"  # params registry.suite: promotion never looks at a test suite

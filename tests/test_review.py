@@ -23,7 +23,7 @@ from med_idefics.data.images import to_png_bytes
 from med_idefics.data.schema import write_splits
 from med_idefics.reporting.results import write_run_info
 from med_idefics.reporting.review import GradingError, export_sheet, import_grades
-from med_idefics.tracking.runs import setup_tracking
+from med_idefics.tracking.store import setup_tracking
 
 PAPER_HEADER = ["question", "true_answer", "predicted_answer", "correctness", "justification"]
 PAPER_SHEETS = {"human_evaluated_stage2_ft_model.csv": 251, "human_eval_base_model.csv": 240}  # right of 400

@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 from med_idefics.config import ConfigError, load_params
 from med_idefics.tracking.provenance import scrub_secrets
 from med_idefics.tracking.runs import (
-    EXPERIMENT_KIND_TAG,
     MAX_PARAM_LENGTH,
     OTHER_COLORS,
     RUN_COLOR_TAG,
@@ -29,12 +28,11 @@ from med_idefics.tracking.runs import (
     is_main_process,
     log_params,
     log_split_inputs,
-    resolve_tracking_uri,
     seeded_run_name,
-    setup_tracking,
     tracked_run,
     variant_color,
 )
+from med_idefics.tracking.store import EXPERIMENT_KIND_TAG, resolve_tracking_uri, setup_tracking
 
 FAKE_TOKEN = "hf_FAKEtoken123456"
 ENV_VARS = ["MLFLOW_TRACKING_URI", "RANK", "LOCAL_RANK", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME"]

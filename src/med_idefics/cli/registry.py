@@ -99,7 +99,7 @@ def predict_command(model_uri, image, question, max_new_tokens, params) -> None:
     from mlflow.exceptions import MlflowException
 
     from med_idefics.modeling.serving import answer
-    from med_idefics.tracking.runs import resolve_tracking_uri
+    from med_idefics.tracking.store import resolve_tracking_uri
 
     if params is not None:  # models:/ and runs:/ resolve in the project's tracking store
         mlflow.set_tracking_uri(resolve_tracking_uri(params))

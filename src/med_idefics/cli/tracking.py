@@ -9,7 +9,7 @@ from med_idefics.cli.app import main, params_options
 def tracking_uri_command(ui: bool, params) -> None:
     """Print the MLflow store the stages log to: params mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else
     sqlite:///mlflow.db at the repository root (relative sqlite paths anchored there)."""
-    from med_idefics.tracking.runs import resolve_tracking_uri, ui_hint
+    from med_idefics.tracking.store import resolve_tracking_uri, ui_hint
 
     uri = resolve_tracking_uri(params)
     click.echo(ui_hint(uri) if ui else uri)

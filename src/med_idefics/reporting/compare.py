@@ -185,7 +185,7 @@ def _reliance_json(summary: dict) -> dict[str, Any]:
 def seed_tables(params, suites: list[str] | None = None, any_config: bool = False) -> tuple[list, dict[str, Any]]:
     """From the tracking store: per suite, each variant's headline metrics as ``mean ± sd (seeds)``; and the JSON."""
     from med_idefics.reporting.seeds import collect, fmt_mean_sd, to_json
-    from med_idefics.tracking.runs import resolve_tracking_uri
+    from med_idefics.tracking.store import resolve_tracking_uri
 
     found = collect(params, suites, any_config)
     store = resolve_tracking_uri(params)

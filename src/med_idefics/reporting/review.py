@@ -234,7 +234,7 @@ def resolve_run(params: Params, metrics_dir: Path, variant: str, suite: str, run
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.tracking.runs import resolve_tracking_uri, setup_tracking
+    from med_idefics.tracking.store import resolve_tracking_uri, setup_tracking
 
     if run_id is None:
         metrics_file = metrics_path(metrics_dir, variant, suite)

@@ -68,7 +68,8 @@ def collect(params: Params, suites: list[str] | None = None, any_config: bool = 
     from mlflow import MlflowClient
 
     from med_idefics.tracking.provenance import data_md5, find_repo_root
-    from med_idefics.tracking.runs import search_all_runs, setup_tracking
+    from med_idefics.tracking.runs import search_all_runs
+    from med_idefics.tracking.store import setup_tracking
 
     experiment_id = setup_tracking(params)
     newest_first = ["attributes.start_time DESC"]

@@ -195,7 +195,7 @@ def evaluate_variants(params: Params, requests: Sequence[EvalRequest]) -> list[d
     from med_idefics.modeling.generation import AdapterSwitch
     from med_idefics.modeling.loading import load_processor, require_cuda_for_a_large_base
     from med_idefics.modeling.vision_cache import open_store
-    from med_idefics.tracking.runs import setup_tracking
+    from med_idefics.tracking.store import setup_tracking
 
     require_cuda_for_a_large_base(params.model.base_dir)  # before the suites' images are read
     suites = [blanks_last([load_suite(params, name) for name in request.suites]) for request in requests]

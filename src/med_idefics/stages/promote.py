@@ -119,7 +119,8 @@ def promote(
     import mlflow
     from mlflow import MlflowClient
 
-    from med_idefics.tracking.runs import setup_tracking, tracked_run
+    from med_idefics.tracking.runs import tracked_run
+    from med_idefics.tracking.store import setup_tracking
 
     check_selection_suite(params)
     blank_twin(params)

@@ -86,7 +86,7 @@ def register(
     dvc_stage: str | None = None,
 ) -> list[Registration]:
     """Register each variant (default: every one in ``outputs_dir``) as a version of ``registry.model_name``."""
-    from med_idefics.tracking.runs import setup_tracking
+    from med_idefics.tracking.store import setup_tracking
 
     names = [name for name in variants or [] if name] or vqa_variants(outputs_dir)  # "" (MLproject default): all
     if not names:

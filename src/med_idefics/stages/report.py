@@ -87,7 +87,7 @@ def provenance(params: Params, scores: dict, metrics_dir: str | Path) -> list[st
     """Where the results come from: training seed, commit, profile, data version, DVC experiment, and the runs read
     (with the seed each training run logged, where the tracking store has it)."""
     from med_idefics.tracking.provenance import data_md5, find_repo_root, git_commit, git_dirty
-    from med_idefics.tracking.runs import resolve_tracking_uri
+    from med_idefics.tracking.store import resolve_tracking_uri
 
     root = find_repo_root()
     dirty = {"true": "uncommitted changes to tracked files", "false": "clean"}.get(
@@ -129,7 +129,7 @@ def _training_seeds(params: Params, metrics_dir: str | Path, variants: set[str])
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from med_idefics.tracking.runs import setup_tracking
+    from med_idefics.tracking.store import setup_tracking
 
     setup_tracking(params)
     client, seeds = MlflowClient(), {}

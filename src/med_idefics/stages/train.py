@@ -126,7 +126,7 @@ def prepare(params: Params, request: TrainRequest) -> Prepared:
     if spec.continues_adapter:
         ref = request.init_adapter or "outputs/stage1/adapter"
         if is_remote(ref):
-            from med_idefics.tracking.runs import setup_tracking
+            from med_idefics.tracking.store import setup_tracking
 
             setup_tracking(params)  # runs:/ and models:/ name runs of the configured store, not MLflow's default
         hint = "Run stage 1 first: `med-idefics train stage1` (or `dvc repro stage1`)."

@@ -1,1 +1,1 @@
-"""MLflow: runs, provenance, the model registry's client and the `mlflow run` experiment provider."""
+"""MLflow: the store, runs, provenance, the model registry's client and the `mlflow run` experiment provider."""

@@ -44,6 +44,6 @@ class ProjectExperimentProvider(DefaultExperimentProvider):
     def get_experiment_id(self) -> str:
         import mlflow
 
-        from med_idefics.tracking.runs import ensure_experiment
+        from med_idefics.tracking.store import ensure_experiment
 
         return ensure_experiment(checkout_experiment(), mlflow.get_tracking_uri())

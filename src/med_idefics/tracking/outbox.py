@@ -14,7 +14,7 @@ works for hours.
 
 How long one request may try is MLflow's own setting: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default 7, minutes of
 backoff) and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (120 s). Calls made once something has already gone wrong (a run's end
-after a failure, the tags of a preempted run) are bounded (:func:`med_idefics.tracking.runs.bounded_requests`): a
+after a failure, the tags of a preempted run) are bounded (:func:`med_idefics.tracking.store.bounded_requests`): a
 scheduler's grace period is seconds.
 """
 
@@ -97,7 +97,7 @@ class MetricSender:
             return list(self._pending)
 
     def _run(self) -> None:
-        from med_idefics.tracking.runs import quiet_retries
+        from med_idefics.tracking.store import quiet_retries
 
         with quiet_retries(threading.current_thread().name):
             self._send_while_open()
@@ -224,7 +224,7 @@ def end_preempted_run(preempted, sender: MetricSender, outbox: Outbox) -> None:
     which checkpoint it stopped; when the server is away, keep its metrics, tags and end (KILLED) in ``outbox`` for
     the rerun to send. Bounded: the scheduler's grace period is running. ``preempted``: a
     :class:`~med_idefics.tracking.preemption.Preempted`."""
-    from med_idefics.tracking.runs import bounded_requests
+    from med_idefics.tracking.store import bounded_requests
 
     unsent = keep_unsent(sender, outbox, status="KILLED")
     if not unsent and not sender.server_down:
@@ -247,7 +247,7 @@ def send_outbox(folder: str | Path, params) -> None:
     from mlflow.exceptions import MlflowException
 
     from med_idefics.tracking.provenance import redact
-    from med_idefics.tracking.runs import resolve_tracking_uri, setup_tracking
+    from med_idefics.tracking.store import resolve_tracking_uri, setup_tracking
 
     outbox = Outbox(folder)
     if not outbox:

@@ -25,7 +25,7 @@ def check_cluster(params: Params, repo: Path = Path(".")) -> None:
 def check_tracking_store(params: Params) -> None:
     """Jobs on several nodes must not write one SQLite file (on a shared filesystem its locks do not hold): the
     team's MLflow server, unless ``cluster.slurm.sqlite_single_node`` says every job runs on one node."""
-    from med_idefics.tracking.runs import resolve_tracking_uri, sqlite_file
+    from med_idefics.tracking.store import resolve_tracking_uri, sqlite_file
 
     uri = resolve_tracking_uri(params)
     if sqlite_file(uri) is not None and not params.cluster.slurm.sqlite_single_node:

@@ -98,7 +98,7 @@ def repro(jobs: int, log_dir: Path = LOG_DIR, echo: Callable[[str], None] = prin
 
 def setup_tracking_for_parallel_stages() -> None:
     from med_idefics.config import load_params
-    from med_idefics.tracking.runs import setup_tracking
+    from med_idefics.tracking.store import setup_tracking
 
     setup_tracking(load_params())
 

@@ -2,7 +2,7 @@
 
 Each seed is ``dvc exp run -n seed-<N> -S seed=<N> -S mlflow.tracking_uri=<the store>``: DVC runs it in a temporary
 copy of the repository of its own (never two experiments in one working copy), and its runs go to the store pinned in
-its params (in a copy the environment cannot say where runs belong; :func:`med_idefics.tracking.runs.
+its params (in a copy the environment cannot say where runs belong; :func:`med_idefics.tracking.store.
 resolve_tracking_uri`). With ``--slurm`` each seed is one Slurm job running ``dvc exp run --temp`` (its whole
 pipeline, one stage after another, with ``cluster.slurm.seed``'s resources); without, the seeds are queued for
 ``dvc queue start``. Afterwards ``dvc exp show`` lists them and ``med-idefics compare --from-mlflow`` reads them.
@@ -25,7 +25,7 @@ from med_idefics.workflow.slurm import Job, gpus_for
 def pinned_store(params: Params) -> str:
     """The tracking URI written into each seed's params: the one this checkout logs to, never with a password in it
     (it would be committed into the experiment)."""
-    from med_idefics.tracking.runs import resolve_tracking_uri
+    from med_idefics.tracking.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(params)
     if urlsplit(uri).password:
