@@ -156,7 +156,7 @@ def write_sources(folder: Path) -> Path:
     (``<dataset>/data/<split>-00000-of-00001.parquet``), Med-HALT as its released CSV."""
     import numpy as np
 
-    from med_idefics.data import demo
+    from med_idefics.data import demo, demo_world
 
     prompt = "unused"  # the importer asks its own caption prompt (params data.caption_prompt)
     roco = {
@@ -190,7 +190,7 @@ def write_sources(folder: Path) -> Path:
                 "answer": [r["answer"] for r in records],
             }
             hub_parquet(folder / dataset / "data" / f"{split}-00000-of-00001.parquet", rows)
-    questions = demo.nonsense_questions(np.random.default_rng(SEED), 24)
+    questions = demo_world.nonsense_questions(np.random.default_rng(SEED), 24)
     write_med_halt_csv(folder / "med-halt" / "reasoning_fake.csv", questions)
     return folder
 

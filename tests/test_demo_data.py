@@ -330,7 +330,7 @@ def test_each_image_asks_two_questions_again_in_other_words(medium, split, phras
     closed and one open question asked again, per test image two open ones (closed accuracy stays that of the
     originals), after all the originals, in words the base knows, linked as VQA-RAD links them (qid_linked_id,
     phrase_type); each with its original's answer, type and image."""
-    from med_idefics.data.demo import lexicon, rewordings
+    from med_idefics.data.demo_world import lexicon, rewordings
     from med_idefics.data.rewordings import links, rewording_pairs
 
     records = medium[split]
@@ -366,7 +366,7 @@ def test_each_image_asks_two_questions_again_in_other_words(medium, split, phras
 
 def _all_designs():
     """One image per modality x organ x side asked about (every wording :func:`rewordings` can give)."""
-    from med_idefics.data.demo import DemoImage
     from med_idefics.data.demo_images import MODALITIES, ORGANS, SIDES
+    from med_idefics.data.demo_world import DemoImage
 
     return [DemoImage(m, o, 1, s, m, o, s) for m in MODALITIES for o in ORGANS for s in SIDES]
