@@ -161,10 +161,10 @@ def take(base: str, experiment_id: str, version: str, model_id: str, out: Path, 
 
     from med_idefics.config import load_params
     from med_idefics.data.suites import VQA_RAD
-    from med_idefics.reporting.results import HEADLINE
+    from med_idefics.reporting.results import HEADLINE, headline_metrics
 
     params = load_params(ROOT / "params.yaml")
-    metrics = [f"{VQA_RAD}/{short}" for short in HEADLINE]  # vqa-rad/closed, vqa-rad/em, vqa-rad/open
+    metrics = [f"{VQA_RAD}/{short}" for short in headline_metrics(VQA_RAD)]  # closed, em, open, consistent
     search = f"metrics.`{metrics[0]}` >= 0"  # training runs and the base's: the runs that carry headline metrics
     runs_url = (
         f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
