@@ -11,12 +11,9 @@ out are counted and said. The claims' verdicts per seed come from the ``report``
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import statistics
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,29 +100,16 @@ def _claims_of(client, run_id: str) -> dict[str, bool | None] | None:
     from mlflow.exceptions import MlflowException
 
     from med_idefics.reporting.claims import PAIRED_TESTS_FILE
+    from med_idefics.tracking.store import client_settings
 
     quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}  # one small file per seed: no progress bars on stderr
-    with tempfile.TemporaryDirectory() as folder, _environment(quiet):
+    with tempfile.TemporaryDirectory() as folder, client_settings(quiet):
         try:
             path = client.download_artifacts(run_id, PAIRED_TESTS_FILE, folder)
             claims = json.loads(Path(path).read_text(encoding="utf-8"))["claims"]
         except (MlflowException, OSError, ValueError, KeyError):
             return None
     return {claim["title"]: claim.get("reproduced") for claim in claims if "title" in claim}
-
-
-@contextlib.contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def summary(values: dict[int, dict[str, float]], suite: str) -> dict[str, dict[str, Any]]:

@@ -133,23 +133,32 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 
 @contextlib.contextmanager
-def bounded_requests(retries: int = 1, timeout_s: int = 10) -> Iterator[None]:
-    """Inside the block, an MLflow HTTP request gives up after ``retries`` retries of at most ``timeout_s`` seconds
-    each (lower settings of the user's stay), and the HTTP library's warning for each retry is left out."""
-    bounds = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": retries, "MLFLOW_HTTP_REQUEST_TIMEOUT": timeout_s}
-    saved = {name: os.environ.get(name) for name in bounds}
-    for name, bound in bounds.items():
-        current = saved[name]
-        os.environ[name] = str(min(int(current), bound) if current and current.isdigit() else bound)
+def client_settings(variables: dict[str, str]) -> Iterator[None]:
+    """Inside the block, the MLflow client's settings (its environment variables) are ``variables``; each is as
+    before afterwards, unset where it was unset."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
-        with quiet_retries(threading.current_thread().name):
-            yield
+        yield
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def bounded_requests(retries: int = 1, timeout_s: int = 10) -> Iterator[None]:
+    """Inside the block, an MLflow HTTP request gives up after ``retries`` retries of at most ``timeout_s`` seconds
+    each (lower settings of the user's stay), and the HTTP library's warning for each retry is left out."""
+    bounds = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": retries, "MLFLOW_HTTP_REQUEST_TIMEOUT": timeout_s}
+    settings = {}
+    for name, bound in bounds.items():
+        current = os.environ.get(name)
+        settings[name] = str(min(int(current), bound) if current and current.isdigit() else bound)
+    with client_settings(settings), quiet_retries(threading.current_thread().name):
+        yield
 
 
 class _OneThread(logging.Filter):
