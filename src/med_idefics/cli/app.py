@@ -70,6 +70,21 @@ def optional_params_options(func):
     return wrapper
 
 
+def slurm_options(func):
+    """What ``--slurm`` commands share: ``--wait`` (follow the jobs) and repeatable ``--set cluster.slurm.KEY=VALUE``
+    (``overrides``), both for --slurm only."""
+    overrides = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="cluster.slurm.KEY=VALUE",
+        help="--slurm: override a cluster.slurm key for these jobs, e.g. --set cluster.slurm.partition=gpu "
+        "(repeatable).",
+    )
+    wait = click.option("--wait", is_flag=True, help="--slurm: follow the jobs to their end; Ctrl-C cancels them.")
+    return wait(overrides(func))
+
+
 def run_main() -> None:
     """Entry point: turn the project's own user errors into a one-line message and exit status 2. (A training stage
     stopped by a preemption signal exits 75 itself: med_idefics.tracking.preemption.EXIT_REQUEUE.)"""

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import click
 
-from med_idefics.cli.app import main
+from med_idefics.cli.app import main, slurm_options
 
 
 @main.command("repro")
@@ -14,15 +14,8 @@ from med_idefics.cli.app import main
     help="Where each stage's output goes (<dir>/<stage>.log).",
 )
 @click.option("--slurm", is_flag=True, help="Submit each stage that is not up to date as a Slurm job (--jobs unused).")
-@click.option("--wait", is_flag=True, help="--slurm: follow the jobs to their end; Ctrl-C cancels them.")
+@slurm_options
 @click.option("--dry-run", is_flag=True, help="--slurm: print every batch script; submit nothing.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="cluster.slurm.KEY=VALUE",
-    help="--slurm: override a cluster.slurm key for these jobs, e.g. --set cluster.slurm.partition=gpu (repeatable).",
-)
 def repro_command(jobs: int, log_dir: str, slurm: bool, wait: bool, dry_run: bool, overrides: tuple[str, ...]) -> None:
     """Reproduce the DVC pipeline as `dvc repro` does, up to JOBS stages at a time: each stage runs through
     `dvc repro --single-item` once the stages it depends on are done; then `dvc repro` checks that all is up to date.

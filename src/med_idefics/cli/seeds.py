@@ -2,13 +2,13 @@ from pathlib import Path
 
 import click
 
-from med_idefics.cli.app import main
+from med_idefics.cli.app import main, slurm_options
 
 
 @main.command("seeds")
 @click.argument("seeds", nargs=-1, type=int, required=True)
 @click.option("--slurm", is_flag=True, help="Each seed's experiment is a Slurm job (cluster.slurm.seed's resources).")
-@click.option("--wait", is_flag=True, help="--slurm: follow the jobs to their end; Ctrl-C cancels them.")
+@slurm_options
 @click.option("--dry-run", is_flag=True, help="Print the batch scripts (--slurm) or the dvc commands; run nothing.")
 @click.option(
     "-S",
@@ -17,13 +17,6 @@ from med_idefics.cli.app import main
     multiple=True,
     metavar="KEY=VALUE",
     help="A params override of every seed's experiment, as `dvc exp run -S` (repeatable).",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="cluster.slurm.KEY=VALUE",
-    help="--slurm: override a cluster.slurm key for these jobs (repeatable).",
 )
 @click.option(
     "--log-dir", type=click.Path(file_okay=False), default="outputs/logs", help="--slurm: <dir>/seed-<N>.log."
