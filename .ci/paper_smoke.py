@@ -120,16 +120,29 @@ def smoke_env(dest: Path) -> dict[str, str]:
     return env
 
 
-def run(command: list[str], cwd: Path, env: dict[str, str], capture: bool = False) -> str:
-    print(f"paper-smoke$ {shlex.join(command)}", flush=True)
+def run(
+    command: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    capture: bool = False,
+    expect_failure: bool = False,
+    label: str = "paper-smoke",
+) -> str:
+    """Run ``command``, its output shown as it comes (and, with ``capture``, returned: stdout and stderr together);
+    exit naming it when it fails, or when it succeeds although ``expect_failure``; then print how long it took."""
+    print(f"{label}$ {shlex.join(command)}", flush=True)
     started = time.monotonic()
-    done = subprocess.run(command, cwd=cwd, env=env, text=True, capture_output=capture)
-    if capture:
-        print(done.stdout + done.stderr, end="", flush=True)
-    if done.returncode != 0:
-        sys.exit(f"paper-smoke: `{shlex.join(command)}` failed (exit {done.returncode})")
-    print(f"paper-smoke: {time.monotonic() - started:.0f} s", flush=True)
-    return (done.stdout or "") + (done.stderr or "") if capture else ""
+    output = []
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT
+    ) as process:
+        for line in process.stdout if capture else ():
+            print(line, end="", flush=True)
+            output.append(line)
+    if (process.returncode != 0) != expect_failure:
+        sys.exit(f"{label}: `{shlex.join(command)}` exited {process.returncode}")
+    print(f"{label}: {time.monotonic() - started:.0f} s", flush=True)
+    return "".join(output)
 
 
 # --------------------------------------------------------------------------------------------------------------------

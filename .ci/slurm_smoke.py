@@ -21,10 +21,10 @@ Prints each step's time; exits non-zero at the first check that fails.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "tests")]
 from paper_smoke import copy_working_tree, smoke_env  # noqa: E402
+from paper_smoke import run as smoke_run  # noqa: E402
 from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ DEST = REPO / "outputs" / "slurm-smoke"
 SEEDS = (7, 2026)
 SHORT = ["model.pretrain.steps=100", "model.pretrain.focus_steps=20", "sweep.sizes=[]", "stage1.max_steps=10",
          "stage2.max_steps=10", "single_stage.max_steps=10"]  # fmt: skip
+run = functools.partial(smoke_run, label="slurm-smoke")  # each command shown, timed, checked
 DDP_SIZE, DDP_EPOCHS, MICRO_BATCH = 512, 1, 16  # above the sweep sizes (params check); stage1 micro_batch
 
 
@@ -135,22 +137,6 @@ def check(ok: bool, what: str) -> None:
     print(f"slurm-smoke: {'ok' if ok else 'FAILED'}: {what}", flush=True)
     if not ok:
         sys.exit(f"slurm-smoke: failed: {what}")
-
-
-def run(command: list[str], cwd: Path, env: dict[str, str], capture: bool = False, expect_failure: bool = False) -> str:
-    print(f"slurm-smoke$ {shlex.join(command)}", flush=True)
-    started = time.monotonic()
-    output = []
-    with subprocess.Popen(
-        command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT
-    ) as process:
-        for line in process.stdout if capture else ():  # shown as it comes, and kept for the checks
-            print(line, end="", flush=True)
-            output.append(line)
-    if (process.returncode != 0) != expect_failure:
-        sys.exit(f"slurm-smoke: `{shlex.join(command)}` exited {process.returncode}")
-    print(f"slurm-smoke: {time.monotonic() - started:.0f} s", flush=True)
-    return "".join(output)
 
 
 if __name__ == "__main__":
